@@ -1,0 +1,254 @@
+"""Configuration: one TOML file plus ``SMTPGUARD_*`` environment overrides, validated at start-up.
+
+Every option is declared once, here, with its default and meaning. Units are in the names.
+Detector parameters are declared beside each detector (``detectors/rules.py``) and validated
+against those declarations when the config is loaded.
+
+Environment overrides use ``SMTPGUARD_<SECTION>__<KEY>``, e.g.
+``SMTPGUARD_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or ``SMTPGUARD_INGEST__SMTP_PORTS=[25,587]``;
+values are read as TOML values when they parse as such, else as strings.
+``SMTPGUARD_CONFIG`` names the file when ``--config`` is not given.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SMTPGUARD_"
+DEFAULT_FILE = "smtpguard.toml"
+
+#: librdkafka settings whose values are never printed.
+SECRET_KEYS = ("password", "secret", "token", "key.pem", "sasl.oauthbearer.config")
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "smtpguard")
+
+
+class Topics(msgspec.Struct, forbid_unknown_fields=True):
+    flows: str = "smtp.flows"
+    """normalized SMTP connection records (Arrow IPC batches, see docs/ARCHITECTURE.md)"""
+    dlq: str = "smtp.flows.dlq"
+    """dead letters: input that could not be decoded, with its reason (JSON)"""
+    alerts: str = "smtp.alerts"
+    """alerts (JSON, one per message, key = source IP or tenant)"""
+    enforcement: str = "smtp.enforcement"
+    """exemption revocations and restorations for the network (JSON)"""
+
+
+class Kafka(msgspec.Struct, forbid_unknown_fields=True):
+    bootstrap_servers: str = ""
+    """comma-separated host:port list; empty = start a local Tansu broker (serve, demo)"""
+    topics: Topics = msgspec.field(default_factory=Topics)
+    partitions: int = 8
+    """partitions of topics smtpguard creates itself"""
+    group_id: str = "smtpguard-detectors"
+    """consumer group of the detectors; run more `smtpguard detect` processes to scale out"""
+    records_per_message: int = 2000
+    """records batched into one Kafka message (Arrow IPC); one source IP always maps to one partition"""
+    session_timeout_ms: int = 10000
+    """consumer group session timeout; lower = faster rebalance and failover"""
+    max_poll_interval_ms: int = 60000
+    """longest time between polls before the broker evicts a detector"""
+    client: dict[str, str] = msgspec.field(default_factory=dict)
+    """librdkafka settings passed through as they are (security.protocol, sasl.*, ssl.*)"""
+
+
+class Store(msgspec.Struct, forbid_unknown_fields=True):
+    dsn: str = ""
+    """clickhouse-connect DSN: chdb:///path (embedded) or http(s)://user:pass@host:8123/db; empty = chdb under data_dir"""
+    database: str = "smtpguard"
+    """database for smtpguard's tables (created if missing)"""
+
+
+class Ingest(msgspec.Struct, forbid_unknown_fields=True):
+    smtp_ports: list[int] = msgspec.field(default_factory=lambda: [25, 465, 587, 2525])
+    """destination ports that make a flow an SMTP connection"""
+    chunk_lines: int = 100_000
+    """lines parsed per batch"""
+
+
+class Detect(msgspec.Struct, forbid_unknown_fields=True):
+    window_ms: int = 60_000
+    """tumbling window length"""
+    allowed_lateness_ms: int = 120_000
+    """how far behind the newest event time a record may arrive and still count; later ones are counted as late and dropped"""
+    idle_flush_ms: int = 10_000
+    """wall-clock time without new records after which a partition's open windows are closed"""
+    cooldown_ms: int = 600_000
+    """after an alert for an IP and detector, further findings within this time are stored as suppressed, not raised"""
+    exemptions_csv: str = ""
+    """CSV with header ip,tenant,granted_at,reason (IP or CIDR) of instances allowed to send on port 25"""
+    detectors: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    """per-detector parameters, e.g. [detect.detectors.spam_fanout] min_distinct_dst = 25 (see docs/DETECTION.md)"""
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    data_dir: str = msgspec.field(default_factory=default_data_dir)
+    """where the embedded store and local state live"""
+    log_level: str = "info"
+    kafka: Kafka = msgspec.field(default_factory=Kafka)
+    store: Store = msgspec.field(default_factory=Store)
+    ingest: Ingest = msgspec.field(default_factory=Ingest)
+    detect: Detect = msgspec.field(default_factory=Detect)
+
+    @property
+    def store_dsn(self) -> str:
+        return self.store.dsn or f"chdb://{os.path.join(os.path.abspath(self.data_dir), 'store')}"
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another override")
+        node[path[-1]] = _parse_env_value(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None,
+         overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate the config; raise :class:`ConfigError` with one clear line."""
+    environ = dict(os.environ if environ is None else environ)
+    explicit = path or environ.get(ENV_PREFIX + "CONFIG")
+    data: dict[str, Any] = {}
+    file = Path(explicit) if explicit else Path(DEFAULT_FILE)
+    if explicit and not file.is_file():
+        raise ConfigError(f"config file {file} not found")
+    if file.is_file():
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {file}: {e}") from None
+    data = _merge(data, _env_overrides(environ))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        where = str(e).replace("$.", "").replace("`", "'")
+        raise ConfigError(f"invalid config ({file if file.is_file() else 'defaults + environment'}): {where}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that types alone cannot express."""
+    def bad(msg: str) -> None:
+        raise ConfigError(f"invalid config: {msg}")
+
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        bad(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
+    for port in cfg.ingest.smtp_ports:
+        if not 0 < port < 65536:
+            bad(f"ingest.smtp_ports: {port} is not a TCP port")
+    if not cfg.ingest.smtp_ports:
+        bad("ingest.smtp_ports must name at least one port")
+    for name in ("window_ms", "cooldown_ms"):
+        if getattr(cfg.detect, name) <= 0:
+            bad(f"detect.{name} must be positive")
+    if cfg.detect.allowed_lateness_ms < 0 or cfg.detect.idle_flush_ms < 0:
+        bad("detect.allowed_lateness_ms and detect.idle_flush_ms must be >= 0")
+    if 3_600_000 % cfg.detect.window_ms:
+        bad("detect.window_ms must divide one hour evenly")
+    if cfg.kafka.partitions < 1 or cfg.kafka.records_per_message < 1:
+        bad("kafka.partitions and kafka.records_per_message must be >= 1")
+    if cfg.ingest.chunk_lines < 1:
+        bad("ingest.chunk_lines must be >= 1")
+    dsn = cfg.store.dsn
+    if dsn and not dsn.startswith(("chdb://", "http://", "https://", "clickhouse://")):
+        bad(f"store.dsn must start with chdb://, http:// or https://, not {dsn.split(':')[0]!r}")
+    # detector parameters are checked against their declarations
+    from smtpguard.detectors.rules import build_detectors
+
+    build_detectors(cfg.detect.detectors)
+
+
+def _mask(key: str, value: Any) -> Any:
+    if isinstance(value, str) and any(s in key.lower() for s in SECRET_KEYS) and value:
+        return "***"
+    return value
+
+
+def mask_dsn(dsn: str) -> str:
+    """``http://user:secret@host`` -> ``http://user:***@host``."""
+    if "://" in dsn and "@" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        if ":" in cred:
+            cred = cred.split(":", 1)[0] + ":***"
+        return f"{scheme}://{cred}@{host}"
+    return dsn
+
+
+def shown(cfg: Config) -> dict[str, Any]:
+    """The effective config as plain data with secrets masked."""
+    data = msgspec.to_builtins(cfg)
+    data["store"]["dsn"] = mask_dsn(cfg.store_dsn)
+    data["kafka"]["client"] = {k: _mask(k, v) for k, v in data["kafka"]["client"].items()}
+    from smtpguard.detectors.rules import build_detectors
+
+    data["detect"]["detectors"] = {d.name: msgspec.to_builtins(d.params) for d in build_detectors(cfg.detect.detectors)}
+    return data
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Minimal TOML writer for ``config show`` (tables, scalars, lists)."""
+    import json
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    scalars = [f"{k} = {val(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = []
+    if scalars:
+        if prefix:
+            out.append(f"[{prefix}]")
+        out.extend(scalars)
+        out.append("")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            key = k if all(c.isalnum() or c in "_-" for c in k) else json.dumps(k)
+            sub = to_toml(v, f"{prefix}.{key}" if prefix else key)
+            if sub.strip():
+                out.append(sub)
+            elif not v:
+                out.append(f"[{prefix + '.' if prefix else ''}{key}]\n")
+    return "\n".join(out)
