@@ -1,0 +1,226 @@
+"""The detectors: small named units, each turning window features into findings with reasons.
+
+Policy only: thresholds and scores. Every parameter is declared in the detector's
+``Params`` with its default and meaning; ``[detect.detectors.NAME]`` in the config
+overrides them and is checked against these declarations at start-up.
+
+Each detector sees one row per (source IP, window) with the columns of
+:data:`features.FEATURES` plus ``exempted`` (the IP holds a port-25 exemption) and
+``exemption_age_days`` (how long it has held it; null when not exempted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+import polars as pl
+
+from smtpguard.errors import ConfigError
+
+
+@dataclass
+class Finding:
+    detector: str
+    src_ip: str | None
+    tenant: str
+    window_start_ms: int
+    window_end_ms: int
+    score: float
+    reasons: list[str]
+    evidence: dict[str, Any] = field(default_factory=dict)
+    exempted: bool = False
+
+
+def ramp(x: pl.Expr, lo: float | pl.Expr, hi: float | pl.Expr, s_lo: float = 0.5, s_hi: float = 1.0) -> pl.Expr:
+    """Score rising linearly from ``s_lo`` at ``lo`` to ``s_hi`` at ``hi`` (and capped there)."""
+    frac = ((x - lo) / (pl.lit(hi) - lo)).clip(0.0, 1.0) if not isinstance(hi, pl.Expr) else ((x - lo) / (hi - lo)).clip(0.0, 1.0)
+    return (s_lo + (s_hi - s_lo) * frac).round(3)
+
+
+def _established(p: Any) -> pl.Expr:
+    """Exempted long enough to have earned the higher exempted-sender thresholds."""
+    return pl.col("exempted") & (pl.col("exemption_age_days").fill_null(0) >= p.established_exemption_days)
+
+
+class Detector:
+    name: ClassVar[str]
+    Params: ClassVar[type[msgspec.Struct]]
+
+    def __init__(self, params: msgspec.Struct):
+        self.params = params
+
+    def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _findings(name: str, rows: pl.DataFrame, reasons_of) -> list[Finding]:
+        out = []
+        for r in rows.iter_rows(named=True):
+            evidence = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
+                        if k not in ("score",) and not k.startswith("_")}
+            out.append(Finding(
+                detector=name, src_ip=r["src_ip"], tenant=r["tenant"],
+                window_start_ms=int(r["window_start"].timestamp() * 1000),
+                window_end_ms=int(r["window_end"].timestamp() * 1000),
+                score=float(r["score"]), reasons=reasons_of(r), evidence=evidence, exempted=bool(r["exempted"]),
+            ))
+        return out
+
+
+def _exempt_note(r: dict[str, Any]) -> str:
+    if not r["exempted"]:
+        return "no port-25 exemption"
+    return f"exempted for {r['exemption_age_days']:.1f} days"
+
+
+class SpamFanout(Detector):
+    """Many distinct mail servers in one window: the shape of bulk spam delivery."""
+
+    name = "spam_fanout"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        min_distinct_dst: int = 20
+        """distinct destination servers per window that start a finding"""
+        min_distinct_dst24: int = 8
+        """distinct destination /24 networks also required (spreads across providers)"""
+        saturation_distinct_dst: int = 150
+        """fan-out at which the score reaches 1.0"""
+        exempt_factor: float = 4.0
+        """established exempted senders need this many times the fan-out (a real mail server talks to many MX)"""
+        established_exemption_days: float = 7.0
+        """an exemption younger than this earns no relief: the same volume from a new instance is suspect"""
+
+    def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
+        p = self.params
+        factor = pl.when(_established(p)).then(pl.lit(p.exempt_factor)).otherwise(pl.lit(1.0))
+        rows = feats.with_columns(
+            _t=pl.lit(p.min_distinct_dst) * factor, _t24=pl.lit(p.min_distinct_dst24) * factor,
+            _sat=pl.lit(p.saturation_distinct_dst) * factor,
+        ).filter((pl.col("distinct_dst") >= pl.col("_t")) & (pl.col("distinct_dst24") >= pl.col("_t24")))
+        rows = rows.with_columns(score=ramp(pl.col("distinct_dst"), pl.col("_t"), pl.col("_sat")))
+
+        def reasons(r: dict[str, Any]) -> list[str]:
+            return [
+                f"{r['distinct_dst']} distinct mail servers in {r['distinct_dst24']} networks within "
+                f"{r['window_ms'] // 1000} s (threshold {r['_t']:.0f})",
+                f"{r['connections']} SMTP connections, {r['rejected']} rejected by the network, "
+                f"{r['bytes_per_conn']:.0f} bytes per connection",
+                _exempt_note(r),
+            ]
+
+        return self._findings(self.name, rows, reasons)
+
+
+class ConnectionFlood(Detector):
+    """Many short connections concentrated on one to three servers: a DoS against mail servers."""
+
+    name = "connection_flood"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        min_conns_top3: int = 300
+        """connections to the three busiest destinations per window that start a finding"""
+        min_top3_share: float = 0.8
+        """share of all connections those destinations must take (concentration)"""
+        max_bytes_per_conn: float = 2000.0
+        """flood connections carry little: above this mean size it is mail, not a flood"""
+        saturation_conns: int = 2000
+        """connections at which the score reaches 1.0"""
+        exempt_factor: float = 2.0
+        """established exempted senders need this many times the connections"""
+        established_exemption_days: float = 7.0
+        """see spam_fanout"""
+
+    def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
+        p = self.params
+        factor = pl.when(_established(p)).then(pl.lit(p.exempt_factor)).otherwise(pl.lit(1.0))
+        rows = feats.with_columns(
+            _t=pl.lit(p.min_conns_top3) * factor, _sat=pl.lit(p.saturation_conns) * factor,
+            _share=pl.col("top3_dst_conns") / pl.col("connections"),
+            _targets=pl.min_horizontal(pl.col("distinct_dst"), pl.lit(3)),
+        ).filter(
+            (pl.col("top3_dst_conns") >= pl.col("_t"))
+            & (pl.col("_share") >= p.min_top3_share)
+            & (pl.col("bytes_per_conn") <= p.max_bytes_per_conn)
+        ).with_columns(score=ramp(pl.col("top3_dst_conns"), pl.col("_t"), pl.col("_sat")))
+
+        def reasons(r: dict[str, Any]) -> list[str]:
+            return [
+                f"{r['top3_dst_conns']} connections to {r['_targets']} server(s) within {r['window_ms'] // 1000} s "
+                f"(threshold {r['_t']:.0f}); top target {r['top_dst']} took {r['top_dst_conns']} ({r['top_dst_share']:.0%})",
+                f"{r['low_byte_conns']} of {r['connections']} connections were handshake-only; "
+                f"{r['bytes_per_conn']:.0f} bytes and {r['packets_per_conn']:.1f} packets per connection",
+                _exempt_note(r),
+            ]
+
+        return self._findings(self.name, rows, reasons)
+
+
+class BlockedAttempts(Detector):
+    """Port-25 connections the network rejected, from an instance without an exemption."""
+
+    name = "blocked_attempts"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        min_rejected: int = 5
+        """rejected port-25 connections per window that start a finding (a misconfigured app retries less)"""
+        saturation_rejected: int = 60
+        """rejected connections at which the score reaches its maximum"""
+        max_score: float = 0.85
+        """blocked traffic did no harm yet: the score stays below critical"""
+
+    def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
+        p = self.params
+        rows = feats.filter(~pl.col("exempted") & (pl.col("rejected_port25") >= p.min_rejected)).with_columns(
+            score=ramp(pl.col("rejected_port25"), p.min_rejected, p.saturation_rejected, 0.5, p.max_score))
+
+        def reasons(r: dict[str, Any]) -> list[str]:
+            return [
+                f"{r['rejected_port25']} port-25 connections rejected within {r['window_ms'] // 1000} s "
+                f"(threshold {p.min_rejected}) to {r['distinct_dst']} distinct servers",
+                _exempt_note(r),
+            ]
+
+        return self._findings(self.name, rows, reasons)
+
+
+REGISTRY: dict[str, type[Detector]] = {d.name: d for d in (SpamFanout, ConnectionFlood, BlockedAttempts)}
+
+
+def build_detectors(overrides: dict[str, dict[str, Any]] | None = None) -> list[Detector]:
+    """Instantiate every detector with its parameters; unknown names or parameters raise ConfigError."""
+    overrides = overrides or {}
+    for name in overrides:
+        if name not in REGISTRY:
+            raise ConfigError(f"invalid config: unknown detector {name!r} in detect.detectors "
+                              f"(known: {', '.join(REGISTRY)})")
+    out = []
+    for name, cls in REGISTRY.items():
+        try:
+            params = msgspec.convert(overrides.get(name, {}), cls.Params, strict=False)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"invalid config: detect.detectors.{name}: {str(e).replace('$.', '')}") from None
+        out.append(cls(params))
+    return out
+
+
+def describe() -> list[dict[str, Any]]:
+    """Every detector with its parameters, defaults and meanings (for docs and --help)."""
+    import inspect
+
+    out = []
+    for name, cls in REGISTRY.items():
+        src = inspect.getsource(cls.Params)
+        docs: dict[str, str] = {}
+        lines = src.splitlines()
+        for i, line in enumerate(lines[:-1]):
+            s = line.strip()
+            if ":" in s and "=" in s and not s.startswith(("class", '"')):
+                nxt = lines[i + 1].strip()
+                if nxt.startswith('"""'):
+                    docs[s.split(":")[0]] = nxt.strip('"')
+        defaults = msgspec.to_builtins(cls.Params())
+        out.append({"name": name, "doc": (cls.__doc__ or "").strip(),
+                    "params": [{"name": k, "default": v, "doc": docs.get(k, "")} for k, v in defaults.items()]})
+    return out

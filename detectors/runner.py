@@ -1,0 +1,206 @@
+"""The detector consumer: ``smtp.flows`` -> windows -> features and alerts -> store and ``smtp.alerts``.
+
+Commit after write: for each partition, the committed offset is the first offset still
+needed by an open window (or the next unread offset when none is open), and it is committed
+only after the flows, window features and alerts that the consumed messages produced are in
+the store and the alerts are acknowledged by the broker. A crashed or rebalanced detector
+replays from there; alert ids are deterministic, so a replay raises no alert twice on the
+topic (ids already in the store are not published again).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from smtpguard import wire
+from smtpguard.config import Config
+from smtpguard.errors import StoreError
+from smtpguard.exemptions import Exemptions
+from smtpguard.ingest.base import Reject
+from smtpguard.store import Store
+
+from .alerts import Alert, to_json
+from .pipeline import Output, Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerStats:
+    messages: int = 0
+    records: int = 0
+    bad_messages: int = 0
+    windows: int = 0
+    alerts_raised: int = 0
+    alerts_suppressed: int = 0
+    alerts_republished_skipped: int = 0
+    store_errors: int = 0
+    commits: int = 0
+    last_message_at: float = 0.0
+    assigned: list[int] = field(default_factory=list)
+
+
+class DetectorRunner:
+    def __init__(self, cfg: Config, store: Store, exemptions: Exemptions | None = None,
+                 stop: threading.Event | None = None, poll_batch: int = 500):
+        from confluent_kafka import Consumer, Producer
+
+        from smtpguard.kafka import consumer_settings, producer_settings
+
+        self.cfg = cfg
+        self.store = store
+        self.pipeline = Pipeline(cfg, exemptions)
+        self.stop_event = stop or threading.Event()
+        self.poll_batch = poll_batch
+        self.topics = cfg.kafka.topics
+        self.consumer = Consumer(consumer_settings(cfg))
+        self.producer = Producer(producer_settings(cfg))
+        self.stats = RunnerStats()
+        self._next_offset: dict[int, int] = {}
+        self._last_seen: dict[int, float] = {}
+        self._delivery_errors: list[str] = []
+
+    # -- group membership -------------------------------------------------------------------
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.stats.assigned = sorted(set(self.stats.assigned) | {p.partition for p in partitions})
+        log.info("assigned partitions %s", [p.partition for p in partitions])
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        try:
+            self._commit([p.partition for p in partitions])
+        except Exception as e:  # noqa: BLE001 - a failed commit only means a longer replay for the next owner
+            log.warning("commit on revoke failed: %s", e)
+        for p in partitions:
+            self.pipeline.drop(p.partition)
+            self._next_offset.pop(p.partition, None)
+            self._last_seen.pop(p.partition, None)
+        self.stats.assigned = sorted(set(self.stats.assigned) - {p.partition for p in partitions})
+        log.info("revoked partitions %s", [p.partition for p in partitions])
+
+    # -- main loop --------------------------------------------------------------------------
+    def run(self) -> RunnerStats:
+        self.consumer.subscribe([self.topics.flows], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self.stop_event.is_set():
+                self.step(timeout_s=0.5)
+        finally:
+            try:
+                self._commit(list(self._next_offset))
+            except Exception as e:  # noqa: BLE001
+                log.warning("final commit failed: %s", e)
+            self.consumer.close()
+            self.producer.flush(10)
+        return self.stats
+
+    def step(self, timeout_s: float = 0.5) -> None:
+        msgs = self.consumer.consume(self.poll_batch, timeout_s)
+        out = Output()
+        flows: list[pa.Table] = []
+        touched: set[int] = set()
+        for m in msgs:
+            if m.error():
+                log.warning("consumer error: %s", m.error())
+                continue
+            p, off = m.partition(), m.offset()
+            self.stats.messages += 1
+            touched.add(p)
+            self._next_offset[p] = off + 1
+            self._last_seen[p] = time.monotonic()
+            try:
+                table = wire.decode_message(m.value(), m.headers())
+            except wire.WireError as e:
+                self.stats.bad_messages += 1
+                self._dead_letter(Reject.make(f"{m.topic()}[{p}]", off, str(e), m.value() or b"", "kafka"))
+                continue
+            self.stats.records += table.num_rows
+            flows.append(table)
+            out.extend(self.pipeline.process(table, key=p, offset=off))
+        if msgs:
+            self.stats.last_message_at = time.monotonic()
+        out.extend(self._flush_idle(exclude=touched))
+        if flows or out.features.height or out.alerts:
+            self._write(flows, out)
+        if touched or out.features.height:
+            self._commit(sorted(set(self._next_offset)))
+
+    def _flush_idle(self, exclude: set[int]) -> Output:
+        out = Output()
+        idle_s = self.cfg.detect.idle_flush_ms / 1000
+        now = time.monotonic()
+        for p, s in list(self.pipeline.streams.items()):
+            if p in exclude or s.engine.open_rows == 0:
+                continue
+            if now - self._last_seen.get(p, now) >= idle_s:
+                out.extend(self.pipeline.flush(p))
+        return out
+
+    # -- output -----------------------------------------------------------------------------
+    def _write(self, flows: list[pa.Table], out: Output) -> None:
+        delay = 0.5
+        while True:
+            try:
+                if flows:
+                    self.store.insert_flows(pa.concat_tables(flows))
+                if out.features.height:
+                    self.store.insert_features(out.features.to_arrow())
+                self._publish_alerts(out.alerts)
+                break
+            except StoreError as e:
+                self.stats.store_errors += 1
+                log.error("store write failed, offsets not committed; retrying in %.1f s: %s", delay, e)
+                if self.stop_event.wait(delay):
+                    raise
+                delay = min(delay * 2, 30)
+        self.stats.windows += out.features.height
+
+    def _publish_alerts(self, alerts: list[Alert]) -> None:
+        if not alerts:
+            return
+        known = self.store.existing_alert_ids([a.alert_id for a in alerts])
+        self.store.insert_alerts([a for a in alerts if a.alert_id not in known])
+        for a in alerts:
+            if a.suppressed:
+                self.stats.alerts_suppressed += 1
+                continue
+            if a.alert_id in known:
+                self.stats.alerts_republished_skipped += 1
+                continue
+            self.stats.alerts_raised += 1
+            key = (a.src_ip or f"tenant:{a.tenant}").encode()
+            self.producer.produce(self.topics.alerts, to_json(a), key=key, on_delivery=self._on_delivery)
+        if self.producer.flush(30):
+            raise StoreError("alerts could not be delivered to the alerts topic within 30 s")
+        if self._delivery_errors:
+            errs, self._delivery_errors = self._delivery_errors, []
+            raise StoreError(f"alerts topic delivery failed: {errs[0]}")
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._delivery_errors.append(str(err))
+
+    def _dead_letter(self, r: Reject) -> None:
+        self.producer.produce(self.topics.dlq, wire.encode_json(r), key=r.source.encode())
+
+    def _commit(self, partitions: list[int]) -> None:
+        from confluent_kafka import TopicPartition
+
+        offsets = []
+        for p in partitions:
+            if p not in self._next_offset:
+                continue
+            stream = self.pipeline.streams.get(p)
+            safe = stream.engine.safe_offset() if stream else None
+            offsets.append(TopicPartition(self.topics.flows, p, safe if safe is not None else self._next_offset[p]))
+        if offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.stats.commits += 1
+
+    @property
+    def open_rows(self) -> int:
+        return sum(s.engine.open_rows for s in self.pipeline.streams.values())

@@ -1,0 +1,159 @@
+"""Reading inputs in chunks of lines: files, ``.gz`` files, directories and stdin (``-``)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+from smtpguard.errors import InputError
+
+SNIFF_BYTES = 64 * 1024
+
+
+@dataclass
+class Source:
+    name: str
+    path: Path | None  # None for stdin
+    size: int  # bytes on disk (compressed size for .gz), 0 when unknown
+
+
+def expand(paths: Sequence[str]) -> list[Source]:
+    """Files named, and the files under directories named (sorted), in order."""
+    out: list[Source] = []
+    for p in paths:
+        if p == "-":
+            out.append(Source("<stdin>", None, 0))
+            continue
+        path = Path(p)
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+            if not files:
+                raise InputError(f"directory {path} holds no files")
+            out.extend(Source(str(f), f, f.stat().st_size) for f in files)
+        elif path.is_file():
+            out.append(Source(str(path), path, path.stat().st_size))
+        else:
+            raise InputError(f"input {p} not found")
+    return out
+
+
+def _open_binary(src: Source) -> IO[bytes]:
+    if src.path is None:
+        return sys.stdin.buffer
+    fh = open(src.path, "rb")
+    if fh.read(2) == b"\x1f\x8b":
+        fh.seek(0)
+        return gzip.GzipFile(fileobj=fh)  # type: ignore[return-value]
+    fh.seek(0)
+    return fh
+
+
+class Opened:
+    """An opened input: its first bytes for format detection, then its lines in chunks."""
+
+    def __init__(self, src: Source):
+        self.src = src
+        self._raw = _open_binary(src)
+        self._fh = io.BufferedReader(self._raw, buffer_size=1 << 20) if not isinstance(self._raw, io.BufferedReader) else self._raw
+        try:
+            self.head = self._fh.peek(SNIFF_BYTES)[:SNIFF_BYTES].decode("utf-8", "replace")
+        except (OSError, EOFError) as e:
+            raise InputError(f"cannot read {src.name}: {e}") from None
+
+    def position(self) -> int:
+        """Bytes consumed from disk so far (compressed bytes for .gz), for progress bars."""
+        try:
+            if isinstance(self._raw, gzip.GzipFile):
+                return self._raw.fileobj.tell()  # type: ignore[union-attr]
+            return self._raw.tell()
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+    def chunks(self, chunk_lines: int) -> Iterator[tuple[list[str], int]]:
+        """Yield (lines, number of the first line); lines keep no newline."""
+        line_no = 1
+        pending = b""
+        block = max(1 << 20, chunk_lines * 100)
+        try:
+            while True:
+                data = self._fh.read(block)
+                if not data:
+                    break
+                data = pending + data
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    pending = data
+                    continue
+                pending = data[cut + 1:]
+                lines = data[:cut].decode("utf-8", "replace").split("\n")
+                for i in range(0, len(lines), chunk_lines):
+                    part = lines[i:i + chunk_lines]
+                    yield [ln.rstrip("\r") for ln in part] if "\r" in data[:200].decode("latin-1") else part, line_no
+                    line_no += len(part)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise InputError(f"reading {self.src.name} failed at line {line_no}: {e}") from None
+        if pending:
+            yield [pending.decode("utf-8", "replace").rstrip("\r")], line_no
+
+    def close(self) -> None:
+        if self.src.path is not None:
+            self._fh.close()
+
+
+def read_batches(paths: Sequence[str], fmt: str, smtp_ports: Sequence[int] | None, chunk_lines: int,
+                 progress: "Progress | None" = None) -> Iterator[tuple[Source, "Batch"]]:
+    """Parse every input with its format (``auto`` sniffs each file) and yield batches in input order."""
+    from . import registry
+
+    sources = expand(paths)
+    if progress is not None:
+        progress.set_total(sum(s.size for s in sources))
+    done_bytes = 0
+    for src in sources:
+        opened = Opened(src)
+        try:
+            f = registry.detect(opened.head, src.name) if fmt == "auto" else registry.get(fmt)
+            parser = f.make_parser(src.name, smtp_ports)
+            for lines, first in opened.chunks(chunk_lines):
+                batch = parser.parse_lines(lines, first)
+                if progress is not None:
+                    progress.update(done_bytes + opened.position(), batch)
+                yield src, batch
+            done_bytes += src.size
+        finally:
+            opened.close()
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal (bytes read, records per second); silent when piped."""
+
+    def __init__(self, desc: str, enabled: bool | None = None):
+        from tqdm import tqdm
+
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, disable=not self.enabled, file=sys.stderr,
+                        dynamic_ncols=True, smoothing=0.1)
+        self.kept = 0
+        self.read = 0
+
+    def set_total(self, total: int) -> None:
+        self.bar.total = total or None
+        self.bar.refresh()
+
+    def update(self, position: int, batch: "Batch") -> None:
+        self.kept += batch.records.num_rows
+        self.read += batch.read
+        if self.enabled:
+            self.bar.update(max(0, position - self.bar.n))
+            self.bar.set_postfix(lines=f"{self.read:,}", smtp=f"{self.kept:,}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+from .base import Batch  # noqa: E402  (type used above only in annotations)

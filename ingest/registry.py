@@ -1,0 +1,55 @@
+"""The one list of input formats. ``--format``, auto-detection, ``collect``, ``analyze`` and
+``decode`` all read it.
+
+Each entry names a module with a pure parser class and a ``sniff(head: str) -> bool``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from smtpguard.errors import InputError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    module: str
+    parser: str
+    doc: str
+    example: str
+
+    def load(self) -> tuple[Callable[..., Any], Callable[[str], bool]]:
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.parser), getattr(mod, "sniff")
+
+    def make_parser(self, source: str, smtp_ports: Sequence[int] | None) -> Any:
+        cls, _ = self.load()
+        return cls(source, smtp_ports)
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f for f in (
+        Format("aws-vpc", "smtpguard.ingest.aws_vpc", "AwsVpcParser",
+               "AWS VPC Flow Logs, default v2 or custom v2-v5 layouts declared by a header line; plain or .gz",
+               "smtpguard analyze flows.log.gz --format aws-vpc --json"),
+    )
+}
+
+
+def get(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise InputError(f"unknown format {name!r}; known formats: auto, {', '.join(FORMATS)}") from None
+
+
+def detect(head: str, source: str = "input") -> Format:
+    """Pick the format whose sniffer accepts the first bytes of an input."""
+    for f in FORMATS.values():
+        _, sniff = f.load()
+        if sniff(head):
+            return f
+    raise InputError(f"cannot tell the format of {source}; name it with --format ({', '.join(FORMATS)})")

@@ -1,0 +1,422 @@
+"""The ``smtpguard`` command line. Exit status: 0 success, 1 the job failed, 2 usage or config error."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from smtpguard import config as config_mod
+from smtpguard.errors import ConfigError, SmtpguardError
+
+log = logging.getLogger("smtpguard")
+
+FORMAT_HELP = "input format, or auto to sniff each file (see `smtpguard formats`)"
+
+
+def _format_choice() -> click.Choice:
+    from smtpguard.ingest.registry import FORMATS
+
+    return click.Choice(["auto", *FORMATS])
+
+
+class Ctx:
+    def __init__(self, config_path: str | None, overrides: dict[str, Any]):
+        self.config_path = config_path
+        self.overrides = overrides
+        self._cfg: config_mod.Config | None = None
+
+    @property
+    def cfg(self) -> config_mod.Config:
+        if self._cfg is None:
+            self._cfg = config_mod.load(self.config_path, overrides=self.overrides)
+        return self._cfg
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("clickhouse_connect").setLevel(logging.WARNING)
+
+
+def _exemptions(cfg: config_mod.Config, path: str | None):
+    from smtpguard.exemptions import Exemptions
+
+    path = path or cfg.detect.exemptions_csv
+    return Exemptions.from_csv(path) if path else Exemptions()
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", metavar="FILE", help="TOML config file (default: $SMTPGUARD_CONFIG or ./smtpguard.toml)")
+@click.option("--data-dir", metavar="DIR", help="where the embedded store and local state live (config: data_dir)")
+@click.option("--store", "store_dsn", metavar="DSN", help="ClickHouse DSN: chdb:///dir or http(s)://user:pass@host:8123/db")
+@click.option("--bootstrap-servers", metavar="HOST:PORT,...", help="Kafka brokers (config: kafka.bootstrap_servers)")
+@click.option("-v", "--verbose", count=True, help="more logging (-v info, -vv debug)")
+@click.version_option(package_name="smtpguard")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, data_dir: str | None, store_dsn: str | None,
+        bootstrap_servers: str | None, verbose: int) -> None:
+    """Detect spam and SMTP floods from cloud instances in flow records.
+
+    \b
+    Quick start:
+      smtpguard demo                         generate traffic, run the whole pipeline, show alerts
+      smtpguard analyze flows.log --json     detectors over files, no broker needed
+      smtpguard serve flows/                 local broker + collector + detector + store
+    """
+    overrides: dict[str, Any] = {}
+    if data_dir:
+        overrides["data_dir"] = data_dir
+    if store_dsn:
+        overrides.setdefault("store", {})["dsn"] = store_dsn
+    if bootstrap_servers:
+        overrides.setdefault("kafka", {})["bootstrap_servers"] = bootstrap_servers
+    ctx.obj = Ctx(config_path, overrides)
+    _setup_logging("debug" if verbose > 1 else "info" if verbose else "warning")
+
+
+# -- config -----------------------------------------------------------------------------------
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the effective configuration."""
+
+
+@config_group.command("show")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of TOML")
+@pass_ctx
+def config_show(c: Ctx, as_json: bool) -> None:
+    """Print the effective config (file + SMTPGUARD_* environment + flags), secrets masked."""
+    data = config_mod.shown(c.cfg)
+    click.echo(json.dumps(data, indent=2) if as_json else config_mod.to_toml(data))
+
+
+@cli.command("formats")
+def formats_cmd() -> None:
+    """List the input formats with an example command each."""
+    from smtpguard.ingest.registry import FORMATS
+
+    for f in FORMATS.values():
+        click.echo(f"{f.name:10} {f.doc}\n{'':10} e.g. {f.example}")
+
+
+# -- decode / analyze ---------------------------------------------------------------------------
+@cli.command("decode")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--format", "fmt", default="auto", type=_format_choice(), help=FORMAT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line (the record's field names)")
+@click.option("--smtp-only", is_flag=True, help="only client-to-server SMTP records (what the collector keeps)")
+@click.option("--rejects", is_flag=True, help="print the dead letters (input that could not be decoded) with reasons instead")
+@pass_ctx
+def decode_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, as_json: bool, smtp_only: bool, rejects: bool) -> None:
+    """Print every decoded flow as the normalized record (PATH may be a file, .gz, directory or -)."""
+    import msgspec
+
+    from smtpguard import record
+    from smtpguard.ingest.reader import read_batches
+
+    ports = c.cfg.ingest.smtp_ports if smtp_only else None
+    n_rec = n_rej = 0
+    out = sys.stdout
+    for _src, batch in read_batches(paths, fmt, ports, c.cfg.ingest.chunk_lines):
+        if rejects:
+            for r in batch.rejects:
+                out.write(msgspec.json.encode(r).decode() + "\n" if as_json else f"{r.source}:{r.location}: {r.reason}: {r.raw}\n")
+        else:
+            for row in record.to_dicts(batch.records):
+                out.write(json.dumps(row) + "\n" if as_json else
+                          f"{row['start']} {row['src_ip']}:{row['src_port']} -> {row['dst_ip']}:{row['dst_port']} "
+                          f"proto {row['protocol']} {row['packets']} pkts {row['bytes']} B {row['action']} {row['tenant']}\n")
+        n_rec += batch.records.num_rows
+        n_rej += len(batch.rejects)
+    _err(f"{n_rec:,} records, {n_rej:,} rejected")
+
+
+@cli.command("analyze")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--format", "fmt", default="auto", type=_format_choice(), help=FORMAT_HELP)
+@click.option("--exemptions", metavar="FILE.csv", help="exempted IPs: CSV with header ip,tenant,granted_at,reason")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per alert per line on stdout")
+@click.option("--min-severity", type=click.Choice(["info", "low", "medium", "high", "critical"]), default="info",
+              show_default=True, help="print only alerts at or above this severity")
+@click.option("--dead-letters", metavar="FILE", help="write rejected input (JSON lines with reasons) here")
+@click.option("--progress/--no-progress", default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+@pass_ctx
+def analyze_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None, as_json: bool, min_severity: str,
+                dead_letters: str | None, progress: bool | None) -> None:
+    """Run the detectors over flow files offline (no broker, no store) and print the alerts.
+
+    Progress and the summary go to stderr; alerts go to stdout.
+    """
+    import msgspec
+
+    from smtpguard.analyze import analyze, contract_json
+    from smtpguard.detectors.alerts import rank
+    from smtpguard.ingest.reader import Progress
+
+    cfg = c.cfg
+    ex = _exemptions(cfg, exemptions)
+    dl = open(dead_letters, "w") if dead_letters else None
+    bar = Progress("analyze", progress)
+    try:
+        res = analyze(cfg, paths, fmt, ex, bar,
+                      on_reject=(lambda r: dl.write(msgspec.json.encode(r).decode() + "\n")) if dl else None)
+    finally:
+        bar.close()
+        if dl:
+            dl.close()
+    floor = rank(min_severity)
+    for a in res.raised():
+        if rank(a.severity) < floor:
+            continue
+        if as_json:
+            click.echo(json.dumps(contract_json(a)))
+        else:
+            click.echo(f"{a.window_start} {a.severity:8} {a.detector:17} {a.src_ip or 'tenant ' + a.tenant:16} "
+                       f"score {a.score:.2f}  {a.reasons[0]}")
+    _err(res.summary())
+    if res.rejects and not dead_letters:
+        _err(f"{res.rejects:,} input lines were rejected; see them with --dead-letters FILE or `smtpguard decode --rejects`")
+
+
+# -- streaming ----------------------------------------------------------------------------------
+@cli.command("collect")
+@click.argument("fmt", metavar="FORMAT", type=_format_choice())
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--progress/--no-progress", default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+@pass_ctx
+def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], progress: bool | None) -> None:
+    """Read flow records and produce SMTP connection records to Kafka.
+
+    \b
+    Example: smtpguard --bootstrap-servers kafka:9092 collect aws-vpc /var/log/vpc/
+    Records go to kafka.topics.flows (keyed by source IP), dead letters to kafka.topics.dlq.
+    """
+    from smtpguard.ingest.collector import Collector
+    from smtpguard.ingest.reader import Progress
+    from smtpguard.kafka import ensure_topics
+
+    ensure_topics(c.cfg)
+    bar = Progress("collect", progress)
+    col = Collector(c.cfg)
+    try:
+        stats = col.run(paths, fmt, bar)
+    finally:
+        bar.close()
+    _err(stats.summary())
+    if stats.delivery_errors:
+        for e in stats.first_errors:
+            _err(f"  {e}")
+        raise SmtpguardError(f"{stats.delivery_errors} messages were not delivered")
+
+
+@cli.command("detect")
+@click.option("--exemptions", metavar="FILE.csv", help="exempted IPs (config: detect.exemptions_csv)")
+@pass_ctx
+def detect_cmd(c: Ctx, exemptions: str | None) -> None:
+    """Run a detector in the consumer group: flows -> windows -> alerts, features -> store.
+
+    Start more processes with the same kafka.group_id to share the partitions.
+    """
+    from smtpguard.detectors.runner import DetectorRunner
+    from smtpguard.kafka import ensure_topics
+    from smtpguard.store import Store
+
+    cfg = c.cfg
+    ex = _exemptions(cfg, exemptions)
+    ensure_topics(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Store(cfg.store_dsn, cfg.store.database) as store:
+        runner = DetectorRunner(cfg, store, ex, stop=stop)
+        try:
+            runner.run()
+        except KeyboardInterrupt:
+            stop.set()
+    st = runner.stats
+    _err(f"consumed {st.records:,} records in {st.messages:,} messages; {st.windows:,} windows; "
+         f"{st.alerts_raised} alerts raised")
+
+
+@cli.command("serve")
+@click.argument("paths", nargs=-1)
+@click.option("--format", "fmt", default="auto", type=_format_choice(), help=FORMAT_HELP)
+@click.option("--exemptions", metavar="FILE.csv", help="exempted IPs (config: detect.exemptions_csv)")
+@pass_ctx
+def serve_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None) -> None:
+    """Run everything in one process: a local Tansu broker when no Kafka is configured, the
+    store, a detector, and a collector for each PATH given. Stops on Ctrl-C."""
+    from smtpguard.ingest.reader import Progress
+    from smtpguard.serve import LocalStack, collect_into
+
+    cfg = c.cfg
+    with LocalStack(cfg, _exemptions(cfg, exemptions)) as stack:
+        _err(f"broker {stack.cfg.kafka.bootstrap_servers}, store {config_mod.mask_dsn(stack.cfg.store_dsn)}")
+        if paths:
+            bar = Progress("collect")
+            try:
+                stats = collect_into(stack.cfg, paths, fmt, bar)
+            finally:
+                bar.close()
+            _err(stats.summary())
+        _err("detector running; Ctrl-C to stop")
+        try:
+            while not stack.stop_event.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        if stack.error:
+            raise SmtpguardError(f"the detector stopped: {stack.error}")
+
+
+@cli.command("demo")
+@click.option("--seed", default=7, show_default=True, help="scenario seed")
+@click.option("--instances", default=300, show_default=True, help="instances in the generated cloud")
+@click.option("--minutes", default=60, show_default=True, help="scenario length")
+@click.option("--out", "out_dir", metavar="DIR", help="where to put the demo's data (default: DATA_DIR/demo)")
+@pass_ctx
+def demo_cmd(c: Ctx, seed: int, instances: int, minutes: int, out_dir: str | None) -> None:
+    """Generate a realistic cloud's traffic with injected spam, a flood and blocked attempts,
+    push it through the whole pipeline (broker, collector, detector, store) and show the alerts."""
+    from smtpguard.demo import run_demo
+
+    ok = run_demo(c.cfg, seed=seed, instances=instances, minutes=minutes, out_dir=out_dir)
+    if not ok:
+        sys.exit(1)
+
+
+@cli.group("topics")
+def topics_group() -> None:
+    """Kafka topics."""
+
+
+@topics_group.command("create")
+@pass_ctx
+def topics_create(c: Ctx) -> None:
+    """Create smtpguard's topics (flows with kafka.partitions partitions) if missing."""
+    from smtpguard.kafka import ensure_topics
+
+    ensure_topics(c.cfg)
+    t = c.cfg.kafka.topics
+    _err(f"topics ready: {t.flows}, {t.dlq}, {t.alerts}, {t.enforcement}")
+
+
+# -- alerts -------------------------------------------------------------------------------------
+def _parse_since(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].isdigit():
+        return dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    try:
+        from smtpguard.exemptions import parse_time
+
+        return parse_time(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a duration like 30m, 6h, 2d nor an ISO 8601 time") from None
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dt.datetime):
+            v = v.replace(tzinfo=dt.timezone.utc) if v.tzinfo is None else v
+            v = v.isoformat().replace("+00:00", "Z")
+        if k == "evidence" and isinstance(v, str):
+            v = json.loads(v)
+        out[k] = v
+    out.pop("severity_rank", None)
+    return out
+
+
+@cli.group("alerts")
+def alerts_group() -> None:
+    """Review alerts in the store."""
+
+
+@alerts_group.command("list")
+@click.option("--severity", type=click.Choice(["info", "low", "medium", "high", "critical"]), help="at least this severity")
+@click.option("--since", metavar="WHEN", help="window end after: a duration (30m, 6h, 2d) or an ISO 8601 time")
+@click.option("--ip", metavar="IP", help="only this source IP")
+@click.option("--suppressed", is_flag=True, help="include findings suppressed by cooldown")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@pass_ctx
+def alerts_list(c: Ctx, severity: str | None, since: str | None, ip: str | None, suppressed: bool, limit: int,
+                as_json: bool) -> None:
+    """List alerts, newest window first."""
+    from smtpguard.store import Store
+
+    when = _parse_since(since)
+    with Store(c.cfg.store_dsn, c.cfg.store.database) as store:
+        rows = store.list_alerts(min_severity=severity, since=when, ip=ip, include_suppressed=suppressed, limit=limit)
+    for r in rows:
+        if as_json:
+            click.echo(json.dumps(_jsonable(r)))
+        else:
+            click.echo(f"{r['alert_id']}  {r['window_start']:%Y-%m-%d %H:%M}  {r['severity']:8} {r['detector']:17} "
+                       f"{r['src_ip'] or 'tenant ' + r['tenant']:16} {r['score']:.2f}  {r['reasons'][0] if r['reasons'] else ''}")
+    if not as_json:
+        _err(f"{len(rows)} alerts")
+
+
+@alerts_group.command("show")
+@click.argument("alert_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def alerts_show(c: Ctx, alert_id: str, as_json: bool) -> None:
+    """Show one alert with its reasons and evidence."""
+    from smtpguard.store import Store
+
+    with Store(c.cfg.store_dsn, c.cfg.store.database) as store:
+        row = store.get_alert(alert_id)
+    if row is None:
+        raise SmtpguardError(f"no alert {alert_id}; list them with `smtpguard alerts list`")
+    data = _jsonable(row)
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"alert {data['alert_id']}: {data['severity']} {data['detector']} (score {data['score']:.2f})")
+    click.echo(f"source {data['src_ip']}  tenant {data['tenant']}  exempted {data['exempted']}  status {data['status']}")
+    click.echo(f"window {data['window_start']} .. {data['window_end']}")
+    click.echo("reasons:")
+    for r in data["reasons"]:
+        click.echo(f"  - {r}")
+    click.echo("evidence:")
+    for k, v in data["evidence"].items():
+        click.echo(f"  {k}: {v}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="smtpguard", standalone_mode=False)
+    except click.exceptions.Abort:
+        _err("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SmtpguardError as e:
+        _err(f"smtpguard: error: {e}")
+        sys.exit(e.exit_code)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The ClickHouse store, through clickhouse-connect only.
+
+The same SQL runs on the embedded engine (``chdb:///dir``) and on a server
+(``http(s)://user:pass@host:8123/db``). Table definitions derive from the record and
+feature definitions; the schema is created and migrated when a :class:`Store` opens.
+
+Embedded mode: one process at a time may own a chdb directory. The owner holds a lock
+file beside it naming its PID; another process gets :class:`StoreLockedError` naming
+the owner instead of a corrupted store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+
+from smtpguard import record
+from smtpguard.errors import StoreError, StoreLockedError
+
+log = logging.getLogger(__name__)
+
+#: Embedded store locks this process holds: lock path -> [fd, users]. Several Store objects
+#: in one process (the detector and the console of `serve`) share one engine and one lock.
+_HELD: dict[str, list[int]] = {}
+_HELD_MUTEX = threading.Lock()
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+
+
+def _columns(fields: Iterable[tuple[str, str]]) -> str:
+    return ",\n    ".join(f"`{name}` {ch}" for name, ch in fields)
+
+
+def _feature_columns() -> list[tuple[str, str]]:
+    from smtpguard.detectors.features import FEATURES
+
+    return [(f.name, f.clickhouse) for f in FEATURES]
+
+
+ALERT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("alert_id", "String"),
+    ("detector", "LowCardinality(String)"),
+    ("severity", "LowCardinality(String)"),
+    ("severity_rank", "UInt8"),
+    ("score", "Float64"),
+    ("src_ip", "Nullable(String)"),
+    ("tenant", "String"),
+    ("window_start", "DateTime64(3, 'UTC')"),
+    ("window_end", "DateTime64(3, 'UTC')"),
+    ("reasons", "Array(String)"),
+    ("evidence", "String"),
+    ("exempted", "Bool"),
+    ("suppressed", "LowCardinality(String)"),
+    ("status", "LowCardinality(String)"),
+    ("created_at", "DateTime64(3, 'UTC')"),
+)
+
+
+def migrations(db: str) -> list[tuple[int, list[str]]]:
+    """Ordered schema steps. Append a step; never edit a released one."""
+    return [
+        (1, [
+            f"""CREATE TABLE IF NOT EXISTS {db}.flows (
+    {_columns((f.name, f.clickhouse) for f in record.FIELDS)}
+) ENGINE = MergeTree PARTITION BY toYYYYMMDD(`start`) ORDER BY (`src_ip`, `start`)""",
+            f"""CREATE TABLE IF NOT EXISTS {db}.window_features (
+    {_columns(_feature_columns())}
+) ENGINE = ReplacingMergeTree ORDER BY (`src_ip`, `window_start`, `window_ms`)""",
+            f"""CREATE TABLE IF NOT EXISTS {db}.alerts (
+    {_columns(ALERT_COLUMNS)}
+) ENGINE = ReplacingMergeTree(`created_at`) ORDER BY (`alert_id`)""",
+        ]),
+    ]
+
+
+class Store:
+    """Open (and migrate) the store named by ``dsn``; use as a context manager."""
+
+    def __init__(self, dsn: str, database: str = "smtpguard", *, create: bool = True):
+        import clickhouse_connect
+
+        self.dsn = dsn
+        self.database = database
+        self._lock_path: str | None = None
+        self._mutex = threading.RLock()
+        self.embedded = dsn.startswith("chdb://")
+        try:
+            if self.embedded:
+                path = dsn[len("chdb://"):]
+                if not path:
+                    raise StoreError("store DSN chdb:// needs a directory, e.g. chdb:///var/lib/smtpguard/store")
+                Path(path).mkdir(parents=True, exist_ok=True)
+                self._take_lock(path)
+            self.client = clickhouse_connect.get_client(dsn=dsn)
+        except StoreError:
+            self._release_lock()
+            raise
+        except Exception as e:  # connection refused, bad credentials, bad DSN
+            self._release_lock()
+            from smtpguard.config import mask_dsn
+
+            raise StoreError(f"cannot open store {mask_dsn(dsn)}: {e}") from None
+        if create:
+            self.migrate()
+
+    # -- embedded ownership -------------------------------------------------------------
+    def _take_lock(self, path: str) -> None:
+        lock_path = os.path.realpath(path).rstrip("/") + ".lock"
+        with _HELD_MUTEX:
+            held = _HELD.get(lock_path)
+            if held is not None:
+                held[1] += 1
+                self._lock_path = lock_path
+                return
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise StoreLockedError(
+                    f"the embedded store {path} is in use by another process ({owner}); "
+                    "stop it, or give this command a server DSN with --store/SMTPGUARD_STORE__DSN"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: {' '.join(os.sys.argv[:2])}".encode(), 0)
+            _HELD[lock_path] = [fd, 1]
+            self._lock_path = lock_path
+
+    def _release_lock(self) -> None:
+        path = getattr(self, "_lock_path", None)
+        if path is None:
+            return
+        self._lock_path = None
+        with _HELD_MUTEX:
+            held = _HELD.get(path)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[path]
+                os.ftruncate(held[0], 0)
+                os.close(held[0])
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+            self.client = None
+        self._release_lock()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------------------
+    def migrate(self) -> int:
+        db = self.database
+        with self._mutex:
+            self.client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+            self.client.command(
+                f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, applied_at DateTime64(3, 'UTC'))"
+                " ENGINE = MergeTree ORDER BY version"
+            )
+            done = {r[0] for r in self.client.query(f"SELECT version FROM {db}.schema_migrations").result_rows}
+            applied = 0
+            for version, steps in migrations(db):
+                if version in done:
+                    continue
+                for sql in steps:
+                    self.client.command(sql)
+                self.client.insert(f"{db}.schema_migrations", [[version, dt.datetime.now(dt.timezone.utc)]],
+                                   column_names=["version", "applied_at"])
+                applied += 1
+            return applied
+
+    # -- writes ---------------------------------------------------------------------------
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        if data.num_rows == 0:
+            return
+        t0 = time.perf_counter()
+        try:
+            with self._mutex:
+                self.client.insert_arrow(f"{self.database}.{table}", data)
+        except Exception as e:
+            raise StoreError(f"writing {data.num_rows} rows to {table} failed: {e}") from e
+        self.last_write_s = time.perf_counter() - t0
+
+    def insert_flows(self, flows: pa.Table) -> None:
+        self.insert_arrow("flows", flows)
+
+    def insert_features(self, features: pa.Table) -> None:
+        self.insert_arrow("window_features", features)
+
+    def insert_alerts(self, alerts: Sequence[Any]) -> None:
+        if not alerts:
+            return
+        from smtpguard.detectors.alerts import alerts_to_arrow
+
+        self.insert_arrow("alerts", alerts_to_arrow(alerts))
+
+    def existing_alert_ids(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        rows = self.query(f"SELECT DISTINCT alert_id FROM {self.database}.alerts WHERE alert_id IN {{ids:Array(String)}}",
+                          {"ids": list(ids)})
+        return {r[0] for r in rows}
+
+    # -- reads ----------------------------------------------------------------------------
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
+        try:
+            with self._mutex:
+                return self.client.query(sql, parameters=parameters or {}).result_rows
+        except Exception as e:
+            raise StoreError(f"query failed: {e}") from e
+
+    def query_df(self, sql: str, parameters: dict[str, Any] | None = None):
+        """A pandas DataFrame (for notebooks and the console)."""
+        with self._mutex:
+            return self.client.query_df(sql, parameters=parameters or {})
+
+    def list_alerts(self, *, min_severity: str | None = None, since: dt.datetime | None = None,
+                    ip: str | None = None, include_suppressed: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        where = ["1"]
+        params: dict[str, Any] = {"limit": limit}
+        if min_severity:
+            where.append("severity_rank >= {rank:UInt8}")
+            params["rank"] = SEVERITIES.index(min_severity)
+        if since:
+            where.append("window_end >= {since:DateTime64(3, 'UTC')}")
+            params["since"] = since
+        if ip:
+            where.append("src_ip = {ip:String}")
+            params["ip"] = ip
+        if not include_suppressed:
+            where.append("suppressed = ''")
+        names = [c for c, _ in ALERT_COLUMNS]
+        sql = (f"SELECT {', '.join(names)} FROM {self.database}.alerts FINAL WHERE {' AND '.join(where)} "
+               "ORDER BY window_start DESC, severity_rank DESC, alert_id LIMIT {limit:UInt32}")
+        return [dict(zip(names, row)) for row in self.query(sql, params)]
+
+    def get_alert(self, alert_id: str) -> dict[str, Any] | None:
+        names = [c for c, _ in ALERT_COLUMNS]
+        rows = self.query(f"SELECT {', '.join(names)} FROM {self.database}.alerts FINAL WHERE alert_id = {{id:String}}",
+                          {"id": alert_id})
+        return dict(zip(names, rows[0])) if rows else None
+
+    def count(self, table: str) -> int:
+        return int(self.query(f"SELECT count() FROM {self.database}.{table}")[0][0])

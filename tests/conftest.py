@@ -1,0 +1,72 @@
+"""Fixtures that start real services: a Tansu broker (Kafka protocol) and an embedded
+ClickHouse engine (chdb) in temporary directories. Stopped by PID / closed at the end."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from smtpguard import config
+from smtpguard.kafka import LocalBroker
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DATA = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the shared test data is missing at {SHARED_DATA} (the repository is checked out beside shared/)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    b = LocalBroker(log_path=tmp_path_factory.mktemp("tansu") / "tansu.log").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def chdb_dir(tmp_path_factory) -> Path:
+    # chdb runs one engine per process: every test shares this directory, each with its own database.
+    return tmp_path_factory.mktemp("chdb") / "store"
+
+
+def make_config(tmp_path: Path, bootstrap: str = "", dsn: str = "", **detect: object) -> config.Config:
+    """A config isolated per test: own topics, own database, own data dir."""
+    tag = uuid.uuid4().hex[:10]
+    cfg = config.load(environ={}, overrides={
+        "data_dir": str(tmp_path / "data"),
+        "kafka": {"bootstrap_servers": bootstrap, "partitions": 4, "group_id": f"g-{tag}",
+                  "session_timeout_ms": 6000, "max_poll_interval_ms": 10000,
+                  "topics": {"flows": f"flows-{tag}", "dlq": f"dlq-{tag}", "alerts": f"alerts-{tag}",
+                             "enforcement": f"enf-{tag}"}},
+        "store": {"dsn": dsn, "database": f"t_{tag}"},
+        "detect": {"idle_flush_ms": 1000, **detect},
+    })
+    return cfg
+
+
+@pytest.fixture
+def cfg(tmp_path, broker, chdb_dir) -> config.Config:
+    return make_config(tmp_path, broker.bootstrap, f"chdb://{chdb_dir}")
+
+
+@pytest.fixture
+def offline_cfg(tmp_path) -> config.Config:
+    return make_config(tmp_path)
+
+
+def replace(cfg: config.Config, **sections: dict) -> config.Config:
+    out = cfg
+    for name, values in sections.items():
+        out = msgspec.structs.replace(out, **{name: msgspec.structs.replace(getattr(out, name), **values)})
+    return out
+
+
+os.environ.setdefault("TQDM_DISABLE", "1")

@@ -1,0 +1,146 @@
+"""Pure unit tests of windows, features, detectors and alert gating (no services)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import polars as pl
+import pytest
+
+from smtpguard import record
+from smtpguard.detectors.alerts import AlertGate, alert_id, severity_of
+from smtpguard.detectors.features import FEATURE_NAMES, window_features
+from smtpguard.detectors.pipeline import Pipeline
+from smtpguard.detectors.rules import build_detectors
+from smtpguard.detectors.windows import WindowEngine
+from smtpguard.errors import ConfigError
+from smtpguard.exemptions import Exemption, Exemptions
+
+T0 = dt.datetime(2026, 1, 5, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def flows(src: str, n: int, *, minute: int = 0, dsts: int | None = None, action: str = "accept",
+          port: int = 25, nbytes: int = 5000, packets: int = 12, second: int = 0) -> list[dict]:
+    dsts = dsts or n
+    out = []
+    for i in range(n):
+        start = T0 + dt.timedelta(minutes=minute, seconds=(second + i) % 60)
+        out.append(dict(start=start, end=start + dt.timedelta(seconds=2), src_ip=src,
+                        dst_ip=f"198.51.{(i % dsts) // 5}.{10 + (i % dsts) % 5}", src_port=40000 + i,
+                        dst_port=port, protocol=6, packets=packets, bytes=nbytes, action=action, tenant="111122223333"))
+    return out
+
+
+def table(rows: list[dict]):
+    return record.from_dicts(rows)
+
+
+def test_window_engine_closes_on_watermark_and_counts_late():
+    eng = WindowEngine(window_ms=60_000, allowed_lateness_ms=60_000)
+    eng.add(table(flows("10.0.0.1", 5, minute=0)), offset=1)
+    assert eng.close_ready() is None  # watermark is behind the window end
+    eng.add(table(flows("10.0.0.1", 5, minute=2, second=30)), offset=2)
+    closed = eng.close_ready()
+    assert closed is not None and closed.height == 5
+    assert set(closed["window_start"].to_list()) == {int(T0.timestamp() * 1000)}
+    assert eng.safe_offset() == 2
+    late = eng.add(table(flows("10.0.0.1", 3, minute=0)), offset=3)
+    assert late == 3 and eng.late.records == 3 and eng.late.max_delay_ms > 120_000 - 1000
+    forced = eng.close_ready(force=True)
+    assert forced.height == 5 and eng.open_rows == 0 and eng.safe_offset() is None
+
+
+def test_window_engine_rejects_bad_parameters():
+    with pytest.raises(ValueError):
+        WindowEngine(window_ms=0, allowed_lateness_ms=0)
+
+
+def test_features_fanout_concentration_and_actions():
+    rows = flows("10.0.0.1", 40, dsts=40) + flows("10.0.0.2", 30, dsts=1, action="reject", nbytes=60, packets=1)
+    eng = WindowEngine(60_000, 0)
+    eng.add(table(rows))
+    feats = window_features(eng.close_ready(force=True), 60_000)
+    assert tuple(feats.columns) == FEATURE_NAMES
+    a = feats.filter(pl.col("src_ip") == "10.0.0.1").row(0, named=True)
+    b = feats.filter(pl.col("src_ip") == "10.0.0.2").row(0, named=True)
+    assert a["connections"] == 40 and a["distinct_dst"] == 40 and a["accepted"] == 40 and a["rejected"] == 0
+    assert a["distinct_dst24"] < a["distinct_dst"]
+    assert a["bytes_per_conn"] == 5000 and a["port25"] == 40
+    assert b["distinct_dst"] == 1 and b["top_dst_share"] == 1.0 and b["rejected_port25"] == 30
+    assert b["low_byte_conns"] == 30
+
+
+def test_severity_and_deterministic_ids():
+    assert severity_of(0.95) == "critical" and severity_of(0.5) == "medium" and severity_of(0.1) == "info"
+    assert alert_id("spam_fanout", "10.0.0.1", 1) == alert_id("spam_fanout", "10.0.0.1", 1)
+    assert alert_id("spam_fanout", "10.0.0.1", 1) != alert_id("spam_fanout", "10.0.0.1", 60_000)
+
+
+def _pipeline(offline_cfg, exemptions=None):
+    return Pipeline(offline_cfg, exemptions)
+
+
+def _alerts(pipe, rows):
+    out = pipe.process(table(rows))
+    out.extend(pipe.flush())
+    return [a for a in out.alerts if not a.suppressed]
+
+
+def test_spam_fanout_detected_with_numbers_in_reasons(offline_cfg):
+    alerts = _alerts(_pipeline(offline_cfg), flows("10.0.0.9", 150, dsts=150, action="reject", nbytes=120, packets=2))
+    fan = [a for a in alerts if a.detector == "spam_fanout"]
+    assert len(fan) == 1 and fan[0].src_ip == "10.0.0.9"
+    assert fan[0].severity in ("high", "critical")
+    assert "150 distinct mail servers" in fan[0].reasons[0]
+    assert {a.detector for a in alerts} == {"spam_fanout", "blocked_attempts"}
+
+
+def test_established_exempted_mail_server_is_normal_but_new_exemption_is_not(offline_cfg):
+    rows = flows("10.0.0.5", 45, dsts=45)
+    long_ago = int((T0 - dt.timedelta(days=90)).timestamp() * 1000)
+    yesterday = int((T0 - dt.timedelta(hours=20)).timestamp() * 1000)
+    import ipaddress
+
+    old = Exemptions([Exemption(ipaddress.ip_network("10.0.0.5/32"), "t", long_ago, "mail server")])
+    new = Exemptions([Exemption(ipaddress.ip_network("10.0.0.0/24"), "t", yesterday, "new server")])
+    assert _alerts(_pipeline(offline_cfg, old), rows) == []
+    assert [a.detector for a in _alerts(_pipeline(offline_cfg, new), rows)] == ["spam_fanout"]
+
+
+def test_flood_against_one_target(offline_cfg):
+    rows = flows("10.0.0.7", 900, dsts=2, nbytes=80, packets=2)
+    alerts = _alerts(_pipeline(offline_cfg), rows)
+    assert [a.detector for a in alerts] == ["connection_flood"]
+    assert "900 connections to 2 server(s)" in alerts[0].reasons[0]
+
+
+def test_benign_submission_and_single_blocked_attempt_raise_nothing(offline_cfg):
+    rows = flows("10.0.0.3", 6, dsts=2, port=587) + flows("10.0.0.4", 2, action="reject", nbytes=60, packets=1)
+    assert _alerts(_pipeline(offline_cfg), rows) == []
+
+
+def test_cooldown_suppresses_repeats_and_escalation_breaks_through(offline_cfg):
+    pipe = _pipeline(offline_cfg)
+    rows = (flows("10.0.0.8", 8, minute=0, action="reject", nbytes=60, packets=1)
+            + flows("10.0.0.8", 8, minute=1, action="reject", nbytes=60, packets=1)
+            + flows("10.0.0.8", 59, minute=2, dsts=3, action="reject", nbytes=60, packets=1))
+    out = pipe.process(table(rows))
+    out.extend(pipe.flush())
+    blocked = [a for a in out.alerts if a.detector == "blocked_attempts"]
+    assert [a.suppressed for a in blocked] == ["", "cooldown", ""]
+    assert blocked[2].severity != blocked[0].severity
+
+
+def test_alert_gate_orders_and_ids_are_stable():
+    gate = AlertGate(cooldown_ms=600_000)
+    assert gate.admit([]) == []
+
+
+def test_detector_parameters_are_validated():
+    assert {d.name for d in build_detectors({})} == {"spam_fanout", "connection_flood", "blocked_attempts"}
+    with pytest.raises(ConfigError, match="unknown detector"):
+        build_detectors({"nope": {}})
+    with pytest.raises(ConfigError, match="spam_fanout"):
+        build_detectors({"spam_fanout": {"min_distinct_dst": "many"}})
+    with pytest.raises(ConfigError):
+        build_detectors({"spam_fanout": {"no_such_param": 1}})
