@@ -112,8 +112,9 @@ def _decode_json(value: bytes) -> pa.Table:
     try:
         obj = msgspec.json.decode(value)
         rows = obj if isinstance(obj, list) else [obj]
-        for r in rows:
-            msgspec.convert(r, _JsonRecord)  # type check of the required fields
+        for i, r in enumerate(rows):
+            typed = msgspec.convert(r, _JsonRecord)  # type check of the required fields
+            r = rows[i] = {**msgspec.structs.asdict(typed), **r}
             for k in ("src_ip", "dst_ip"):
                 r[k] = str(ipaddress.ip_address(r[k]))
             for k in ("start", "end"):

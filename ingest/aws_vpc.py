@@ -1,0 +1,739 @@
+"""AWS VPC Flow Logs, text format (S3 objects, CloudWatch Logs exports) → records.
+
+A pure parser: :class:`AwsVpcParser` is fed consecutive chunks of lines of one file and
+returns :class:`~smtpguard.ingest.base.Batch` objects. Its only state is the layout
+declared by the last header line.
+
+Layouts
+    * a header line (``version account-id interface-id srcaddr ...``, or the
+      ``${version} ${account-id} ...`` spelling) declares the columns of the lines that
+      follow, in any order, with any known field names (versions 2 to 5, plus the
+      version 7 ECS and version 8 ``reject-reason`` names, which are ignored);
+    * without a header, a line is routed by its version and field count only:
+      version 2 with 14 fields is the default format; versions 3, 4 and 5 with 21, 25
+      and 29 fields are the "all fields" layouts (v2 fields, then the v3, v4 and v5
+      fields in the order of the AWS field table). Anything else is rejected: columns
+      are never assigned by guess.
+
+Fast path
+    The whole chunk is handled as Arrow columns: one split of every line into tokens,
+    one ``take`` per needed column, and vector checks (regex for IPv4, digit checks,
+    numeric casts, range checks). Python loops only run over rejected rows, header
+    lines and IPv6 addresses.
+
+SMTP selection (``smtp_ports`` not None)
+    A flow is kept when its destination port is an SMTP port (client to server). A flow
+    whose source port is an SMTP port (server to client) is paired with the forward
+    flow of the same chunk that has the reversed 5-tuple on the same interface and
+    account (the k-th reverse flow of a connection, in input order, with the k-th
+    forward one); its packets and bytes become the forward record's ``rev_packets`` /
+    ``rev_bytes``. Reverse flows, paired or not, count as skipped, as do other ports
+    and NODATA/SKIPDATA rows. With ``smtp_ports=None`` every valid flow is kept as is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from smtpguard import record
+from smtpguard.errors import ConfigError
+from smtpguard.ingest.base import Batch, Reject
+from smtpguard.ingest.iputil import canonical_ip, canonicalize_ips
+
+NAME = "aws-vpc"
+DEFAULT_SMTP_PORTS: tuple[int, ...] = (25, 465, 587, 2525)
+
+V2_FIELDS = (
+    "version", "account-id", "interface-id", "srcaddr", "dstaddr", "srcport", "dstport",
+    "protocol", "packets", "bytes", "start", "end", "action", "log-status",
+)
+V3_FIELDS = ("vpc-id", "subnet-id", "instance-id", "tcp-flags", "type", "pkt-srcaddr", "pkt-dstaddr")
+V4_FIELDS = ("region", "az-id", "sublocation-type", "sublocation-id")
+V5_FIELDS = ("pkt-src-aws-service", "pkt-dst-aws-service", "flow-direction", "traffic-path")
+V7_FIELDS = (
+    "ecs-cluster-arn", "ecs-cluster-name", "ecs-container-instance-arn", "ecs-container-instance-id",
+    "ecs-container-id", "ecs-second-container-id", "ecs-service-name", "ecs-task-definition-arn",
+    "ecs-task-arn", "ecs-task-id",
+)
+V8_FIELDS = ("reject-reason",)
+KNOWN_FIELDS: frozenset[str] = frozenset(V2_FIELDS + V3_FIELDS + V4_FIELDS + V5_FIELDS + V7_FIELDS + V8_FIELDS)
+
+#: Fields a layout must have to give a record.
+REQUIRED_FIELDS = ("srcaddr", "dstaddr", "srcport", "dstport", "protocol", "packets", "bytes", "start", "end")
+_TUPLE_FIELDS = ("srcaddr", "dstaddr", "srcport", "dstport", "protocol")
+
+#: Longest line accepted (a v5 all-fields line is ~250 chars, with every ECS field ~2 KB).
+MAX_LINE_CHARS = 8192
+#: Longest id/text value kept in a record (account, interface, instance).
+MAX_ID_CHARS = 255
+#: Largest epoch second accepted (9999-12-31T23:59:59Z).
+MAX_EPOCH_S = 253402300799
+
+_UINT_RULES: dict[str, tuple[int, int]] = {  # field -> (max digits, max value)
+    "srcport": (5, 65535),
+    "dstport": (5, 65535),
+    "protocol": (3, 255),
+    "packets": (19, 10**19 - 1),
+    "bytes": (19, 10**19 - 1),
+    "start": (12, MAX_EPOCH_S),
+    "end": (12, MAX_EPOCH_S),
+    "tcp-flags": (5, 65535),
+}
+_ACTIONS = ("ACCEPT", "REJECT", "-")
+_ACTION_OUT = pa.array(["accept", "reject", "unknown"], pa.string())
+_ID_FIELDS = (("account-id", "tenant"), ("interface-id", "interface_id"), ("instance-id", "instance_id"))
+
+_TOKEN = r"(?:\$\{[A-Za-z][A-Za-z0-9_-]*\}|[A-Za-z][A-Za-z_-]*)"
+#: Lines that may be a header: only name-like tokens (checked against KNOWN_FIELDS after).
+_HEADER_CANDIDATE_RE = rf"^{_TOKEN}(?: {_TOKEN})*$"
+_NOT_PRINTABLE = re.compile(r"[^ -~]")
+_WS = " \t\n\v\f\r"  # what pyarrow's ascii_trim_whitespace trims
+
+
+class Layout:
+    """Column order of a family of lines, and where it came from (for messages)."""
+
+    __slots__ = ("fields", "pos", "desc")
+
+    def __init__(self, fields: Iterable[str], desc: str):
+        self.fields: tuple[str, ...] = tuple(fields)
+        self.pos: dict[str, int] = {f: i for i, f in enumerate(self.fields)}
+        self.desc = desc
+
+    def __repr__(self) -> str:
+        return f"Layout({len(self.fields)} fields, {self.desc})"
+
+
+#: Headerless layouts, by (version token, field count).
+HEADERLESS_LAYOUTS: dict[tuple[str, int], Layout] = {
+    ("2", 14): Layout(V2_FIELDS, "headerless version 2 default format"),
+    ("3", 21): Layout(V2_FIELDS + V3_FIELDS, "headerless version 3 all-fields format"),
+    ("4", 25): Layout(V2_FIELDS + V3_FIELDS + V4_FIELDS, "headerless version 4 all-fields format"),
+    ("5", 29): Layout(V2_FIELDS + V3_FIELDS + V4_FIELDS + V5_FIELDS, "headerless version 5 all-fields format"),
+}
+_HEADERLESS_COUNT = {v: c for v, c in HEADERLESS_LAYOUTS}
+
+
+class _BadHeader:
+    """State after a rejected header: the lines under it cannot be decoded."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _short(tok: str, limit: int = 40) -> str:
+    return repr(tok if len(tok) <= limit else tok[:limit] + "...")
+
+
+def _header_tokens(line: str) -> list[str]:
+    out = []
+    for t in line.strip(_WS).split(" "):
+        if t.startswith("${") and t.endswith("}"):
+            t = t[2:-1]
+        out.append(t)
+    return out
+
+
+def _classify_header(line: str) -> tuple[str, Layout | str | None]:
+    """('header', Layout) | ('bad', reason) | ('data', None) for a header-like line."""
+    names = _header_tokens(line)
+    known = [n for n in names if n in KNOWN_FIELDS]
+    if not known:
+        return "data", None
+    unknown = [n for n in names if n not in KNOWN_FIELDS]
+    if unknown:
+        return "bad", "invalid header: unknown field name(s) " + ", ".join(_short(n) for n in unknown[:10])
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        return "bad", "invalid header: duplicate field name(s) " + ", ".join(dups)
+    missing = [f for f in REQUIRED_FIELDS if f not in names]
+    if missing:
+        return "bad", "header lacks field(s) needed for a record: " + ", ".join(missing)
+    return "header", Layout(names, "")
+
+
+def _headerless_problem(tokens: list[str]) -> str:
+    ver, n = tokens[0], len(tokens)
+    if ver in _HEADERLESS_COUNT:
+        want = _HEADERLESS_COUNT[ver]
+        layout = HEADERLESS_LAYOUTS[(ver, want)]
+        hint = " (empty field: consecutive spaces)" if "" in tokens else ""
+        return (
+            f"wrong field count: expected {want} fields ({layout.desc}), got {n}{hint}; "
+            "other layouts need a header line"
+        )
+    if ver.isascii() and ver.isdigit():
+        return f"unknown layout: version {_short(ver)} line with {n} fields and no header line declaring the columns"
+    return (
+        f"unknown layout: first field {_short(ver)} is not a flow log version (2-5) "
+        "and no header line declares the columns"
+    )
+
+
+def _line_problem(line: str) -> str | None:
+    """Line-level problems: binary data, non-ASCII text, excessive length."""
+    m = _NOT_PRINTABLE.search(line)
+    if m:
+        ch = m.group()
+        col = m.start() + 1
+        if ch == "\ufffd":
+            return f"undecodable bytes (U+FFFD replacement character at column {col})"
+        if "\ud800" <= ch <= "\udfff":
+            return f"undecodable bytes (lone surrogate at column {col})"
+        if ord(ch) < 32 or ord(ch) == 127:
+            return f"binary data: control character {ch!r} at column {col}"
+        return f"non-ASCII character U+{ord(ch):04X} at column {col} (flow logs are ASCII text)"
+    if len(line) > MAX_LINE_CHARS:
+        return f"line too long: {len(line)} chars (limit {MAX_LINE_CHARS})"
+    return None
+
+
+def _uint_problem(name: str, tok: str) -> str | None:
+    digits, top = _UINT_RULES[name]
+    if tok == "-":
+        return f"missing {name} ('-')"
+    if tok[:1] == "-" and tok[1:].isascii() and tok[1:].isdigit():
+        return f"negative {name}: {_short(tok)}"
+    if not (tok.isascii() and tok.isdigit()):
+        return f"non-numeric {name}: {_short(tok)}"
+    if len(tok) > digits or int(tok) > top:
+        return f"{name} out of range: {_short(tok)} (max {top})"
+    return None
+
+
+def _row_problem(tokens: list[str], layout: Layout) -> str | None:
+    """Why a row of a known layout cannot become a record (Python twin of the vector checks)."""
+    if len(tokens) != len(layout.fields):
+        hint = " (empty field: consecutive spaces)" if "" in tokens else ""
+        return f"wrong field count: expected {len(layout.fields)} fields ({layout.desc}), got {len(tokens)}{hint}"
+    get = lambda f: tokens[layout.pos[f]]  # noqa: E731
+    if all(get(f) == "-" for f in _TUPLE_FIELDS):
+        return None  # NODATA / SKIPDATA
+    for f in ("srcaddr", "dstaddr"):
+        tok = get(f)
+        if tok == "-":
+            return f"missing {f} ('-')"
+        if canonical_ip(tok) is None:
+            return f"invalid IP address in {f}: {_short(tok)}"
+    for f in ("srcport", "dstport", "protocol", "packets", "bytes", "start", "end"):
+        p = _uint_problem(f, get(f))
+        if p:
+            return p
+    if int(get("end")) < int(get("start")):
+        return f"end before start: start {get('start')} > end {get('end')}"
+    if "action" in layout.pos and get("action") not in _ACTIONS:
+        return f"unknown action: {_short(get('action'))} (expected ACCEPT, REJECT or -)"
+    if "tcp-flags" in layout.pos and get("tcp-flags") != "-":
+        p = _uint_problem("tcp-flags", get("tcp-flags"))
+        if p:
+            return p
+    for f, _ in _ID_FIELDS:
+        if f in layout.pos and len(get(f)) > MAX_ID_CHARS:
+            return f"{f} too long: {len(get(f))} chars (limit {MAX_ID_CHARS})"
+    return None
+
+
+def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return a.to_numpy(zero_copy_only=False)
+
+
+_IS_WS = np.zeros(256, dtype=bool)
+_IS_WS[[9, 10, 11, 12, 13, 32]] = True
+_MAY_START_HEADER = np.zeros(256, dtype=bool)
+_MAY_START_HEADER[[ord(ch) for ch in "$ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"]] = True
+
+
+def _edge_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First byte, last byte (0 for an empty string) and byte length of every string,
+    read straight from the Arrow buffers (no copy of the text)."""
+    bufs = arr.buffers()
+    dtype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    off = np.frombuffer(bufs[1], dtype=dtype)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
+    lens = np.diff(off)
+    if bufs[2] is None or bufs[2].size == 0 or not lens.any():
+        z = np.zeros(len(arr), dtype=np.uint8)
+        return z, z, lens
+    data = np.frombuffer(bufs[2], dtype=np.uint8)
+    nonempty = lens > 0
+    first = np.where(nonempty, data[np.minimum(off[:-1], data.size - 1)], 0).astype(np.uint8)
+    last = np.where(nonempty, data[np.clip(off[1:] - 1, 0, data.size - 1)], 0).astype(np.uint8)
+    return first, last, lens
+
+
+def _to_arrow(lines: list[str]) -> tuple[pa.Array, dict[int, str], dict[int, str]]:
+    """Lines as one Arrow string array. Lines that cannot be text (lone surrogates from
+    ``surrogateescape`` decoding, invalid UTF-8 bytes, non-strings) are replaced by a
+    NUL placeholder and reported in ``forced`` (row -> reason) with a printable ``raw``."""
+    forced: dict[int, str] = {}
+    raws: dict[int, str] = {}
+    try:
+        arr = pa.array(lines, pa.string())
+    except (UnicodeError, pa.ArrowException, TypeError, ValueError):
+        fixed: list[str] = []
+        for i, line in enumerate(lines):
+            if isinstance(line, str):
+                try:
+                    line.encode("utf-8")
+                    fixed.append(line)
+                    continue
+                except UnicodeEncodeError:
+                    forced[i] = "undecodable bytes (invalid UTF-8 in the input)"
+                    raws[i] = line.encode("utf-8", "backslashreplace").decode("utf-8")
+            elif isinstance(line, (bytes, bytearray, memoryview)):
+                try:
+                    fixed.append(bytes(line).decode("utf-8"))
+                    continue
+                except UnicodeDecodeError:
+                    forced[i] = "undecodable bytes (invalid UTF-8 in the input)"
+                    raws[i] = bytes(line).decode("utf-8", "backslashreplace")
+            else:
+                forced[i] = f"not a text line ({type(line).__name__})"
+                raws[i] = repr(line)
+            fixed.append("\x00")
+        arr = pa.array(fixed, pa.string())
+    if isinstance(arr, pa.ChunkedArray):  # more than 2 GiB of text
+        arr = pa.concat_arrays([c.cast(pa.large_string()) for c in arr.chunks])
+    if arr.null_count:  # None in the list
+        for i in np.flatnonzero(_np(arr.is_null())).tolist():
+            forced[i] = f"not a text line ({type(lines[i]).__name__})"
+            raws[i] = repr(lines[i])
+        arr = pc.fill_null(arr, "\x00")
+    return arr, forced, raws
+
+
+class AwsVpcParser:
+    """Parser for AWS VPC Flow Logs text; see the module docstring."""
+
+    name = NAME
+
+    def __init__(self, source: str, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS):
+        self.source = source
+        if smtp_ports is not None:
+            ports = []
+            for p in smtp_ports:
+                if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= int(p) <= 65535:
+                    raise ConfigError(f"SMTP port {p!r} is not a port number (0-65535)")
+                ports.append(int(p))
+            if not ports:
+                raise ConfigError("smtp_ports is empty: give at least one port, or None to keep every flow")
+            self.smtp_ports: tuple[int, ...] | None = tuple(sorted(set(ports)))
+        else:
+            self.smtp_ports = None
+        #: layout declared by the last header (None: no header seen, route by version)
+        self._state: Layout | _BadHeader | None = None
+        self._fill: dict[str, pa.Scalar] | None = None
+
+    # ------------------------------------------------------------------ public
+
+    def parse_lines(self, lines: list[str], first_line_no: int) -> Batch:
+        n = len(lines)
+        if n == 0:
+            return Batch.empty()
+        arr, forced, raws = _to_arrow(lines)
+        first_b, last_b, blen = _edge_bytes(arr)
+        if (_IS_WS[first_b] | _IS_WS[last_b]).any():  # leading/trailing blanks, CRLF ends
+            trimmed = pc.ascii_trim_whitespace(arr)
+            first_b, last_b, blen = _edge_bytes(trimmed)
+        else:
+            trimmed = arr
+        blank = blen == 0
+        if forced:
+            blank[list(forced)] = False
+        read = int(n - blank.sum())
+
+        def text(i: int) -> str:  # the line as str (bytes input was accepted as UTF-8)
+            s = lines[i]
+            return s if isinstance(s, str) else arr[i].as_py()
+
+        problems: list[tuple[int, str]] = []  # (row, reason)
+        skipped = 0
+
+        # line-level: binary data, non-ASCII, too long
+        line_bad = ~_np(pc.ascii_is_printable(trimmed)) | (blen > MAX_LINE_CHARS)
+        line_bad &= ~blank
+        if forced:
+            line_bad[list(forced)] = True
+        for i in np.flatnonzero(line_bad).tolist():
+            reason = forced.get(i) or _line_problem(text(i).strip(_WS)) or "invalid line"
+            problems.append((i, reason))
+        live = ~blank & ~line_bad
+
+        # header lines, in order; they split the chunk into segments
+        cand = np.flatnonzero(_MAY_START_HEADER[first_b] & live)
+        if cand.size:
+            cand = cand[_np(pc.match_substring_regex(trimmed.take(cand), _HEADER_CANDIDATE_RE))]
+        hdr_rows: list[int] = []
+        states: list[Layout | _BadHeader | None] = [self._state]
+        for i in cand.tolist():
+            kind, what = _classify_header(text(i))
+            if kind == "data":
+                continue
+            line_no = first_line_no + i
+            hdr_rows.append(i)
+            live[i] = False
+            if kind == "header":
+                assert isinstance(what, Layout)
+                what.desc = f"header at line {line_no}"
+                states.append(what)
+                skipped += 1
+            else:
+                assert isinstance(what, str)
+                problems.append((i, what))
+                states.append(_BadHeader(f"no usable layout: the header at line {line_no} was rejected ({what})"))
+        self._state = states[-1]
+
+        sp = pc.split_pattern(trimmed, " ")
+        counts = _np(pc.list_value_length(sp))
+        offsets = _np(sp.offsets)[:-1].astype(np.int64)
+        values = sp.values
+
+        # route every live row to a layout group
+        groups: dict[tuple[str, ...], tuple[Layout, list[np.ndarray]]] = {}
+        rows_all = np.flatnonzero(live)
+        seg = np.searchsorted(np.asarray(hdr_rows, dtype=np.int64), rows_all, side="right") if hdr_rows else None
+        for s, state in enumerate(states):
+            rows = rows_all if seg is None else rows_all[seg == s]
+            if rows.size == 0:
+                continue
+            if state is None:
+                first = values.take(offsets[rows])
+                cnt = counts[rows]
+                matched = np.zeros(rows.size, dtype=bool)
+                for (ver, want), layout in HEADERLESS_LAYOUTS.items():
+                    m = (cnt == want) & _np(pc.equal(first, ver))
+                    if m.any():
+                        matched |= m
+                        self._add(groups, layout, rows[m])
+                for i in rows[~matched].tolist():
+                    problems.append((i, _headerless_problem(text(i).strip(_WS).split(" "))))
+            elif isinstance(state, _BadHeader):
+                problems.extend((i, state.reason) for i in rows.tolist())
+            else:
+                ok = counts[rows] == len(state.fields)
+                self._add(groups, state, rows[ok])
+                for i in rows[~ok].tolist():
+                    problems.append((i, _row_problem(text(i).strip(_WS).split(" "), state) or "invalid record"))
+
+        parts: list[tuple[np.ndarray, dict[str, pa.Array]]] = []
+        for layout, chunks in groups.values():
+            rows = chunks[0] if len(chunks) == 1 else np.sort(np.concatenate(chunks))
+            good_rows, cols, nodata, bad = self._decode_group(layout, rows, values, offsets)
+            skipped += nodata
+            for i in bad.tolist():
+                problems.append((i, _row_problem(text(i).strip(_WS).split(" "), layout) or "invalid record"))
+            if good_rows.size:
+                parts.append((good_rows, cols))
+
+        table, more_skipped = self._assemble(parts)
+        skipped += more_skipped
+
+        problems.sort()
+        rejects = [
+            Reject.make(self.source, first_line_no + i, reason, raws[i] if i in raws else lines[i], NAME)
+            for i, reason in problems
+        ]
+        return Batch(table, rejects, read, skipped)
+
+    # ---------------------------------------------------------------- internals
+
+    @staticmethod
+    def _add(groups: dict, layout: Layout, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        entry = groups.get(layout.fields)
+        if entry is None:
+            groups[layout.fields] = (layout, [rows])
+        else:
+            entry[1].append(rows)
+
+    def _decode_group(
+        self, layout: Layout, rows: np.ndarray, values: pa.Array, offsets: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, pa.Array], int, np.ndarray]:
+        """Vector-decode rows that all have ``layout``'s field count.
+
+        Returns (rows decoded, their record columns, rows skipped, rows rejected).
+        Skipped are NODATA/SKIPDATA rows and, when ``smtp_ports`` is set, valid flows
+        with no SMTP port on either side; the rows decoded are the other valid ones.
+        """
+        base = offsets[rows]
+
+        def col(name: str) -> pa.Array:
+            return values.take(base + layout.pos[name])
+
+        c = {f: col(f) for f in REQUIRED_FIELDS}
+        for f in ("action", "tcp-flags", "account-id", "interface-id", "instance-id"):
+            if f in layout.pos:
+                c[f] = col(f)
+
+        dash = {f: _np(pc.equal(c[f], "-")) for f in _TUPLE_FIELDS}
+        nodata = dash["srcaddr"] & dash["dstaddr"] & dash["srcport"] & dash["dstport"] & dash["protocol"]
+        ok = ~nodata
+        for f in ("srcport", "dstport", "protocol", "packets", "bytes", "start", "end"):
+            ok &= _np(pc.ascii_is_decimal(c[f])) & (_np(pc.binary_length(c[f])) <= _UINT_RULES[f][0])
+        if "action" in c:
+            ok &= _np(pc.is_in(c["action"], value_set=pa.array(_ACTIONS)))
+        if "tcp-flags" in c:
+            fl = c["tcp-flags"]
+            numeric = _np(pc.ascii_is_decimal(fl)) & (_np(pc.binary_length(fl)) <= _UINT_RULES["tcp-flags"][0])
+            ok &= numeric | _np(pc.equal(fl, "-"))
+        for f, _ in _ID_FIELDS:
+            if f in c:
+                ok &= _np(pc.binary_length(c[f])) <= MAX_ID_CHARS
+        c["srcaddr"], src_ok = canonicalize_ips(c["srcaddr"], check=ok)
+        c["dstaddr"], dst_ok = canonicalize_ips(c["dstaddr"], check=ok & src_ok)
+        ok &= src_ok & dst_ok
+
+        # keep the rows that passed the text checks, then cast and check ranges
+        if not ok.all():
+            keep = pa.array(ok)
+            c = {k: v.filter(keep) for k, v in c.items()}
+        good = rows[ok]
+        bad = np.flatnonzero(~ok & ~nodata)
+
+        sport = pc.cast(c["srcport"], pa.int32())
+        dport = pc.cast(c["dstport"], pa.int32())
+        proto = pc.cast(c["protocol"], pa.int32())
+        start = pc.cast(c["start"], pa.int64())
+        end = pc.cast(c["end"], pa.int64())
+        packets = pc.cast(c["packets"], pa.uint64())
+        nbytes = pc.cast(c["bytes"], pa.uint64())
+        ok2 = (
+            _np(pc.less_equal(sport, 65535))
+            & _np(pc.less_equal(dport, 65535))
+            & _np(pc.less_equal(proto, 255))
+            & _np(pc.less_equal(start, MAX_EPOCH_S))
+            & _np(pc.less_equal(end, MAX_EPOCH_S))
+            & _np(pc.greater_equal(end, start))
+        )
+        flags = None
+        if "tcp-flags" in c:
+            fl = c["tcp-flags"]
+            flags = pc.cast(pc.if_else(pc.equal(fl, "-"), pa.scalar(None, pa.string()), fl), pa.int32())
+            ok2 &= _np(pc.fill_null(pc.less_equal(flags, 65535), True))
+        bad = np.sort(np.concatenate([rows[bad], good[~ok2]])) if not ok2.all() else rows[bad]
+
+        # valid flows on no SMTP port are skipped here, before building their columns
+        sel = ok2
+        other = 0
+        if self.smtp_ports is not None:
+            ports = pa.array(self.smtp_ports, pa.int32())
+            smtp = _np(pc.is_in(dport, value_set=ports)) | _np(pc.is_in(sport, value_set=ports))
+            other = int((ok2 & ~smtp).sum())
+            sel = ok2 & smtp
+        if not sel.all():
+            keep = pa.array(sel)
+            sport, dport, proto, start, end, packets, nbytes = (
+                a.filter(keep) for a in (sport, dport, proto, start, end, packets, nbytes)
+            )
+            flags = flags.filter(keep) if flags is not None else None
+            c = {k: v.filter(keep) for k, v in c.items() if k not in _UINT_RULES}
+            good = good[sel]
+
+        out: dict[str, pa.Array] = {
+            "start": pc.multiply(start, 1000).cast(pa.timestamp("ms", tz="UTC")),
+            "end": pc.multiply(end, 1000).cast(pa.timestamp("ms", tz="UTC")),
+            "src_ip": c["srcaddr"],
+            "dst_ip": c["dstaddr"],
+            "src_port": sport,
+            "dst_port": dport,
+            "protocol": proto,
+            "packets": packets,
+            "bytes": nbytes,
+        }
+        if "action" in c:
+            out["action"] = _ACTION_OUT.take(pc.index_in(c["action"], value_set=pa.array(_ACTIONS)))
+        if flags is not None:
+            out["tcp_flags"] = flags
+        for f, name in _ID_FIELDS:
+            if f in c:
+                out[name] = pc.if_else(pc.equal(c[f], "-"), "", c[f])
+        return good, out, int(nodata.sum()) + other, bad
+
+    def _fill_values(self) -> dict[str, pa.Scalar]:
+        """The value of every record column this source does not give (record defaults,
+        source_format, exporter), taken from :func:`record.conform` once."""
+        if self._fill is None:
+            one = {
+                "start": pa.array([0], pa.timestamp("ms", tz="UTC")),
+                "end": pa.array([0], pa.timestamp("ms", tz="UTC")),
+                "src_ip": pa.array([""]),
+                "dst_ip": pa.array([""]),
+            }
+            for f in ("src_port", "dst_port", "protocol", "packets", "bytes"):
+                one[f] = pa.array([0], pa.int64())
+            proto = record.conform(pa.table(one), source_format=NAME, exporter=self.source)
+            self._fill = {f.name: proto.column(f.name)[0] for f in record.FIELDS}
+        return self._fill
+
+    def _assemble(self, parts: list[tuple[np.ndarray, dict[str, pa.Array]]]) -> tuple[pa.Table, int]:
+        """One record table in input order, SMTP-filtered when configured; returns the
+        table and how many decoded flows were skipped (non-SMTP and reverse halves)."""
+        if not parts:
+            return record.empty_table(), 0
+        names = [f.name for f in record.FIELDS]
+        fill = self._fill_values()
+        if len(parts) == 1:
+            rows, cols = parts[0]
+            n = len(rows)
+            arrays = {k: cols.get(k) for k in names}
+        else:
+            rows = np.concatenate([p[0] for p in parts])
+            order = np.argsort(rows, kind="stable")
+            rows = rows[order]
+            n = len(rows)
+            arrays = {}
+            for k in names:
+                if any(k in p[1] for p in parts):
+                    pieces = []
+                    for prow, pcols in parts:
+                        a = pcols.get(k)
+                        if a is None:
+                            a = self._constant(k, len(prow), fill)
+                        pieces.append(a.cast(record.SCHEMA.field(k).type))
+                    arrays[k] = pa.concat_arrays(pieces).take(order)
+                else:
+                    arrays[k] = None
+
+        skipped = 0
+        if self.smtp_ports is not None:
+            dport = _np(arrays["dst_port"])
+            sport = _np(arrays["src_port"])
+            fwd = np.isin(dport, self.smtp_ports)
+            rev = np.isin(sport, self.smtp_ports) & ~fwd
+            rev_packets = rev_bytes = None
+            if fwd.any() and rev.any():
+                fi, ri = self._pair(arrays, fwd, rev)
+                if fi.size:
+                    rp = np.zeros(n, dtype=np.uint64)
+                    rb = np.zeros(n, dtype=np.uint64)
+                    rp[fi] = _np(arrays["packets"].cast(pa.uint64()))[ri]
+                    rb[fi] = _np(arrays["bytes"].cast(pa.uint64()))[ri]
+                    rev_packets, rev_bytes = pa.array(rp), pa.array(rb)
+            if rev_packets is not None:
+                arrays["rev_packets"], arrays["rev_bytes"] = rev_packets, rev_bytes
+            skipped = int(n - fwd.sum())
+            if not fwd.all():
+                keep = pa.array(fwd)
+                arrays = {k: (None if v is None else v.filter(keep)) for k, v in arrays.items()}
+                n = int(fwd.sum())
+
+        cols = []
+        for f in record.FIELDS:
+            a = arrays.get(f.name)
+            if a is None:
+                a = self._constant(f.name, n, fill)
+            elif a.type != f.arrow:
+                a = a.cast(f.arrow)
+            cols.append(a)
+        return record.conform(pa.Table.from_arrays(cols, schema=record.SCHEMA)), skipped
+
+    @staticmethod
+    def _constant(name: str, n: int, fill: dict[str, pa.Scalar]) -> pa.Array:
+        s = fill[name]
+        return pa.nulls(n, s.type) if not s.is_valid else pa.repeat(s, n)
+
+    @staticmethod
+    def _pair(arrays: dict[str, pa.Array | None], fwd: np.ndarray, rev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pair reverse flows with forward flows of the same connection: reversed 5-tuple,
+        same interface and account; the k-th of a connection in input order with the
+        k-th. Returns positions (forward, reverse) in ``arrays``.
+
+        Vectorised: string columns are hashed (polars), the parts are mixed into one
+        64-bit key per row, keys are matched by sorting, and every pair is checked again
+        part by part, so a collision of the mixed key cannot pair two connections.
+        """
+        fi = np.flatnonzero(fwd)
+        ri = np.flatnonzero(rev)
+        nf = fi.size
+        sub = np.concatenate([fi, ri])
+        take = pa.array(sub)
+
+        def hashed(name: str) -> np.ndarray:
+            a = arrays.get(name)
+            if a is None:
+                return np.zeros(sub.size, dtype=np.uint64)
+            return pl.from_arrow(a.take(take)).hash(seed=0).to_numpy().astype(np.uint64, copy=False)
+
+        def ints(name: str) -> np.ndarray:
+            return _np(arrays[name]).astype(np.uint64)[sub]
+
+        hs, hd, he, ht = hashed("src_ip"), hashed("dst_ip"), hashed("interface_id"), hashed("tenant")
+        sp, dp, pr = ints("src_port"), ints("dst_port"), ints("protocol")
+        # forward rows keyed (src, dst, sport, dport), reverse rows (dst, src, dport, sport)
+        a = np.concatenate([hs[:nf], hd[nf:]])
+        b = np.concatenate([hd[:nf], hs[nf:]])
+        pa_ = np.concatenate([sp[:nf], dp[nf:]])
+        pb = np.concatenate([dp[:nf], sp[nf:]])
+        with np.errstate(over="ignore"):
+            ports = (pa_ << np.uint64(24)) | (pb << np.uint64(8)) | pr
+            key = _mix64(a * _K1 ^ _mix64(b * _K2) ^ ports * _K3 ^ _mix64(he * _K4 ^ ht * _K5))
+        kf, kr = key[:nf], key[nf:]
+        of = np.argsort(kf, kind="stable")
+        sf = kf[of]
+        orv = np.argsort(kr, kind="stable")
+        sr = kr[orv]
+        rank = np.arange(sr.size) - np.searchsorted(sr, sr, side="left")
+        cand = np.searchsorted(sf, sr, side="left") + rank
+        inside = cand < sf.size
+        cand = np.minimum(cand, sf.size - 1)
+        hit = inside & (sf[cand] == sr)
+        f = of[cand[hit]]
+        r = orv[hit] + nf
+        same = (a[f] == a[r]) & (b[f] == b[r]) & (pa_[f] == pa_[r]) & (pb[f] == pb[r]) & (pr[f] == pr[r])
+        same &= (he[f] == he[r]) & (ht[f] == ht[r])
+        return sub[f[same]], sub[r[same]]
+
+
+_K1 = np.uint64(0x9E3779B97F4A7C15)
+_K2 = np.uint64(0xC2B2AE3D27D4EB4F)
+_K3 = np.uint64(0x165667B19E3779F9)
+_K4 = np.uint64(0xD6E8FEB86659FD93)
+_K5 = np.uint64(0xFF51AFD7ED558CCD)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (wrapping uint64 arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sniff(head: str) -> bool:
+    """True if ``head`` (the start of a file) looks like AWS VPC Flow Logs text: a header
+    line of known field names, or lines of a known headerless layout (version 2..5 with
+    the matching field count, addresses or ``-`` in srcaddr/dstaddr)."""
+    lines = head.splitlines()
+    if len(lines) > 1 and not head.endswith(("\n", "\r")):
+        lines = lines[:-1]  # the last line may be cut
+    lines = [s.strip(_WS) for s in lines if s.strip(_WS)][:20]
+    if not lines:
+        return False
+    first = lines[0]
+    if re.fullmatch(_HEADER_CANDIDATE_RE, first):
+        kind, _ = _classify_header(first)
+        if kind != "data":
+            names = _header_tokens(first)
+            return len(names) >= 2 and all(n in KNOWN_FIELDS for n in names)
+
+    def fits(line: str) -> bool:
+        toks = line.split(" ")
+        layout = HEADERLESS_LAYOUTS.get((toks[0], len(toks)))
+        if layout is None:
+            return False
+        addrs = (toks[layout.pos["srcaddr"]], toks[layout.pos["dstaddr"]])
+        return all(a == "-" or "." in a or ":" in a for a in addrs)
+
+    if not fits(first):
+        return False
+    return 2 * sum(fits(s) for s in lines) >= len(lines)
