@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import BinaryIO, Iterable, Iterator, Protocol
 
 import msgspec
 import pyarrow as pa
@@ -64,6 +64,16 @@ class LineParser(Protocol):
     name: str
 
     def parse_lines(self, lines: list[str], first_line_no: int) -> Batch: ...
+
+
+class StreamParser(Protocol):
+    """A binary or whole-document format (pcap, NetFlow datagrams, a JSON document): reads an
+    opened input and yields batches. State that outlives one input (NetFlow templates) lives
+    in the parser object, so one parser can be fed several inputs in order."""
+
+    name: str
+
+    def parse_stream(self, fh: "BinaryIO", source: str) -> Iterator[Batch]: ...
 
 
 def concat(batches: Iterable[Batch]) -> Batch:

@@ -61,9 +61,14 @@ class Opened:
         self._raw = _open_binary(src)
         self._fh = io.BufferedReader(self._raw, buffer_size=1 << 20) if not isinstance(self._raw, io.BufferedReader) else self._raw
         try:
-            self.head = self._fh.peek(SNIFF_BYTES)[:SNIFF_BYTES].decode("utf-8", "replace")
+            self.head: bytes = self._fh.peek(SNIFF_BYTES)[:SNIFF_BYTES]
         except (OSError, EOFError) as e:
             raise InputError(f"cannot read {src.name}: {e}") from None
+
+    @property
+    def binary(self) -> IO[bytes]:
+        """The input as a (decompressed) binary stream, for stream formats."""
+        return self._fh
 
     def position(self) -> int:
         """Bytes consumed from disk so far (compressed bytes for .gz), for progress bars."""
@@ -119,8 +124,11 @@ def read_batches(paths: Sequence[str], fmt: str, smtp_ports: Sequence[int] | Non
         try:
             f = registry.detect(opened.head, src.name) if fmt == "auto" else registry.get(fmt)
             parser = f.make_parser(src.name, smtp_ports)
-            for lines, first in opened.chunks(chunk_lines):
-                batch = parser.parse_lines(lines, first)
+            if f.kind == "stream":
+                batches: Iterator[Batch] = parser.parse_stream(opened.binary, src.name)
+            else:
+                batches = (parser.parse_lines(lines, first) for lines, first in opened.chunks(chunk_lines))
+            for batch in batches:
                 if progress is not None:
                     progress.update(done_bytes + opened.position(), batch)
                 yield src, batch

@@ -1,7 +1,9 @@
 """The one list of input formats. ``--format``, auto-detection, ``collect``, ``analyze`` and
 ``decode`` all read it.
 
-Each entry names a module with a pure parser class and a ``sniff(head: str) -> bool``.
+Each entry names a module with a pure parser class and a ``sniff(head: str) -> bool``
+(``sniff(head: bytes) -> bool`` for stream formats). Order matters for auto-detection:
+the first sniffer that accepts an input wins, so list stricter formats first.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ class Format:
     parser: str
     doc: str
     example: str
+    kind: str = "lines"
+    """"lines": the parser has parse_lines(lines, first_line_no) (text, fed in chunks);
+    "stream": the parser has parse_stream(binary_file, source) and yields batches"""
 
     def load(self) -> tuple[Callable[..., Any], Callable[[str], bool]]:
         mod = importlib.import_module(self.module)
@@ -46,10 +51,11 @@ def get(name: str) -> Format:
         raise InputError(f"unknown format {name!r}; known formats: auto, {', '.join(FORMATS)}") from None
 
 
-def detect(head: str, source: str = "input") -> Format:
+def detect(head: bytes, source: str = "input") -> Format:
     """Pick the format whose sniffer accepts the first bytes of an input."""
+    text = head.decode("utf-8", "replace")
     for f in FORMATS.values():
         _, sniff = f.load()
-        if sniff(head):
+        if sniff(text if f.kind == "lines" else head):
             return f
     raise InputError(f"cannot tell the format of {source}; name it with --format ({', '.join(FORMATS)})")
