@@ -59,15 +59,14 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
         alerts = stack.store.list_alerts(min_severity="low", limit=10_000)
 
     print()
-    print(f"{'first window':17} {'severity':8} {'detector':17} {'source':15} {'score':>5}  reason")
-    seen: set[tuple[str, str]] = set()
-    for a in sorted(alerts, key=lambda a: (a["src_ip"] or "", a["detector"], a["window_start"])):
-        key = (a["src_ip"] or "", a["detector"])
-        if key in seen:
-            continue
-        seen.add(key)
-        print(f"{a['window_start']:%Y-%m-%d %H:%M}  {a['severity']:8} {a['detector']:17} {a['src_ip'] or '-':15} "
-              f"{a['score']:5.2f}  {a['reasons'][0]}")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for a in alerts:
+        groups.setdefault((a["src_ip"] or f"tenant {a['tenant']}", a["detector"]), []).append(a)
+    print(f"{'first window':17} {'alerts':>6} {'worst':8} {'detector':17} {'source':15}  strongest evidence")
+    for (src, det), group in sorted(groups.items(), key=lambda kv: min(a["window_start"] for a in kv[1])):
+        worst = max(group, key=lambda a: (a["severity_rank"], a["score"]))
+        first = min(a["window_start"] for a in group)
+        print(f"{first:%Y-%m-%d %H:%M}  {len(group):6} {worst['severity']:8} {det:17} {src:15}  {worst['reasons'][0]}")
     flagged = {a["src_ip"] for a in alerts if a["severity"] in ("medium", "high", "critical")}
     found = sorted(ip for ip in abusers if ip in flagged)
     missed = sorted(ip for ip in abusers if ip not in flagged)
@@ -81,6 +80,7 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
     print()
     print(f"data: flow log {paths['flows']}, exemptions {paths['exemptions']}, truth {paths['truth']}")
     print(f"store: {out / 'store'} (ClickHouse tables flows, window_features, alerts in database {cfg.store.database})")
-    print(f"explore: smtpguard --data-dir {out} alerts list --severity medium")
-    print(f"         smtpguard analyze {paths['flows']} --exemptions {paths['exemptions']} --min-severity medium")
+    exe = shutil.which("smtpguard") and "smtpguard" or sys.argv[0]
+    print(f"explore: {exe} --data-dir {out} alerts list --severity medium")
+    print(f"         {exe} analyze {paths['flows']} --exemptions {paths['exemptions']} --min-severity medium")
     return not missed and not false_pos

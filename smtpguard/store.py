@@ -64,10 +64,15 @@ ALERT_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def migrations(db: str) -> list[tuple[int, list[str]]]:
-    """Ordered schema steps. Append a step; never edit a released one."""
+#: Modules that own tables; each has ``migrations(db) -> list[(step_id, [sql, ...])]``.
+#: Steps run once each, in this order, and are recorded in ``schema_migrations``.
+MIGRATION_PROVIDERS = ("smtpguard.store",)
+
+
+def migrations(db: str) -> list[tuple[str, list[str]]]:
+    """The core tables' schema steps. Append a step; never edit a released one."""
     return [
-        (1, [
+        ("core-1", [
             f"""CREATE TABLE IF NOT EXISTS {db}.flows (
     {_columns((f.name, f.clickhouse) for f in record.FIELDS)}
 ) ENGINE = MergeTree PARTITION BY toYYYYMMDD(`start`) ORDER BY (`src_ip`, `start`)""",
@@ -169,12 +174,15 @@ class Store:
         with self._mutex:
             self.client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
             self.client.command(
-                f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, applied_at DateTime64(3, 'UTC'))"
+                f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version String, applied_at DateTime64(3, 'UTC'))"
                 " ENGINE = MergeTree ORDER BY version"
             )
             done = {r[0] for r in self.client.query(f"SELECT version FROM {db}.schema_migrations").result_rows}
             applied = 0
-            for version, steps in migrations(db):
+            import importlib
+
+            steps_all = [step for mod in MIGRATION_PROVIDERS for step in importlib.import_module(mod).migrations(db)]
+            for version, steps in steps_all:
                 if version in done:
                     continue
                 for sql in steps:
