@@ -48,13 +48,38 @@ FEATURES: tuple[Feature, ...] = (
     Feature("top_dst_conns", "UInt64", "connections to the top destination"),
     Feature("top_dst_share", "Float64", "share of connections going to the top destination (concentration)"),
     Feature("top3_dst_conns", "UInt64", "connections to the three busiest destinations"),
+    Feature("smtp_sessions", "UInt64", "connections with a visible SMTP dialogue (captures)"),
+    Feature("replies_5xx", "UInt64", "5xx server replies (captures)"),
+    Feature("rcpt_total", "UInt64", "RCPT TO commands (captures)"),
 )
+
+#: Columns added from the source's own history (detectors/history.py), values before the window.
+HISTORY_FEATURES: tuple[Feature, ...] = (
+    Feature("new_dst", "UInt32", "destinations this source had never contacted before"),
+    Feature("new_dst_share", "Float64", "new_dst / distinct_dst"),
+    Feature("base_conns", "Float64", "the source's usual connections per active minute (EWMA)"),
+    Feature("base_distinct", "Float64", "the source's usual distinct destinations per active minute (EWMA)"),
+    Feature("peak_distinct", "Float64", "the source's slowly decaying peak of distinct destinations per minute"),
+    Feature("history_minutes", "Int64", "active minutes the source has been seen before this window"),
+)
+
+#: Sums over the last 10 and 60 minutes, from the one-minute panes (detectors/horizons.py).
+HORIZON_FEATURES: tuple[Feature, ...] = tuple(
+    Feature(f"{name}_{h}m", "UInt64", f"{doc} over the last {h} minutes")
+    for h in (10, 60)
+    for name, doc in (("conns", "connections"), ("new_dst", "new destinations"),
+                      ("rejected_port25", "rejected port-25 connections"), ("active_minutes", "minutes with SMTP activity"))
+)
+
+BASE_FEATURES = FEATURES
+FEATURES = BASE_FEATURES + HISTORY_FEATURES + HORIZON_FEATURES
 
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
 
 #: Record columns the window engine keeps for feature computation.
 NEEDED_COLUMNS = ("start", "end", "src_ip", "dst_ip", "dst_port", "action", "packets", "bytes",
-                  "rev_packets", "rev_bytes", "tenant", "instance_id", "sampling_rate")
+                  "rev_packets", "rev_bytes", "tenant", "instance_id", "sampling_rate", "reply_first",
+                  "replies_5xx", "rcpt_count")
 
 
 def _net_expr() -> pl.Expr:
@@ -109,6 +134,9 @@ def window_features(rows: pl.DataFrame, window_ms: int) -> pl.DataFrame:
         port465=w.filter(pl.col("dst_port") == 465).sum(),
         port587=w.filter(pl.col("dst_port") == 587).sum(),
         port_other=w.filter(~pl.col("dst_port").is_in([25, 465, 587])).sum(),
+        smtp_sessions=w.filter(pl.col("reply_first").is_not_null()).sum(),
+        replies_5xx=(pl.col("replies_5xx").fill_null(0).cast(pl.UInt64) * w).sum(),
+        rcpt_total=(pl.col("rcpt_count").fill_null(0).cast(pl.UInt64) * w).sum(),
     )
     out = (
         agg.join(per_dst, on=keys, how="left")
@@ -122,7 +150,7 @@ def window_features(rows: pl.DataFrame, window_ms: int) -> pl.DataFrame:
             top_dst_share=pl.col("top_dst_conns") / pl.col("connections"),
         )
     )
-    return _typed(out).sort(["window_start", "src_ip"])
+    return _typed(out, BASE_FEATURES).sort(["window_start", "src_ip"])
 
 
 _POLARS_TYPES = {
@@ -131,13 +159,17 @@ _POLARS_TYPES = {
     "UInt64": pl.UInt64,
     "Float64": pl.Float64,
     "String": pl.String,
+    "Int64": pl.Int64,
 }
 
 
-def _typed(df: pl.DataFrame) -> pl.DataFrame:
+def _typed(df: pl.DataFrame, features: tuple[Feature, ...]) -> pl.DataFrame:
     exprs = []
-    for f in FEATURES:
+    for f in features:
         t = _POLARS_TYPES[f.clickhouse]
+        if f.name not in df.columns:
+            exprs.append(pl.lit(0).cast(t).alias(f.name))
+            continue
         col = pl.col(f.name)
         if isinstance(t, pl.Datetime) and df.schema[f.name] != t:
             col = col.cast(pl.Int64).cast(t)
@@ -149,5 +181,6 @@ def empty_features() -> pl.DataFrame:
     return pl.DataFrame(schema={f.name: _POLARS_TYPES[f.clickhouse] for f in FEATURES})
 
 
-def to_arrow(features: pl.DataFrame) -> pa.Table:
-    return features.to_arrow()
+def to_store(features: pl.DataFrame) -> pa.Table:
+    """The columns of :data:`FEATURES`, typed, for the ``window_features`` table."""
+    return _typed(features, FEATURES).to_arrow()

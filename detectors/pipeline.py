@@ -19,7 +19,10 @@ from smtpguard.exemptions import Exemptions
 
 from .alerts import Alert, AlertGate
 from .features import empty_features, window_features
+from .history import SourceHistory
+from .horizons import Panes
 from .rules import Detector, build_detectors
+from .tenants import TenantStage
 from .windows import WindowEngine
 
 log = logging.getLogger(__name__)
@@ -40,20 +43,29 @@ class Output:
 class Stream:
     engine: WindowEngine
     gate: AlertGate
+    history: SourceHistory
+    panes: Panes
 
 
 class Pipeline:
     def __init__(self, cfg: Config, exemptions: Exemptions | None = None, detectors: list[Detector] | None = None):
         self.cfg = cfg
         self.exemptions = exemptions or Exemptions()
-        self.detectors = detectors if detectors is not None else build_detectors(cfg.detect.detectors)
+        detectors = detectors if detectors is not None else build_detectors(cfg.detect.detectors)
+        self.detectors = [d for d in detectors if d.scope == "source"]
+        self.tenant_detectors = [d for d in detectors if d.scope == "tenant"]
         self.streams: dict[int, Stream] = {}
+        self.tenants = TenantStage(cfg.detect.window_ms)
+        self.tenant_gate = AlertGate(cfg.detect.cooldown_ms)
+        established = [d.params.established_exemption_days for d in self.tenant_detectors]
+        self.tenant_established_days = established[0] if established else 7.0
 
     def stream(self, key: int) -> Stream:
         s = self.streams.get(key)
         if s is None:
             d = self.cfg.detect
-            s = self.streams[key] = Stream(WindowEngine(d.window_ms, d.allowed_lateness_ms), AlertGate(d.cooldown_ms))
+            s = self.streams[key] = Stream(WindowEngine(d.window_ms, d.allowed_lateness_ms), AlertGate(d.cooldown_ms),
+                                           SourceHistory(), Panes(d.window_ms))
         return s
 
     def drop(self, key: int) -> None:
@@ -71,6 +83,8 @@ class Pipeline:
         for k in [key] if key is not None else sorted(self.streams):
             if k in self.streams:
                 out.extend(self._close(self.streams[k], force=True))
+        if key is None:
+            out.alerts.extend(self._close_tenants(force=True))
         return out
 
     def _close(self, s: Stream, force: bool) -> Output:
@@ -78,12 +92,31 @@ class Pipeline:
         if rows is None or rows.height == 0:
             return Output()
         feats = window_features(rows, self.cfg.detect.window_ms)
-        return Output(feats, self.evaluate(feats, s.gate))
-
-    def evaluate(self, feats: pl.DataFrame, gate: AlertGate) -> list[Alert]:
+        feats = s.history.observe(rows, feats)
+        feats = s.panes.add(feats)
         annotated = self.exemptions.annotate(feats)
         findings = [f for d in self.detectors for f in d.evaluate(annotated)]
-        return gate.admit(findings)
+        skip = annotated.filter(pl.col("exempted") & (pl.col("exemption_age_days") >= self.tenant_established_days))
+        self.tenants.add(rows, set(skip["src_ip"].to_list()))
+        alerts = s.gate.admit(findings)
+        if not force:
+            alerts.extend(self._close_tenants(force=False))
+        return Output(annotated, alerts)
+
+    def _close_tenants(self, force: bool) -> list[Alert]:
+        if not self.tenant_detectors:
+            return []
+        if force:
+            upto = None
+        else:
+            marks = [s.engine.closed_upto_ms for s in self.streams.values()]
+            if not marks or any(m is None for m in marks):
+                return []
+            upto = min(marks)
+        feats = self.tenants.close(upto)
+        if feats is None or feats.height == 0:
+            return []
+        return self.tenant_gate.admit([f for d in self.tenant_detectors for f in d.evaluate(feats)])
 
     @property
     def late_records(self) -> int:

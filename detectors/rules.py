@@ -47,6 +47,8 @@ def _established(p: Any) -> pl.Expr:
 class Detector:
     name: ClassVar[str]
     Params: ClassVar[type[msgspec.Struct]]
+    scope: ClassVar[str] = "source"
+    """"source": sees one row per source IP and window; "tenant": one row per tenant and window"""
 
     def __init__(self, params: msgspec.Struct):
         self.params = params
@@ -61,10 +63,10 @@ class Detector:
             evidence = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
                         if k not in ("score",) and not k.startswith("_")}
             out.append(Finding(
-                detector=name, src_ip=r["src_ip"], tenant=r["tenant"],
+                detector=name, src_ip=r.get("src_ip"), tenant=r["tenant"],
                 window_start_ms=int(r["window_start"].timestamp() * 1000),
                 window_end_ms=int(r["window_end"].timestamp() * 1000),
-                score=float(r["score"]), reasons=reasons_of(r), evidence=evidence, exempted=bool(r["exempted"]),
+                score=float(r["score"]), reasons=reasons_of(r), evidence=evidence, exempted=bool(r.get("exempted")),
             ))
         return out
 
@@ -91,20 +93,31 @@ class SpamFanout(Detector):
         """established exempted senders need this many times the fan-out (a real mail server talks to many MX)"""
         established_exemption_days: float = 7.0
         """an exemption younger than this earns no relief: the same volume from a new instance is suspect"""
+        peak_factor: float = 1.5
+        """established exempted senders also need this many times their own peak fan-out"""
+        min_new_share: float = 0.5
+        """established exempted senders also need this share of destinations they never used before"""
 
     def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
         p = self.params
-        factor = pl.when(_established(p)).then(pl.lit(p.exempt_factor)).otherwise(pl.lit(1.0))
+        est = _established(p)
+        factor = pl.when(est).then(pl.lit(p.exempt_factor)).otherwise(pl.lit(1.0))
+        base_t = pl.lit(p.min_distinct_dst) * factor
         rows = feats.with_columns(
-            _t=pl.lit(p.min_distinct_dst) * factor, _t24=pl.lit(p.min_distinct_dst24) * factor,
-            _sat=pl.lit(p.saturation_distinct_dst) * factor,
-        ).filter((pl.col("distinct_dst") >= pl.col("_t")) & (pl.col("distinct_dst24") >= pl.col("_t24")))
+            _t=pl.when(est).then(pl.max_horizontal(base_t, pl.col("peak_distinct") * p.peak_factor)).otherwise(base_t),
+            _t24=pl.lit(p.min_distinct_dst24) * factor,
+        ).with_columns(
+            _sat=pl.col("_t") * (p.saturation_distinct_dst / p.min_distinct_dst),
+        ).filter((pl.col("distinct_dst") >= pl.col("_t")) & (pl.col("distinct_dst24") >= pl.col("_t24"))
+                 & (~est | (pl.col("new_dst_share") >= p.min_new_share)))
         rows = rows.with_columns(score=ramp(pl.col("distinct_dst"), pl.col("_t"), pl.col("_sat")))
 
         def reasons(r: dict[str, Any]) -> list[str]:
             return [
                 f"{r['distinct_dst']} distinct mail servers in {r['distinct_dst24']} networks within "
                 f"{r['window_ms'] // 1000} s (threshold {r['_t']:.0f})",
+                f"{r['new_dst']} of them never contacted before ({r['new_dst_share']:.0%}); usual fan-out "
+                f"{r['base_distinct']:.1f} per active minute over {r['history_minutes']} minutes of history",
                 f"{r['connections']} SMTP connections, {r['rejected']} rejected by the network, "
                 f"{r['bytes_per_conn']:.0f} bytes per connection",
                 _exempt_note(r),
@@ -185,7 +198,143 @@ class BlockedAttempts(Detector):
         return self._findings(self.name, rows, reasons)
 
 
-REGISTRY: dict[str, type[Detector]] = {d.name: d for d in (SpamFanout, ConnectionFlood, BlockedAttempts)}
+class VolumeSpike(Detector):
+    """Far more SMTP connections than the source's own usual rate."""
+
+    name = "volume_spike"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        min_history_minutes: int = 30
+        """active minutes of history before a source has a baseline to compare with"""
+        min_connections: int = 40
+        """connections per window below which no spike is reported, whatever the ratio"""
+        min_ratio: float = 5.0
+        """connections / usual connections per active minute that start a finding"""
+        saturation_ratio: float = 20.0
+        """ratio at which the score reaches 1.0"""
+
+    def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
+        p = self.params
+        rows = feats.with_columns(_ratio=pl.col("connections") / pl.col("base_conns").clip(1.0)).filter(
+            (pl.col("history_minutes") >= p.min_history_minutes) & (pl.col("connections") >= p.min_connections)
+            & (pl.col("_ratio") >= p.min_ratio)
+        ).with_columns(score=ramp(pl.col("_ratio"), p.min_ratio, p.saturation_ratio))
+
+        def reasons(r: dict[str, Any]) -> list[str]:
+            return [
+                f"{r['connections']} SMTP connections within {r['window_ms'] // 1000} s, {r['_ratio']:.1f} times the "
+                f"usual {r['base_conns']:.1f} per active minute (threshold {p.min_ratio:g}x)",
+                f"{r['distinct_dst']} distinct servers ({r['new_dst']} new); {r['history_minutes']} minutes of history",
+                _exempt_note(r),
+            ]
+
+        return self._findings(self.name, rows, reasons)
+
+
+class LowAndSlow(Detector):
+    """Spam kept under the per-minute thresholds: a steady stream of new mail servers for an hour."""
+
+    name = "low_and_slow"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        min_new_dst_60m: int = 120
+        """destinations never contacted before, over the last 60 minutes, that start a finding"""
+        min_active_minutes_60m: int = 30
+        """minutes with SMTP activity in the last 60 (persistence)"""
+        saturation_new_dst_60m: int = 600
+        """new destinations at which the score reaches 1.0"""
+        established_exemption_days: float = 7.0
+        """established exempted mail servers are left to spam_fanout, which compares them with their own peak:
+        a real mail server meets new destinations all day"""
+
+    def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
+        p = self.params
+        rows = feats.with_columns(_t=pl.lit(p.min_new_dst_60m), _sat=pl.lit(p.saturation_new_dst_60m)).filter(
+            ~_established(p) & (pl.col("new_dst_60m") >= pl.col("_t"))
+            & (pl.col("active_minutes_60m") >= p.min_active_minutes_60m)
+        ).with_columns(score=ramp(pl.col("new_dst_60m"), pl.col("_t"), pl.col("_sat")))
+
+        def reasons(r: dict[str, Any]) -> list[str]:
+            return [
+                f"{r['new_dst_60m']} mail servers never contacted before within 60 minutes (threshold {r['_t']:.0f}), "
+                f"active in {r['active_minutes_60m']} of those minutes",
+                f"{r['conns_60m']} connections in the hour, {r['distinct_dst']} distinct servers in the last minute",
+                _exempt_note(r),
+            ]
+
+        return self._findings(self.name, rows, reasons)
+
+
+class RejectStorm(Detector):
+    """Mail servers answering a source mostly with 5xx: they refuse its mail (seen in captures)."""
+
+    name = "reject_storm"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        min_replies_5xx: int = 20
+        """5xx replies per window that start a finding"""
+        min_share: float = 0.5
+        """5xx replies per SMTP session"""
+        saturation_replies_5xx: int = 200
+        """5xx replies at which the score reaches 1.0"""
+
+    def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
+        p = self.params
+        rows = feats.filter(
+            (pl.col("replies_5xx") >= p.min_replies_5xx)
+            & (pl.col("replies_5xx") >= p.min_share * pl.col("smtp_sessions").clip(1))
+        ).with_columns(score=ramp(pl.col("replies_5xx"), p.min_replies_5xx, p.saturation_replies_5xx))
+
+        def reasons(r: dict[str, Any]) -> list[str]:
+            return [
+                f"{r['replies_5xx']} 5xx replies in {r['smtp_sessions']} SMTP sessions within {r['window_ms'] // 1000} s "
+                f"(threshold {p.min_replies_5xx})",
+                f"{r['rcpt_total']} recipients attempted at {r['distinct_dst']} servers",
+                _exempt_note(r),
+            ]
+
+        return self._findings(self.name, rows, reasons)
+
+
+class TenantSpam(Detector):
+    """Several instances of one tenant, each moderate, together a spam fan-out."""
+
+    name = "tenant_spam"
+    scope = "tenant"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        min_instances: int = 3
+        """instances with port-25 traffic in the window"""
+        min_distinct_dst: int = 40
+        """distinct port-25 destinations of the tenant per window (HyperLogLog estimate)"""
+        max_instance_share: float = 0.7
+        """no single instance may carry more than this share (else it is a single-source case)"""
+        saturation_distinct_dst: int = 300
+        """fan-out at which the score reaches 1.0"""
+        established_exemption_days: float = 7.0
+        """traffic of mail servers exempted this long is left out of the tenant's total"""
+
+    def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
+        p = self.params
+        rows = feats.filter(
+            (pl.col("instances") >= p.min_instances) & (pl.col("distinct_dst25") >= p.min_distinct_dst)
+            & (pl.col("max_instance_share") <= p.max_instance_share)
+        ).with_columns(score=ramp(pl.col("distinct_dst25"), p.min_distinct_dst, p.saturation_distinct_dst))
+
+        def reasons(r: dict[str, Any]) -> list[str]:
+            return [
+                f"tenant {r['tenant']}: {r['instances']} instances reached about {r['distinct_dst25']} distinct mail servers "
+                f"on port 25 within {r['window_ms'] // 1000} s (threshold {p.min_distinct_dst})",
+                f"{r['conns25']} connections, the busiest instance carried {r['max_instance_share']:.0%}; "
+                f"{r['rejected25']} rejected by the network",
+                f"instances: {r['top_instances']}",
+            ]
+
+        return self._findings(self.name, rows, reasons)
+
+
+REGISTRY: dict[str, type[Detector]] = {d.name: d for d in (SpamFanout, ConnectionFlood, BlockedAttempts, VolumeSpike,
+                                                            LowAndSlow, RejectStorm, TenantSpam)}
 
 
 def build_detectors(overrides: dict[str, dict[str, Any]] | None = None) -> list[Detector]:

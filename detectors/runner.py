@@ -26,6 +26,7 @@ from smtpguard.ingest.base import Reject
 from smtpguard.store import Store
 
 from .alerts import Alert, to_json
+from .features import to_store
 from .pipeline import Output, Pipeline
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class DetectorRunner:
                 if flows:
                     self.store.insert_flows(pa.concat_tables(flows))
                 if out.features.height:
-                    self.store.insert_features(out.features.to_arrow())
+                    self.store.insert_features(to_store(out.features))
                 self._publish_alerts(out.alerts)
                 break
             except StoreError as e:

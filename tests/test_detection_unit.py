@@ -9,7 +9,7 @@ import pytest
 
 from smtpguard import record
 from smtpguard.detectors.alerts import AlertGate, alert_id, severity_of
-from smtpguard.detectors.features import FEATURE_NAMES, window_features
+from smtpguard.detectors.features import BASE_FEATURES, window_features
 from smtpguard.detectors.pipeline import Pipeline
 from smtpguard.detectors.rules import build_detectors
 from smtpguard.detectors.windows import WindowEngine
@@ -60,7 +60,7 @@ def test_features_fanout_concentration_and_actions():
     eng = WindowEngine(60_000, 0)
     eng.add(table(rows))
     feats = window_features(eng.close_ready(force=True), 60_000)
-    assert tuple(feats.columns) == FEATURE_NAMES
+    assert tuple(feats.columns) == tuple(f.name for f in BASE_FEATURES)
     a = feats.filter(pl.col("src_ip") == "10.0.0.1").row(0, named=True)
     b = feats.filter(pl.col("src_ip") == "10.0.0.2").row(0, named=True)
     assert a["connections"] == 40 and a["distinct_dst"] == 40 and a["accepted"] == 40 and a["rejected"] == 0
@@ -137,7 +137,8 @@ def test_alert_gate_orders_and_ids_are_stable():
 
 
 def test_detector_parameters_are_validated():
-    assert {d.name for d in build_detectors({})} == {"spam_fanout", "connection_flood", "blocked_attempts"}
+    assert {d.name for d in build_detectors({})} == {"spam_fanout", "connection_flood", "blocked_attempts", "volume_spike",
+                                                     "low_and_slow", "reject_storm", "tenant_spam"}
     with pytest.raises(ConfigError, match="unknown detector"):
         build_detectors({"nope": {}})
     with pytest.raises(ConfigError, match="spam_fanout"):

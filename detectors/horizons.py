@@ -1,0 +1,49 @@
+"""Longer horizons (10 and 60 minutes) per source, summed from the one-minute panes.
+
+The panes of the last hour are kept per stream (one small row per active source and
+minute); each closing minute's rows get the sums over the panes of their horizon,
+including themselves. Nothing is rescanned from raw records.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+HORIZONS_MIN = (10, 60)
+PANE_COLUMNS = ("src_ip", "window_start", "connections", "new_dst", "rejected_port25")
+
+
+class Panes:
+    def __init__(self, window_ms: int):
+        self.window_ms = window_ms
+        self.keep_ms = max(HORIZONS_MIN) * 60_000
+        self.panes = pl.DataFrame()
+
+    def __len__(self) -> int:
+        return self.panes.height
+
+    def add(self, feats: pl.DataFrame) -> pl.DataFrame:
+        """Store the closing panes and return ``feats`` with the horizon sums."""
+        if feats.height == 0:
+            return feats
+        new = feats.select(PANE_COLUMNS).with_columns(pl.col("new_dst").cast(pl.UInt64))
+        self.panes = pl.concat([self.panes, new]) if self.panes.height else new
+        newest = feats["window_start"].max()
+        self.panes = self.panes.filter(pl.col("window_start") > newest - pl.duration(milliseconds=self.keep_ms))
+        keys = feats.select("src_ip", "window_start")
+        joined = keys.join(self.panes.rename({"window_start": "pane_start"}), on="src_ip", how="inner")
+        sums = []
+        for h in HORIZONS_MIN:
+            span = pl.duration(milliseconds=h * 60_000)
+            inside = (pl.col("pane_start") <= pl.col("window_start")) & (pl.col("pane_start") > pl.col("window_start") - span)
+            sums.append(
+                joined.filter(inside).group_by("src_ip", "window_start").agg(
+                    pl.col("connections").sum().alias(f"conns_{h}m"),
+                    pl.col("new_dst").sum().alias(f"new_dst_{h}m"),
+                    pl.col("rejected_port25").sum().alias(f"rejected_port25_{h}m"),
+                    pl.len().cast(pl.UInt64).alias(f"active_minutes_{h}m"),
+                ))
+        out = feats
+        for s in sums:
+            out = out.join(s, on=["src_ip", "window_start"], how="left")
+        return out
