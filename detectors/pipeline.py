@@ -98,6 +98,11 @@ class Pipeline:
         findings = [f for d in self.detectors for f in d.evaluate(annotated)]
         skip = annotated.filter(pl.col("exempted") & (pl.col("exemption_age_days") >= self.tenant_established_days))
         self.tenants.add(rows, set(skip["src_ip"].to_list()))
+        lateness = self.cfg.detect.allowed_lateness_ms
+        for f in findings:
+            # the event time at which the watermark passes the window: when the alert is due, whatever the batch size
+            due = f.window_end_ms + lateness
+            f.evidence["emitted_at_ms"] = min(due, s.engine.max_event_ms) if force else due
         alerts = s.gate.admit(findings)
         if not force:
             alerts.extend(self._close_tenants(force=False))
@@ -116,7 +121,10 @@ class Pipeline:
         feats = self.tenants.close(upto)
         if feats is None or feats.height == 0:
             return []
-        return self.tenant_gate.admit([f for d in self.tenant_detectors for f in d.evaluate(feats)])
+        findings = [f for d in self.tenant_detectors for f in d.evaluate(feats)]
+        for f in findings:
+            f.evidence["emitted_at_ms"] = f.window_end_ms + self.cfg.detect.allowed_lateness_ms
+        return self.tenant_gate.admit(findings)
 
     @property
     def late_records(self) -> int:

@@ -333,8 +333,59 @@ class TenantSpam(Detector):
         return self._findings(self.name, rows, reasons)
 
 
+class AnomalyModel(Detector):
+    """The trained unsupervised model (models/anomaly.py): windows unlike the training traffic.
+
+    Off until ``model_dir`` names an artifact (``smtpguard model train`` writes one). An
+    unsupervised model has no notion of abuse, only of unusual, so its findings stay low
+    severity by default: evidence for a reviewer, not a reason to act.
+    """
+
+    name = "anomaly_model"
+
+    class Params(msgspec.Struct, forbid_unknown_fields=True):
+        model_dir: str = ""
+        """artifact folder with model.skops and card.json; empty = detector off"""
+        min_anomaly: float = 0.7
+        """model score (0.5 ordinary, 1 most unusual) that starts a finding"""
+        min_connections: int = 10
+        """windows with fewer connections are too small to judge"""
+        max_score: float = 0.45
+        """the highest alert score this detector gives (0.45 = low severity)"""
+
+    def __init__(self, params: msgspec.Struct):
+        super().__init__(params)
+        self.model = None
+        if params.model_dir:
+            from smtpguard.models.anomaly import load
+
+            self.model = load(params.model_dir)
+
+    def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
+        if self.model is None or feats.height == 0:
+            return []
+        p = self.params
+        cand = feats.filter(pl.col("connections") >= p.min_connections)
+        if cand.height == 0:
+            return []
+        from smtpguard.models.anomaly import matrix
+
+        anomaly = self.model.score(cand)
+        cand = cand.with_columns(_anomaly=pl.Series(anomaly), _row=pl.int_range(pl.len()))
+        x = matrix(cand)
+        rows = cand.filter(pl.col("_anomaly") >= p.min_anomaly).with_columns(
+            score=ramp(pl.col("_anomaly"), p.min_anomaly, 1.0, 0.3, p.max_score))
+
+        def reasons(r: dict[str, Any]) -> list[str]:
+            return [f"anomaly model score {r['_anomaly']:.2f} (threshold {p.min_anomaly}; trained "
+                    f"{self.model.card.trained_at} on {self.model.card.rows} windows)",
+                    "most unusual: " + "; ".join(self.model.explain(x[r["_row"]]))]
+
+        return self._findings(self.name, rows, reasons)
+
+
 REGISTRY: dict[str, type[Detector]] = {d.name: d for d in (SpamFanout, ConnectionFlood, BlockedAttempts, VolumeSpike,
-                                                            LowAndSlow, RejectStorm, TenantSpam)}
+                                                            LowAndSlow, RejectStorm, TenantSpam, AnomalyModel)}
 
 
 def build_detectors(overrides: dict[str, dict[str, Any]] | None = None) -> list[Detector]:

@@ -79,7 +79,7 @@ class Ingest(msgspec.Struct, forbid_unknown_fields=True):
 class Detect(msgspec.Struct, forbid_unknown_fields=True):
     window_ms: int = 60_000
     """tumbling window length"""
-    allowed_lateness_ms: int = 120_000
+    allowed_lateness_ms: int = 60_000
     """how far behind the newest event time a record may arrive and still count; later ones are counted as late and dropped"""
     idle_flush_ms: int = 10_000
     """wall-clock time without new records after which a partition's open windows are closed"""

@@ -460,6 +460,10 @@ class Result(msgspec.Struct, frozen=True):
     def txt(self) -> str:
         return getattr(self.answer, "txt", "")
 
+    @property
+    def error(self) -> ErrorKind | None:
+        return self.answer.kind if isinstance(self.answer, Error) else None
+
     def to_dict(self) -> dict[str, object]:
         """The result as one flat JSON object (what ``smtpguard dnsbl check --json`` prints)."""
         a = self.answer
@@ -467,7 +471,7 @@ class Result(msgspec.Struct, frozen=True):
             "ip": self.ip, "zone": self.zone, "status": self.status, "codes": list(self.codes),
             "meaning": self.meaning, "txt": self.txt,
             "categories": [h.category for h in getattr(a, "hits", ())],
-            "error": a.kind if isinstance(a, Error) else None,
+            "error": self.error,
             "ttl": self.ttl, "delist_url": self.delist_url, "weight": self.weight,
             "elapsed_ms": round(self.elapsed_ms, 1), "cached": self.cached, "query": self.query,
         }
@@ -552,18 +556,29 @@ class TokenBucket:
         self._sleep = sleep
         self._tokens = float(burst)
         self._last = clock()
-        self._lock = asyncio.Lock()
+        self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.granted = 0
         """tokens handed out so far: the number of DNS queries sent"""
 
+    def _lock_here(self) -> asyncio.Lock:
+        # An asyncio lock belongs to one event loop; a bucket outlives a loop when
+        # check_sync is called more than once with the same Checker.
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._loop is not loop:
+            self._lock, self._loop = asyncio.Lock(), loop
+        return self._lock
+
     async def take(self) -> None:
-        async with self._lock:
+        async with self._lock_here():
             while True:
                 now = self._clock()
                 self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate_per_s)
                 self._last = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
+                # the tolerance keeps float rounding of the refill from asking for a sleep too
+                # short to move the clock
+                if self._tokens >= 1 - 1e-9:
+                    self._tokens = max(0.0, self._tokens - 1)
                     self.granted += 1
                     return
                 await self._sleep((1 - self._tokens) / self.rate_per_s)
@@ -622,6 +637,7 @@ class Checker:
         # by identity: a Zone passed to check() may share a name with a catalogue entry
         self._tables: dict[int, tuple[Zone, CodeTable]] = {}
         self._system: list[tuple[str, int]] | None = None
+        self._warned: set[str] = set()
         self.in_flight = 0
         self.max_in_flight = 0
         """the most lookups that were in flight at once (bounded by dnsbl.max_concurrent)"""
@@ -719,7 +735,9 @@ class Checker:
             raise ConfigError("timeout_ms must be positive")
         chosen = self._zones(zones)
         for w in self.warnings(chosen, resolver):
-            log.warning(w)
+            if w not in self._warned:
+                self._warned.add(w)
+                log.warning(w)
         sem = asyncio.Semaphore(self.config.max_concurrent)
         jobs = [self._lookup(sem, a, z, resolver, timeout_ms)
                 for a in addrs for z in chosen if isinstance(a, ipaddress.IPv4Address) or z.ipv6]

@@ -68,8 +68,11 @@ HEADER = " ".join(FIELDS)
 #: A custom format's version is the highest version of its fields (instance-id, tcp-flags: 3).
 FORMAT_VERSION = 3
 
-ABUSE_KINDS: tuple[str, ...] = ("spam_burst", "spam_exempted_new", "flood", "blocked_attempts")
-DEFAULT_ABUSE: tuple[str, ...] = ABUSE_KINDS
+ABUSE_KINDS: tuple[str, ...] = ("spam_burst", "spam_exempted_new", "flood", "blocked_attempts", "volume_spike",
+                                 "low_and_slow", "low_and_slow_blocked", "tenant_spam")
+DEFAULT_ABUSE: tuple[str, ...] = ("spam_burst", "spam_exempted_new", "flood", "blocked_attempts")
+#: Hard benign cases (label ``benign``, ``kind`` the name here), added with ``benign_extras``.
+BENIGN_EXTRA_KINDS: tuple[str, ...] = ("newsletter", "esp_high_volume", "app_retry", "app_retry_blocked")
 #: Start used when none is given (fixed, so output never depends on the clock).
 DEFAULT_START = dt.datetime(2024, 3, 12, 8, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -98,16 +101,17 @@ class Actor:
     instance_id: str
     kind: str
     """role of the instance: web, worker, batch, bastion, mail_server, esp_relay,
-    mail_server_new, submission, misconfigured_app"""
+    mail_server_new, submission, misconfigured_app, or a hard benign kind (newsletter,
+    esp_high_volume, app_retry, app_retry_blocked)"""
     label: str
-    """``benign`` or the abuse kind (spam_burst, spam_exempted_new, flood, blocked_attempts)"""
+    """``benign`` or the abuse kind (one of :data:`ABUSE_KINDS`)"""
     interface_id: str = ""
     exempted: bool = False
     abuse_start_ms: int | None = None
     abuse_end_ms: int | None = None
     """abuse window [start, end) in epoch ms; every abusive flow starts inside it"""
     targets: tuple[str, ...] = ()
-    """servers a flood or blocked_attempts actor aims at"""
+    """servers a flood, blocked_attempts, app_retry or app_retry_blocked actor aims at"""
 
     @property
     def abusive(self) -> bool:
@@ -147,6 +151,19 @@ class Scenario:
     fields: tuple[str, ...] = FIELDS
     expected_lines: int = 0
     """estimate of the number of flow lines (without the header), within ~10 %"""
+    abuse: tuple[str, ...] = ()
+    """the abuse kinds asked for, in order"""
+    warmup_s: int = 0
+    """no abuse starts in the first ``warmup_s`` seconds"""
+    late_fraction: float = 0.0
+    """share of lines delivered late (later in the file, same timestamps)"""
+    late_delay_s: tuple[int, int] = (60, 240)
+    benign_extras: tuple[str, ...] = ()
+    """hard benign kinds included (see :data:`BENIGN_EXTRA_KINDS`)"""
+    tenant_abuse: list[dict] = field(default_factory=list)
+    """tenant-level truth: one entry per tenant_spam run (tenant, its instances, the window)"""
+    episodes: list[dict] = field(default_factory=list)
+    """windows of the hard benign cases' unusual traffic (newsletter bursts, retry storms)"""
     _plan: "_Plan | None" = field(default=None, repr=False, compare=False)
 
     @property
@@ -176,8 +193,16 @@ class Scenario:
         raise KeyError(ip)
 
     def truth(self) -> list[dict]:
-        """Every actor as a JSON-ready dict (label, kind, exemption, abuse window)."""
+        """Every actor as a JSON-ready dict (label, kind, exemption, abuse window).
+
+        One entry per instance: tenant_spam instances are listed each with their
+        own label and tenant; the tenant-level view is :meth:`tenant_truth`.
+        """
         return [a.to_dict() for a in self.actors]
+
+    def tenant_truth(self) -> list[dict]:
+        """One entry per tenant_spam run: ``tenant``, ``label``, ``instances`` (IPs) and the window."""
+        return [dict(t) for t in self.tenant_abuse]
 
     def exemptions_csv(self) -> str:
         rows = ["ip,tenant,granted_at,reason"]
@@ -203,7 +228,14 @@ class Scenario:
             "format": "aws-vpc",
             "header": self.header,
             "expected_lines": self.expected_lines,
-            "max_out_of_order_s": JITTER_MS // 1000,
+            "max_out_of_order_s": JITTER_MS // 1000 + (self.late_delay_s[1] if self.late_fraction > 0 else 0),
+            "abuse": list(self.abuse),
+            "warmup_s": self.warmup_s,
+            "late_fraction": self.late_fraction,
+            "late_delay_s": list(self.late_delay_s),
+            "benign_extras": list(self.benign_extras),
+            "tenant_abuse": self.tenant_truth(),
+            "benign_episodes": [dict(e) for e in self.episodes],
         }
 
 
@@ -268,6 +300,8 @@ _PROFILES: tuple[_Profile, ...] = (
     _Profile("smtp_spam_small", 6, False, 25, ACCEPT, 9, 0.3, 6, 16, 120, 450, 1.0, 0.9, 60, 140, 1.2, 0.5, *_OK_F, 0.15, *_OK_R, 0.10),
     _Profile("smtp_flood_accept", 6, False, 25, ACCEPT, 1.5, 0.6, 1, 3, 40, 60, 0.6, 1.0, 40, 60, 0.3, 1.0, _SYN, _SYN | _RST, 0.5, _SYNACK, _RST, 0.3),
     _Profile("smtp_flood_reject", 6, False, 25, REJECT, 1.5, 0.6, 1, 3, 40, 60, 0.0, 1.0, 40, 40, 0.3, 1.0, _SYN, _SYN, 0.0, 0, 0, 0.0),
+    # an application that connects, greets and quits: 3-6 packets, 200-600 bytes, the banner back
+    _Profile("smtp_retry", 6, False, 25, ACCEPT, 4, 0.3, 3, 6, 67, 100, 1.0, 1.0, 60, 120, 0.3, 0.8, *_OK_F, 0.1, *_OK_R, 0.05),
 )
 _P = {p.name: i for i, p in enumerate(_PROFILES)}
 
@@ -334,6 +368,7 @@ class _Stream:
     cum: np.ndarray | None = None       # cumulative weights over the pool (weighted)
     p: np.ndarray | None = None         # probabilities over the pool (distinct)
     extra_frac: float = 0.0             # distinct: up to this share of repeat connections
+    extra_lo: float = 0.0               # distinct: at least this share of repeat connections
     tgt_off: np.ndarray | None = None   # targets: per local actor, into tgt_flat
     tgt_len: np.ndarray | None = None
     tgt_flat: np.ndarray | None = None
@@ -341,6 +376,7 @@ class _Stream:
     dport_choices: np.ndarray | None = None
     ev_t: np.ndarray | None = None      # scheduled events (sorted by time) instead of rates
     ev_local: np.ndarray | None = None
+    ev_dst: np.ndarray | None = None    # events: fixed remote address index per event (else by dst)
 
     def expected_per_min(self, duration_ms: int) -> float:
         """Mean connections per minute over the scenario (for sizing)."""
@@ -350,7 +386,7 @@ class _Stream:
         rate = self.rate if self.rate_hi is None else (self.rate + self.rate_hi) / 2
         if self.cap:
             rate = np.minimum(rate, self.cap)
-        return float((rate * active).sum() * (1 + self.extra_frac / 2))
+        return float((rate * active).sum() * (1 + (self.extra_lo + self.extra_frac) / 2))
 
 
 @dataclass
@@ -367,6 +403,9 @@ class _Plan:
     tenant_of: np.ndarray
     rds_of_tenant: np.ndarray  # address index of each tenant's database
     streams: list[_Stream]
+    late_fraction: float = 0.0
+    late_lo_ms: int = 0
+    late_hi_ms: int = 0
 
 
 _OCTETS = pa.array([str(i) for i in range(256)])
@@ -785,7 +824,7 @@ def _stream_rows(rng: np.random.Generator, st: _Stream, plan: _Plan, lo: int, hi
         i0, i1 = np.searchsorted(st.ev_t, [lo, hi])
         local = st.ev_local[i0:i1]
         t = st.ev_t[i0:i1]
-        dst_fixed = None
+        dst_fixed = None if st.ev_dst is None else st.ev_dst[i0:i1]
     else:
         A, S = len(st.actors), len(slot_lo)
         s_lo = np.maximum(slot_lo[None, :], st.act_from[:, None])
@@ -811,7 +850,7 @@ def _stream_rows(rng: np.random.Generator, st: _Stream, plan: _Plan, lo: int, hi
             for c in np.flatnonzero(n_flat).tolist():
                 k = int(min(n_flat[c], pl))
                 d = rng.choice(pl, size=k, replace=False, p=st.p)
-                extra = int(k * rng.uniform(0, st.extra_frac))
+                extra = int(k * rng.uniform(st.extra_lo, st.extra_frac))
                 if extra:
                     d = np.concatenate([d, d[rng.integers(0, k, size=extra)]])
                 cells.append(np.full(len(d), c))
