@@ -138,7 +138,7 @@ def test_alert_gate_orders_and_ids_are_stable():
 
 def test_detector_parameters_are_validated():
     assert {d.name for d in build_detectors({})} == {"spam_fanout", "connection_flood", "blocked_attempts", "volume_spike",
-                                                     "low_and_slow", "reject_storm", "tenant_spam"}
+                                                     "low_and_slow", "reject_storm", "tenant_spam", "anomaly_model"}
     with pytest.raises(ConfigError, match="unknown detector"):
         build_detectors({"nope": {}})
     with pytest.raises(ConfigError, match="spam_fanout"):
