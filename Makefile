@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests use: rbldnsd serves DNSBL zones, nftables checks enforcement sets.
+DEB_PACKAGES = rbldnsd nftables
+DEB_STAMP = $(VENV)/.debian-packages
 
-.PHONY: demo test test-fast bench install clean help
+.PHONY: demo test test-fast bench install system-packages clean help
 
 help:
 	@echo "make demo   - set up, then run the pipeline end to end on generated traffic and print the alerts"
@@ -19,14 +23,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(DEB_STAMP): Makefile | $(STAMP)
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	touch $(DEB_STAMP)
+
+system-packages: $(DEB_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/smtpguard demo
 
-test: $(STAMP)
+test: $(STAMP) $(DEB_STAMP)
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -x -q -m "not slow"
+test-fast: $(STAMP) $(DEB_STAMP)
+	$(BIN)/python -m pytest -x -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_analyze.py

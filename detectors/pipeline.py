@@ -126,6 +126,35 @@ class Pipeline:
             f.evidence["emitted_at_ms"] = f.window_end_ms + self.cfg.detect.allowed_lateness_ms
         return self.tenant_gate.admit(findings)
 
+    def checkpoint(self, key: int) -> dict | None:
+        """A stream's state for the store: watermark, source history, panes, cooldowns."""
+        s = self.streams.get(key)
+        if s is None:
+            return None
+        import io
+
+        buf = io.BytesIO()
+        if s.panes.panes.height:
+            s.panes.panes.write_ipc(buf)
+        return {
+            "closed_upto_ms": s.engine.closed_upto_ms if s.engine.closed_upto_ms is not None else -1,
+            "history": s.history.snapshot(),
+            "panes": buf.getvalue(),
+            "gate": {f"{k[0]}|{k[1]}": list(v) for k, v in s.gate._last.items()},
+        }
+
+    def restore(self, key: int, state: dict) -> None:
+        """Resume a stream from :meth:`checkpoint` (its partition was assigned to this process)."""
+        import io
+
+        s = self.stream(key)
+        if state["closed_upto_ms"] >= 0:
+            s.engine.closed_upto_ms = state["closed_upto_ms"]
+        s.history = SourceHistory.restore(state["history"])
+        if state["panes"]:
+            s.panes.panes = pl.read_ipc(io.BytesIO(state["panes"]))
+        s.gate._last = {tuple(k.split("|", 1)): tuple(v) for k, v in state["gate"].items()}
+
     @property
     def late_records(self) -> int:
         return sum(s.engine.late.records for s in self.streams.values())

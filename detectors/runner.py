@@ -43,6 +43,7 @@ class RunnerStats:
     alerts_republished_skipped: int = 0
     store_errors: int = 0
     commits: int = 0
+    restored: int = 0
     last_message_at: float = 0.0
     assigned: list[int] = field(default_factory=list)
 
@@ -66,11 +67,23 @@ class DetectorRunner:
         self._next_offset: dict[int, int] = {}
         self._last_seen: dict[int, float] = {}
         self._delivery_errors: list[str] = []
+        self._checkpoint_s = cfg.detect.checkpoint_interval_ms / 1000
+        self._last_checkpoint = 0.0
+        self._dirty = False
 
     # -- group membership -------------------------------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        self.stats.assigned = sorted(set(self.stats.assigned) | {p.partition for p in partitions})
-        log.info("assigned partitions %s", [p.partition for p in partitions])
+        parts = [p.partition for p in partitions]
+        self.stats.assigned = sorted(set(self.stats.assigned) | set(parts))
+        try:
+            states = self.store.load_state(self.cfg.kafka.group_id, self.topics.flows, parts)
+        except Exception as e:  # noqa: BLE001 - without state the detector still runs, it only starts blind
+            log.warning("could not load detector state for partitions %s: %s", parts, e)
+            states = {}
+        for p, state in states.items():
+            self.pipeline.restore(p, state)
+            self.stats.restored += 1
+        log.info("assigned partitions %s (state restored for %s)", parts, sorted(states))
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         try:
@@ -128,6 +141,8 @@ class DetectorRunner:
         if flows or out.features.height or out.alerts:
             self._write(flows, out)
         if touched or out.features.height:
+            self._dirty = True
+        if self._dirty and time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
             self._commit(sorted(set(self._next_offset)))
 
     def _flush_idle(self, exclude: set[int]) -> Output:
@@ -192,15 +207,23 @@ class DetectorRunner:
         from confluent_kafka import TopicPartition
 
         offsets = []
+        states = {}
         for p in partitions:
             if p not in self._next_offset:
                 continue
             stream = self.pipeline.streams.get(p)
             safe = stream.engine.safe_offset() if stream else None
             offsets.append(TopicPartition(self.topics.flows, p, safe if safe is not None else self._next_offset[p]))
+            state = self.pipeline.checkpoint(p)
+            if state is not None:
+                states[p] = state
         if offsets:
+            # state first: offsets never run ahead of the checkpoint that covers them
+            self.store.save_state(self.cfg.kafka.group_id, self.topics.flows, states)
             self.consumer.commit(offsets=offsets, asynchronous=False)
             self.stats.commits += 1
+        self._last_checkpoint = time.monotonic()
+        self._dirty = False
 
     @property
     def open_rows(self) -> int:

@@ -433,9 +433,11 @@ def eval_cmd(c: Ctx, seeds: str, instances: int, hours: float, warmup_min: int, 
 
 
 def _register() -> None:
+    from smtpguard.cli_dnsbl import dnsbl_group
     from smtpguard.cli_model import model_group
 
     cli.add_command(model_group)
+    cli.add_command(dnsbl_group)
 
 
 _register()

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from .dnsbl import DnsblConfig
 from .errors import ConfigError
 
 ENV_PREFIX = "SMTPGUARD_"
@@ -83,6 +84,9 @@ class Detect(msgspec.Struct, forbid_unknown_fields=True):
     """how far behind the newest event time a record may arrive and still count; later ones are counted as late and dropped"""
     idle_flush_ms: int = 10_000
     """wall-clock time without new records after which a partition's open windows are closed"""
+    checkpoint_interval_ms: int = 5_000
+    """how often a detector commits offsets and saves its windows' watermark, source history and cooldowns;
+    a restarted or rebalanced detector resumes from the last checkpoint"""
     cooldown_ms: int = 600_000
     """after an alert for an IP and detector, further findings within this time are stored as suppressed, not raised"""
     exemptions_csv: str = ""
@@ -99,6 +103,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     store: Store = msgspec.field(default_factory=Store)
     ingest: Ingest = msgspec.field(default_factory=Ingest)
     detect: Detect = msgspec.field(default_factory=Detect)
+    dnsbl: DnsblConfig = msgspec.field(default_factory=DnsblConfig)
+    """DNS blocklist checks: zones, resolvers, timeouts, query rate, cache (see smtpguard/dnsbl.py)"""
 
     @property
     def store_dsn(self) -> str:
@@ -189,6 +195,9 @@ def validate(cfg: Config) -> None:
     dsn = cfg.store.dsn
     if dsn and not dsn.startswith(("chdb://", "http://", "https://", "clickhouse://")):
         bad(f"store.dsn must start with chdb://, http:// or https://, not {dsn.split(':')[0]!r}")
+    from smtpguard import dnsbl
+
+    dnsbl.validate(cfg.dnsbl)
     # detector parameters are checked against their declarations
     from smtpguard.detectors.rules import build_detectors
 
@@ -217,6 +226,8 @@ def shown(cfg: Config) -> dict[str, Any]:
     data = msgspec.to_builtins(cfg)
     data["store"]["dsn"] = mask_dsn(cfg.store_dsn)
     data["kafka"]["client"] = {k: _mask(k, v) for k, v in data["kafka"]["client"].items()}
+    for z in data["dnsbl"]["zones"]:
+        z["dqs_key"] = "***" if z["dqs_key"] else ""
     from smtpguard.detectors.rules import build_detectors
 
     data["detect"]["detectors"] = {d.name: msgspec.to_builtins(d.params) for d in build_detectors(cfg.detect.detectors)}

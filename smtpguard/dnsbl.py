@@ -191,8 +191,9 @@ class CodeTable:
         return None
 
 
-# The catalogue. Codes and meanings from /work/shared/data/dnsbl/DNSBL_RETURN_CODES.md, which
-# cites each list's documentation; weights are our judgement of each list's precision.
+# The catalogue. Codes and meanings as each list documents them (Spamhaus: the datasets/zones
+# page of docs.spamhaus.com; the others: their usage pages); weights are our judgement of each
+# list's precision.
 SPAMHAUS_ERRORS = {
     "127.255.255.0/24": Code("Spamhaus error code (127.255.255.0/24 is reserved for errors)", "error"),
     "127.255.255.252": Code("typing error in the DNSBL name", "error"),
@@ -230,7 +231,8 @@ CATALOGUE: tuple[Zone, ...] = (
          weight=0.8, delist_url="https://www.barracudacentral.org/rbl/removal-request"),
     Zone("uceprotect-1", "dnsbl-1.uceprotect.net", {"127.0.0.2": Code("UCEPROTECT level 1: this address hit spam traps")},
          weight=0.5, delist_url="https://www.uceprotect.net/en/rblcheck.php"),
-    # The reputation levels L5..L3 (.10-.12) are marked unverified in the reference table.
+    # The numeric values of the reputation levels L5..L3 (.10-.12) are not confirmed by
+    # mailspike.org's own table; check them before giving this list more weight.
     Zone("mailspike-bl", "bl.mailspike.net", {
         "127.0.0.2": Code("took part in a distributed spam wave"),
         "127.0.0.10": Code("reputation L5 (worst)"),

@@ -75,10 +75,15 @@ def migrations(db: str) -> list[tuple[str, list[str]]]:
         ("core-1", [
             f"""CREATE TABLE IF NOT EXISTS {db}.flows (
     {_columns((f.name, f.clickhouse) for f in record.FIELDS)}
-) ENGINE = MergeTree PARTITION BY toYYYYMMDD(`start`) ORDER BY (`src_ip`, `start`)""",
+) ENGINE = ReplacingMergeTree PARTITION BY toYYYYMMDD(`start`)
+ORDER BY (`src_ip`, `start`, `dst_ip`, `dst_port`, `src_port`, `end`, `exporter`)""",
             f"""CREATE TABLE IF NOT EXISTS {db}.window_features (
     {_columns(_feature_columns())}
 ) ENGINE = ReplacingMergeTree ORDER BY (`src_ip`, `window_start`, `window_ms`)""",
+            f"""CREATE TABLE IF NOT EXISTS {db}.detector_state (
+    `group_id` String, `topic` String, `partition` UInt32, `saved_at` DateTime64(3, 'UTC'),
+    `closed_upto_ms` Int64, `history` String, `panes` String, `gate` String
+) ENGINE = ReplacingMergeTree(`saved_at`) ORDER BY (`group_id`, `topic`, `partition`)""",
             f"""CREATE TABLE IF NOT EXISTS {db}.alerts (
     {_columns(ALERT_COLUMNS)}
 ) ENGINE = ReplacingMergeTree(`created_at`) ORDER BY (`alert_id`)""",
@@ -262,6 +267,38 @@ class Store:
         rows = self.query(f"SELECT {', '.join(names)} FROM {self.database}.alerts FINAL WHERE alert_id = {{id:String}}",
                           {"id": alert_id})
         return dict(zip(names, rows[0])) if rows else None
+
+    def save_state(self, group_id: str, topic: str, states: dict[int, dict]) -> None:
+        """Detector stream checkpoints (see detectors/runner.py)."""
+        import json
+
+        if not states:
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        parts = sorted(states)
+        table = pa.table({
+            "group_id": [group_id] * len(parts), "topic": [topic] * len(parts),
+            "partition": pa.array(parts, pa.uint32()),
+            "saved_at": pa.array([now] * len(parts), pa.timestamp("ms", tz="UTC")),
+            "closed_upto_ms": pa.array([states[p]["closed_upto_ms"] for p in parts], pa.int64()),
+            "history": pa.array([states[p]["history"] for p in parts], pa.binary()),
+            "panes": pa.array([states[p]["panes"] for p in parts], pa.binary()),
+            "gate": [json.dumps(states[p]["gate"]) for p in parts],
+        })
+        self.insert_arrow("detector_state", table)
+
+    def load_state(self, group_id: str, topic: str, partitions: Sequence[int]) -> dict[int, dict]:
+        import json
+
+        if not partitions:
+            return {}
+        sql = (f"SELECT partition, closed_upto_ms, history, panes, gate FROM {self.database}.detector_state FINAL "
+               "WHERE group_id = {g:String} AND topic = {t:String} AND partition IN {p:Array(UInt32)}")
+        with self._mutex:
+            res = self.client.query(sql, parameters={"g": group_id, "t": topic, "p": list(partitions)},
+                                    column_formats={"history": "bytes", "panes": "bytes"})
+        return {int(r[0]): {"closed_upto_ms": int(r[1]), "history": r[2], "panes": r[3], "gate": json.loads(r[4])}
+                for r in res.result_rows}
 
     def count(self, table: str) -> int:
         return int(self.query(f"SELECT count() FROM {self.database}.{table}")[0][0])

@@ -107,14 +107,14 @@ class Rbldnsd:
                 self._proc = subprocess.Popen([*args, *specs], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
             self.pid = self._proc.pid
             deadline = time.monotonic() + timeout_s
-            # Startup progress goes to stderr and ends with "... started"; the query log goes to stdout.
+            # Startup progress ends with "rbldnsd: ... started"; it shares stdout with the query log.
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
                     break
-                if b" started" in self.stderr_path.read_bytes():
+                if b" started (" in self.log_path.read_bytes():
                     return self
                 time.sleep(0.02)
-            last_error = self.stderr_path.read_text(errors="replace").strip()
+            last_error = (self.log_path.read_text(errors="replace") + self.stderr_path.read_text(errors="replace")).strip()
             self.stop()
             if "Address already in use" not in last_error:
                 break
