@@ -43,7 +43,8 @@ test-fast: $(STAMP) $(DEB_STAMP)
 	$(BIN)/python -m pytest -x -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_analyze.py
+	$(BIN)/python bench/bench_analyze.py --baseline
+	$(BIN)/python bench/bench_netflow.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

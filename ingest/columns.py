@@ -8,6 +8,8 @@ assembled into a record table with :data:`smtpguard.record.SCHEMA`.
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -248,3 +250,88 @@ def pair_reverse(
     r = r.with_columns(k=pl.int_range(pl.len()).over(key))
     j = f.join(r, on=key + ["k"], how="inner", suffix="_r")
     return j["row"].to_numpy(), j["row_r"].to_numpy()
+
+
+IS_WS = np.zeros(256, dtype=bool)
+IS_WS[[9, 10, 11, 12, 13, 32]] = True
+IS_ALPHA = np.zeros(256, dtype=bool)
+IS_ALPHA[[ord(c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"]] = True
+
+
+def edge_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First byte, last byte (0 for an empty string) and byte length of every string,
+    read straight from the Arrow buffers (no copy of the text)."""
+    bufs = arr.buffers()
+    dtype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    off = np.frombuffer(bufs[1], dtype=dtype)[arr.offset: arr.offset + len(arr) + 1].astype(np.int64)
+    lens = np.diff(off)
+    if bufs[2] is None or bufs[2].size == 0 or not lens.any():
+        z = np.zeros(len(arr), dtype=np.uint8)
+        return z, z, lens
+    data = np.frombuffer(bufs[2], dtype=np.uint8)
+    nonempty = lens > 0
+    first = np.where(nonempty, data[np.minimum(off[:-1], data.size - 1)], 0).astype(np.uint8)
+    last = np.where(nonempty, data[np.clip(off[1:] - 1, 0, data.size - 1)], 0).astype(np.uint8)
+    return first, last, lens
+
+
+_NOT_PRINTABLE = re.compile(r"[^ -~]")
+
+
+def line_problem(line: str, max_chars: int, allow: str = "") -> str:
+    """Why a line of an ASCII text format is unusable: binary data, undecodable bytes,
+    non-ASCII text or excessive length (``allow``: control characters the format uses,
+    such as a tab separator)."""
+    if len(line) > max_chars:
+        return f"line too long: {len(line)} chars (limit {max_chars})"
+    for m in _NOT_PRINTABLE.finditer(line):
+        ch = m.group()
+        if ch in allow:
+            continue
+        col = m.start() + 1
+        if ch == "\ufffd":
+            return f"undecodable bytes (U+FFFD replacement character at column {col})"
+        if "\ud800" <= ch <= "\udfff":
+            return f"undecodable bytes (lone surrogate at column {col})"
+        if ord(ch) < 32 or ord(ch) == 127:
+            return f"binary data: control character {ch!r} at column {col}"
+        return f"non-ASCII character U+{ord(ch):04X} at column {col}"
+    return "invalid line"
+
+
+def datetime_us(st: pl.Series, date_re: str, epoch_re: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch microseconds of date-time texts and an ok mask.
+
+    Texts matching ``date_re`` are ``YYYY?MM?DD?HH:MM:SS[.fraction]`` (any one-character
+    separators; UTC; digits past microseconds are dropped); texts matching ``epoch_re``
+    are epoch seconds with an optional fraction. Fixed-width fields are cut and added
+    up; the few distinct dates of a chunk go through :mod:`datetime`, which checks them.
+    """
+    is_date = np_(st.str.contains(date_re).fill_null(False)).astype(bool)
+    is_epoch = np_(st.str.contains(epoch_re).fill_null(False)).astype(bool) if epoch_re else np.zeros(len(st), dtype=bool)
+    out = np.zeros(len(st), dtype=np.int64)
+    ok = np.zeros(len(st), dtype=bool)
+    if is_date.any():
+        days: dict[str, int | None] = {}
+        dates = st.str.slice(0, 10)
+        for d in dates.filter(pl.Series(is_date)).unique().to_list():
+            try:
+                days[d] = (dt.date(int(d[0:4]), int(d[5:7]), int(d[8:10])) - dt.date(1970, 1, 1)).days
+            except ValueError:
+                days[d] = None
+        day = np_(dates.replace_strict(days, default=None, return_dtype=pl.Int64).fill_null(-1))
+        hh = np_(st.str.slice(11, 2).cast(pl.Int64, strict=False).fill_null(99))
+        mm = np_(st.str.slice(14, 2).cast(pl.Int64, strict=False).fill_null(99))
+        ss = np_(st.str.slice(17, 2).cast(pl.Int64, strict=False).fill_null(99))
+        us = np_(st.str.slice(20, 6).str.pad_end(6, "0").cast(pl.Int64, strict=False).fill_null(0))
+        good = is_date & (day >= 0) & (hh < 24) & (mm < 60) & (ss < 60)
+        val = ((day * 86400 + hh * 3600 + mm * 60 + ss) * 1_000_000 + us)
+        out = np.where(good, val, out)
+        ok |= good
+    if is_epoch.any():
+        sec = st.str.split_exact(".", 1).struct.unnest()
+        whole = np_(sec[sec.columns[0]].cast(pl.Int64, strict=False).fill_null(0))
+        frac = np_(sec[sec.columns[1]].fill_null("").str.slice(0, 6).str.pad_end(6, "0").cast(pl.Int64, strict=False).fill_null(0))
+        out = np.where(is_epoch, whole * 1_000_000 + frac, out)
+        ok |= is_epoch
+    return np.where(ok, out, 0), ok

@@ -63,13 +63,14 @@ def iter_flowsets(payload: bytes, start: int = HEADER_LEN) -> Iterator[tuple[int
 def packet_end(buf: bytes, start: int) -> int:
     """Where the v9 packet that starts at ``buf[start]`` ends, in a stream of packets
     written back to back. The header has no length, so walk the flowsets until the next
-    bytes start a v9 header (flowset id 9 is reserved, so a 9 there is a new packet) or
-    a flowset does not fit (then the rest of ``buf`` is taken: the decoder rejects it)."""
+    id is a reserved one (2..255: the version field of the next packet, 5, 9 or 10, is
+    one) or a flowset does not fit (then the rest of ``buf`` is taken: the decoder
+    rejects it)."""
     pos = start + HEADER_LEN
     end = len(buf)
     while end - pos >= 4:
         fid, length = _PAIR.unpack_from(buf, pos)
-        if fid == VERSION:
+        if OPTIONS_FLOWSET < fid < MIN_DATA_SET:
             return pos
         if length < 4 or pos + length > end:
             return end

@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 from smtpguard.errors import InputError
 
@@ -119,14 +119,17 @@ def read_batches(paths: Sequence[str], fmt: str, smtp_ports: Sequence[int] | Non
     if progress is not None:
         progress.set_total(sum(s.size for s in sources))
     done_bytes = 0
+    # one parser per stream format for the whole call: NetFlow templates from one file decode the next
+    stream_parsers: dict[str, Any] = {}
     for src in sources:
         opened = Opened(src)
         try:
             f = registry.detect(opened.head, src.name) if fmt == "auto" else registry.get(fmt)
-            parser = f.make_parser(src.name, smtp_ports)
             if f.kind == "stream":
+                parser = stream_parsers.get(f.name) or stream_parsers.setdefault(f.name, f.make_parser(src.name, smtp_ports))
                 batches: Iterator[Batch] = parser.parse_stream(opened.binary, src.name)
             else:
+                parser = f.make_parser(src.name, smtp_ports)
                 batches = (parser.parse_lines(lines, first) for lines, first in opened.chunks(chunk_lines))
             for batch in batches:
                 if progress is not None:
@@ -135,6 +138,11 @@ def read_batches(paths: Sequence[str], fmt: str, smtp_ports: Sequence[int] | Non
             done_bytes += src.size
         finally:
             opened.close()
+    for parser in stream_parsers.values():
+        close = getattr(parser, "close", None)
+        if close is not None:
+            # data still waiting for a template becomes counted template misses (dead letters)
+            yield sources[-1], close()
 
 
 class Progress:

@@ -22,13 +22,15 @@ class Format:
     parser: str
     doc: str
     example: str
+    sniffer: str = "sniff"
+    """name of the module's sniff function (a module may hold several formats)"""
     kind: str = "lines"
     """"lines": the parser has parse_lines(lines, first_line_no) (text, fed in chunks);
     "stream": the parser has parse_stream(binary_file, source) and yields batches"""
 
     def load(self) -> tuple[Callable[..., Any], Callable[[str], bool]]:
         mod = importlib.import_module(self.module)
-        return getattr(mod, self.parser), getattr(mod, "sniff")
+        return getattr(mod, self.parser), getattr(mod, self.sniffer)
 
     def make_parser(self, source: str, smtp_ports: Sequence[int] | None) -> Any:
         cls, _ = self.load()
@@ -37,9 +39,16 @@ class Format:
 
 FORMATS: dict[str, Format] = {
     f.name: f for f in (
+        Format("netflow-pcap", "smtpguard.ingest.netflow", "NetflowPcapParser",
+               "NetFlow v5/v9 and IPFIX datagrams in a pcap or pcapng capture (exporter = sender ip:port); "
+               "templates carry over between files",
+               "smtpguard decode capture.pcap --format netflow-pcap --json", sniffer="sniff_pcap", kind="stream"),
         Format("aws-vpc", "smtpguard.ingest.aws_vpc", "AwsVpcParser",
                "AWS VPC Flow Logs, default v2 or custom v2-v5 layouts declared by a header line; plain or .gz",
                "smtpguard analyze flows.log.gz --format aws-vpc --json"),
+        Format("netflow-dat", "smtpguard.ingest.netflow", "NetflowDatParser",
+               "NetFlow v5/v9 and IPFIX export packets written back to back (nc -lu > file), one exporter",
+               "smtpguard decode templates.dat data.dat --format netflow-dat --json", sniffer="sniff_dat", kind="stream"),
     )
 }
 

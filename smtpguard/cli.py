@@ -192,25 +192,67 @@ def analyze_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None
 
 
 # -- streaming ----------------------------------------------------------------------------------
+def _collect_choice() -> click.Choice:
+    from smtpguard.ingest.registry import FORMATS
+
+    return click.Choice(["auto", "netflow", *FORMATS])
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (use [ADDR]:PORT for IPv6)")
+    return host, int(port)
+
+
 @cli.command("collect")
-@click.argument("fmt", metavar="FORMAT", type=_format_choice())
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("fmt", metavar="FORMAT", type=_collect_choice())
+@click.argument("paths", nargs=-1)
+@click.option("--listen", metavar="HOST:PORT", help="receive NetFlow v5/v9/IPFIX over UDP instead of reading files")
 @click.option("--progress/--no-progress", default=None, help="progress bar on stderr (default: when stderr is a terminal)")
 @pass_ctx
-def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], progress: bool | None) -> None:
+def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, progress: bool | None) -> None:
     """Read flow records and produce SMTP connection records to Kafka.
 
     \b
-    Example: smtpguard --bootstrap-servers kafka:9092 collect aws-vpc /var/log/vpc/
+    Examples:
+      smtpguard --bootstrap-servers kafka:9092 collect aws-vpc /var/log/vpc/
+      smtpguard --bootstrap-servers kafka:9092 collect netflow --listen 0.0.0.0:2055
     Records go to kafka.topics.flows (keyed by source IP), dead letters to kafka.topics.dlq.
     """
     from smtpguard.ingest.collector import Collector
     from smtpguard.ingest.reader import Progress
     from smtpguard.kafka import ensure_topics
 
+    if listen and paths:
+        raise click.UsageError("give either PATHs or --listen, not both")
+    if not listen and not paths:
+        raise click.UsageError("give PATHs to read, or --listen HOST:PORT for NetFlow/IPFIX over UDP")
+    if listen and not fmt.startswith("netflow"):
+        raise click.UsageError("--listen receives NetFlow/IPFIX: use `collect netflow --listen HOST:PORT`")
+    if fmt == "netflow" and not listen:
+        fmt = "auto"
     ensure_topics(c.cfg)
-    bar = Progress("collect", progress)
     col = Collector(c.cfg)
+    if listen:
+        from smtpguard.ingest.netflow import NetflowDecoder
+        from smtpguard.ingest.netflow_listen import listen_udp
+
+        host, port = _host_port(listen)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        dec = NetflowDecoder(c.cfg.ingest.smtp_ports)
+        try:
+            listen_udp(host, port, dec, col.send, stop,
+                       on_ready=lambda addr: _err(f"listening for NetFlow/IPFIX on {listen}; Ctrl-C to stop"))
+        except OSError as e:
+            raise SmtpguardError(f"cannot listen on {listen}: {e}") from None
+        col.flush()
+        _err(f"{col.stats.summary()}\nexporters: {dec.totals()}")
+        return
+    bar = Progress("collect", progress)
     try:
         stats = col.run(paths, fmt, bar)
     finally:

@@ -141,3 +141,42 @@ def test_bad_messages_are_dead_lettered_and_do_not_stop_the_partition(cfg):
     dead = [json.loads(m.value()) for m in read_topic(cfg, cfg.kafka.topics.dlq, 2)]
     assert len(dead) == 2
     assert any("Arrow" in d["reason"] for d in dead) and any("JSON" in d["reason"] for d in dead)
+
+
+def test_collect_netflow_over_udp_into_kafka(cfg, shared_data):
+    """`smtpguard collect netflow --listen` as a process: real UDP datagrams in, records on the topic."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from smtpguard import wire
+    from smtpguard.kafka import free_port
+
+    ensure_topics(cfg)
+    port = free_port()
+    t = cfg.kafka.topics
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGUARD_")}
+    env.update({"SMTPGUARD_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers, "SMTPGUARD_KAFKA__TOPICS__FLOWS": t.flows,
+                "SMTPGUARD_KAFKA__TOPICS__DLQ": t.dlq, "SMTPGUARD_INGEST__SMTP_PORTS": "[25, 123]"})
+    exe = str(Path(sys.executable).with_name("smtpguard"))
+    proc = subprocess.Popen([exe, "collect", "netflow", "--listen", f"127.0.0.1:{port}"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "listening" in line, line
+        payload = (shared_data / "netflow/logstash-codec-netflow/netflow9_test_valid01.dat").read_bytes()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(payload, ("127.0.0.1", port))
+            s.sendto(b"\x00\x09garbage", ("127.0.0.1", port))
+        time.sleep(1.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    msgs = read_topic(cfg, t.flows, 1, timeout_s=20)
+    records = sum(wire.decode_message(m.value(), m.headers()).num_rows for m in msgs)
+    assert records == 6  # the six NTP flows of the sample (port 123 configured as a "mail" port here)
+    assert len(read_topic(cfg, t.dlq, 1, timeout_s=20)) >= 1
