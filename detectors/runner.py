@@ -133,7 +133,10 @@ class DetectorRunner:
                 self._dead_letter(Reject.make(f"{m.topic()}[{p}]", off, str(e), m.value() or b"", "kafka"))
                 continue
             self.stats.records += table.num_rows
-            flows.append(table)
+            n = table.num_rows
+            flows.append(table.append_column("kafka_partition", pa.array([p] * n, pa.uint32()))
+                         .append_column("kafka_offset", pa.array([off] * n, pa.int64()))
+                         .append_column("kafka_row", pa.array(range(n), pa.uint32())))
             out.extend(self.pipeline.process(table, key=p, offset=off))
         if msgs:
             self.stats.last_message_at = time.monotonic()

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from .dnsbl import DnsblConfig
+from .response.config import ResponseConfig
 from .errors import ConfigError
 
 ENV_PREFIX = "SMTPGUARD_"
@@ -105,6 +106,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     detect: Detect = msgspec.field(default_factory=Detect)
     dnsbl: DnsblConfig = msgspec.field(default_factory=DnsblConfig)
     """DNS blocklist checks: zones, resolvers, timeouts, query rate, cache (see smtpguard/dnsbl.py)"""
+    response: ResponseConfig = msgspec.field(default_factory=ResponseConfig)
+    """revocation policy, enforcement outputs and webhook (smtpguard/response/config.py)"""
 
     @property
     def store_dsn(self) -> str:
@@ -226,6 +229,11 @@ def shown(cfg: Config) -> dict[str, Any]:
     data = msgspec.to_builtins(cfg)
     data["store"]["dsn"] = mask_dsn(cfg.store_dsn)
     data["kafka"]["client"] = {k: _mask(k, v) for k, v in data["kafka"]["client"].items()}
+    hook = data["response"]["webhook"]
+    if hook.get("secret"):
+        hook["secret"] = "***"
+    if hook.get("url"):
+        hook["url"] = mask_dsn(hook["url"])
     for z in data["dnsbl"]["zones"]:
         z["dqs_key"] = "***" if z["dqs_key"] else ""
     from smtpguard.detectors.rules import build_detectors

@@ -25,21 +25,64 @@ Every instance is an :class:`Actor` with a private address (``10.x.y.z``, one
   minute), ``flood`` (500-3000 connections per minute to 1-3 servers; the first
   flood actor is a long-exempted mail server, so ACCEPT, further ones are not
   exempted, so REJECT) and ``blocked_attempts`` (non-exempt, 10-40 REJECTed
-  attempts per minute to 2-6 servers).
+  attempts per minute to 2-6 servers). These four are the default ``abuse``.
+- further abuse kinds, asked for by name (``abuse=ABUSE_KINDS`` for all):
+
+  - ``volume_spike``: a long-exempted mail server with its usual 20-35
+    connections/min that, at least 45 minutes in, sends 8-15 times that for
+    10-20 minutes, ACCEPTed, 60 % of it to MX it never used before (half of the
+    small providers' MX never appear in its normal mail);
+  - ``low_and_slow``: exempted 1-3 days before the scenario, no other mail:
+    3-8 ACCEPTed small messages a minute, each to an MX it never contacted, for
+    60-90 minutes (under 20 distinct servers in any minute, 180-480 new in an
+    hour); ``low_and_slow_blocked``: the same shape from a non-exempt instance,
+    2-4 REJECTed SYNs a minute;
+  - ``tenant_spam``: 4-6 non-exempt instances of one tenant (its other
+    instances stay benign), each 8-15 REJECTed SYNs a minute, together 40-80
+    distinct MX a minute (one spam list split over the instances: no server
+    twice in a minute), for 10-20 minutes. Each instance is in the truth with
+    label ``tenant_spam`` and its tenant; :meth:`Scenario.tenant_truth` (and
+    ``tenant_abuse`` in scenario.json) has one entry per run with the tenant,
+    its instances and the window.
+
+- hard benign cases with ``benign_extras`` (label ``benign``, ``kind`` the case;
+  the windows of their unusual traffic in :attr:`Scenario.episodes`, and
+  ``benign_episodes`` in scenario.json):
+
+  - ``newsletter``: exempted long ago, 5-15 connections/min, and every 40-60
+    minutes (the first within the first half hour) a 3-6 minute burst to
+    120-250 distinct MX a minute, drawn from a fixed list of 320-480 MX weighted
+    to the popular ones, so bursts reuse each other's servers;
+  - ``esp_high_volume``: exempted long ago, all along 90-180 distinct MX a
+    minute from a fixed set of 800-1200 (the popular ones and part of the tail),
+    about 1.8-2 connections per server, so 160-360 connections/min;
+  - ``app_retry``: exempted long ago, 2-6 mails a minute, and for 20-40 minutes
+    60-150 ACCEPTed connections a minute to one server that carry only a
+    greeting (3-6 packets, 200-600 bytes);
+  - ``app_retry_blocked``: non-exempt, 1-3 REJECTed attempts a minute to one
+    server for an hour.
+
+``warmup_s`` keeps abuse windows (and the app_retry episodes) out of the first
+seconds of the scenario, so detectors have baselines when abuse starts.
 
 Every connection gives one line per direction (the reply flow has the ports
 swapped; REJECTed SYNs have none), both logged on the instance's interface.
 Lines come out roughly in time order: each is delayed by a random 0-30 s before
-sorting, like AWS's delivery, so ``start`` may go backwards by up to 30 s.
+sorting, like AWS's delivery, so ``start`` may go backwards by up to 30 s. With
+``late_fraction`` that share of lines is delivered a further ``late_delay_s``
+(60-240 s by default) late: later in the file, timestamps unchanged, to test
+watermarks; the lines are the same as without it, only their order differs.
 
 Output (:func:`write`): ``flows.log`` (custom format; the first line is the
 header of field names, as in files AWS delivers to S3), ``exemptions.csv``
 (``ip,tenant,granted_at,reason``), ``truth.json`` (a list of every actor with
-its label and, for abusive ones, the abuse window) and ``scenario.json``.
+its label and, for abusive ones, the abuse window) and ``scenario.json`` (the
+options, the tenant-level truth and the benign episodes).
 
 The same seed (and arguments, numpy version) gives byte-identical output.
 
-Run ``python -m smtpguard.scenario OUT_DIR [--seed N]`` for a demo directory.
+Run ``python -m smtpguard.scenario OUT_DIR [--seed N] [--abuse all] [--benign-extras]
+[--warmup S] [--late-fraction F]`` for a demo directory.
 """
 
 from __future__ import annotations
@@ -337,6 +380,7 @@ _ROLE_RATES: dict[str, dict[str, tuple[float, float]]] = {
              "ssh_in": (0.01, 0.05), "icmp_in": (0.05, 0.2)},
 }
 _BG_ROLES = ("web", "worker", "batch", "bastion")
+_EXTRA_BG_ROLE = {"newsletter": "mail", "esp_high_volume": "mail", "app_retry": "worker", "app_retry_blocked": "web"}
 _BG_ROLE_P = (0.45, 0.33, 0.16, 0.06)
 _SCAN_PORTS = np.array([23, 3389, 445, 1433, 5900, 6379, 8080, 8443, 2323, 5555, 9200, 27017], dtype=np.int64)
 _RESOLVERS = ("8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "9.9.9.9")
@@ -347,6 +391,26 @@ _MAIL_REASONS = ("transactional mail relay", "customer MTA (reviewed)", "newslet
 # mail server making 20-59 connections a minute reaches ~15-45 distinct MX hosts.
 _MX_ZIPF = 1.1
 _MX_INNER_RATIO = 0.3
+
+
+# abuse windows: length in minutes (the first kinds: 5-20, at most half the scenario) and the
+# earliest start; a volume spike needs a baseline of normal traffic before it
+_ABUSE_MINUTES: dict[str, tuple[float, float]] = {
+    "volume_spike": (10, 20), "low_and_slow": (60, 90), "low_and_slow_blocked": (60, 90), "tenant_spam": (10, 20)}
+_ABUSE_EARLIEST_MIN: dict[str, float] = {"volume_spike": 45}
+#: instances of one tenant_spam run (all in one tenant)
+_TENANT_SPAM_MIN, _TENANT_SPAM_MAX = 4, 6
+
+
+def _window_earliest_ms(kind: str, dur_ms: int, warmup_ms: int) -> float:
+    """Earliest start of an abuse window after the scenario start (clear of the first 5 %)."""
+    return max(0.05 * dur_ms, warmup_ms, _ABUSE_EARLIEST_MIN.get(kind, 0) * MINUTE_MS)
+
+
+def _window_longest_ms(kind: str, dur_ms: int) -> float:
+    if kind in _ABUSE_MINUTES:
+        return _ABUSE_MINUTES[kind][1] * MINUTE_MS
+    return min(20 * MINUTE_MS, 0.5 * dur_ms)
 
 
 # ---------------------------------------------------------------------------
@@ -463,30 +527,66 @@ def _loguniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.nd
 
 
 def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: dt.datetime | None = None,
-             abuse: Sequence[str] = DEFAULT_ABUSE) -> Scenario:
+             abuse: Sequence[str] = DEFAULT_ABUSE, warmup_s: int = 0, late_fraction: float = 0.0,
+             late_delay_s: tuple[int, int] = (60, 240),
+             benign_extras: bool | Sequence[str] = False) -> Scenario:
     """Plan a scenario of ``instances`` instances over ``duration_s`` seconds from ``start`` (UTC).
 
-    ``abuse`` lists one abusive instance per entry (kinds may repeat; the first
-    ``flood`` is an exempted mail server, further ones are not exempted).
+    ``abuse`` lists the abusive runs: one instance per entry, except ``tenant_spam``,
+    which takes 4-6 instances of one tenant (kinds may repeat; the first ``flood``
+    is an exempted mail server, further ones are not exempted).
+
+    ``warmup_s``: no abuse window (and no app_retry episode) starts before
+    ``start + warmup_s``, so detectors can learn every source's baseline first.
+    ``late_fraction`` of the lines (each independently) are delivered
+    ``late_delay_s`` = (lo, hi) seconds late: they move that much later in the
+    file, their timestamps stay. ``benign_extras``: True for one instance of every
+    kind in :data:`BENIGN_EXTRA_KINDS`, or a sequence of those kinds.
     """
     abuse = tuple(abuse)
     unknown = [k for k in abuse if k not in ABUSE_KINDS]
     if unknown:
         raise ValueError(f"unknown abuse kind(s) {unknown}; known: {', '.join(ABUSE_KINDS)}")
+    if benign_extras is True:
+        extras = BENIGN_EXTRA_KINDS
+    elif benign_extras is False or benign_extras is None:
+        extras = ()
+    else:
+        extras = (benign_extras,) if isinstance(benign_extras, str) else tuple(benign_extras)
+    unknown = [k for k in extras if k not in BENIGN_EXTRA_KINDS]
+    if unknown:
+        raise ValueError(f"unknown benign kind(s) {unknown}; known: {', '.join(BENIGN_EXTRA_KINDS)}")
     if duration_s < 60:
         raise ValueError("duration_s must be at least 60")
+    warmup_s = int(warmup_s)
+    if not 0 <= warmup_s < duration_s:
+        raise ValueError("warmup_s must be at least 0 and less than duration_s")
+    late_fraction = float(late_fraction)
+    if not 0.0 <= late_fraction <= 1.0:
+        raise ValueError("late_fraction must be between 0 and 1")
+    late_lo, late_hi = (int(x) for x in late_delay_s)
+    if not 0 <= late_lo <= late_hi:
+        raise ValueError("late_delay_s must be (lo, hi) seconds with 0 <= lo <= hi")
     start = DEFAULT_START if start is None else start
     if start.tzinfo is None:
         start = start.replace(tzinfo=dt.timezone.utc)
     start_ms = int(round(start.timestamp() * 1000))
     end_ms = start_ms + int(duration_s) * 1000
     dur_ms = end_ms - start_ms
+    warmup_ms = warmup_s * 1000
+    for kind in dict.fromkeys(abuse):
+        need = _window_earliest_ms(kind, dur_ms, warmup_ms) + _window_longest_ms(kind, dur_ms)
+        if need > dur_ms:
+            raise ValueError(f"abuse kind {kind!r} needs a scenario of at least {math.ceil(need / 1000)} s "
+                             f"with warmup_s={warmup_s} (duration_s={duration_s})")
     N = int(instances)
     n_mail = max(5, round(N / 40))
     n_esp = max(1, n_mail // 4)
     n_sub = max(3, round(N / 10))
     n_mis = max(2, round(N / 60))
-    n_bg = N - n_mail - n_sub - n_mis - len(abuse)
+    singles = tuple(k for k in abuse if k != "tenant_spam")
+    n_groups = len(abuse) - len(singles)
+    n_bg = N - n_mail - n_sub - n_mis - len(singles) - len(extras) - _TENANT_SPAM_MAX * n_groups
     if n_bg < 10:
         raise ValueError(f"instances={N} is too few for this mix; use at least {N - n_bg + 10}")
 
@@ -523,6 +623,28 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
 
     # roles, assigned over a random permutation of the instances
     perm = rng.permutation(N)
+    # tenant_spam takes several instances of one tenant: reserve them before the other roles,
+    # and send the tenant's other instances to the end, where only background roles are given
+    tenant_groups: list[np.ndarray] = []
+    if n_groups:
+        first_of = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        used: set[int] = set()
+        rest: list[np.ndarray] = []
+        for _ in range(n_groups):
+            k = int(rng.integers(_TENANT_SPAM_MIN, _TENANT_SPAM_MAX + 1))
+            free = [t for t in range(n_ten) if t not in used and sizes[t] >= _TENANT_SPAM_MIN]
+            if not free:
+                raise ValueError(f"instances={N}: no tenant left with {_TENANT_SPAM_MIN} instances for tenant_spam")
+            big_enough = [t for t in free if sizes[t] >= k]
+            t = int(rng.choice(big_enough or free))
+            used.add(t)
+            members = np.arange(first_of[t], first_of[t] + sizes[t])
+            chosen = np.sort(rng.choice(members, size=min(k, sizes[t]), replace=False))
+            tenant_groups.append(chosen)
+            rest.append(np.setdiff1d(members, chosen))
+        everyone = np.concatenate(tenant_groups + rest)
+        perm = np.concatenate([perm[~np.isin(perm, everyone)], rng.permutation(np.concatenate(rest))])
+        n_bg = N - n_mail - n_sub - n_mis - len(singles) - len(extras) - sum(len(g) for g in tenant_groups)
     roles = np.empty(N, dtype=object)
     labels = np.array(["benign"] * N, dtype=object)
     cursor = 0
@@ -541,13 +663,20 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
     roles[sub_ids] = "submission"
     mis_ids = take(n_mis)
     roles[mis_ids] = "misconfigured_app"
-    abuse_ids = take(len(abuse))
+    abuse_ids = take(len(singles))
+    extra_ids = take(len(extras))
     bg_ids = take(n_bg)
     roles[bg_ids] = rng.choice(np.array(_BG_ROLES, dtype=object), size=n_bg, p=_BG_ROLE_P)
+    for g in tenant_groups:
+        roles[g] = "web"
+    for aid, kind in zip(extra_ids.tolist(), extras):
+        roles[aid] = kind
     bg_role = roles.copy()  # role whose background traffic the instance has
     bg_role[mail_ids] = "mail"
     bg_role[sub_ids] = rng.choice(np.array(("web", "worker"), dtype=object), size=n_sub)
     bg_role[mis_ids] = rng.choice(np.array(("web", "worker", "batch"), dtype=object), size=n_mis)
+    for aid, kind in zip(extra_ids.tolist(), extras):
+        bg_role[aid] = _EXTRA_BG_ROLE[kind]
 
     # --- address pools (index space: actors, mx, relays, web, clients, admins, resolvers, ntp, scanners, rds)
     taken: set[int] = set()
@@ -617,15 +746,42 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
     windows: dict[int, tuple[int, int]] = {}
     exempt_new: set[int] = set()
     exempt_old: set[int] = set(mail_ids.tolist())
+    exempt_recent: set[int] = set()
+    own_mail: set[int] = set()  # exempted senders whose mail has its own streams, not the shared one
     flood_exempt_done = False
     abuse_kind_of: dict[int, str] = {}
-    for aid, kind in zip(abuse_ids.tolist(), abuse):
-        length = min(rng.uniform(5, 20) * MINUTE_MS, 0.5 * dur_ms)
-        lo = start_ms + 0.05 * dur_ms
+
+    def place(length: float, earliest: float) -> tuple[int, int]:
+        """A window of ``length`` ms starting at least ``earliest`` ms after the start, clear of the end."""
+        lo = start_ms + earliest
         hi = end_ms - 0.05 * dur_ms - length
+        if hi < lo:
+            hi = max(lo, end_ms - length)
         w0 = int(round(rng.uniform(lo, max(lo, hi)) / 1000)) * 1000
         w1 = w0 + int(round(length / 1000)) * 1000
-        windows[aid] = (w0, min(w1, end_ms))
+        return w0, min(w1, end_ms)
+
+    def abuse_window(kind: str) -> tuple[int, int]:
+        lo_min, hi_min = _ABUSE_MINUTES.get(kind, (5, 20))
+        length = rng.uniform(lo_min, hi_min) * MINUTE_MS
+        if kind not in _ABUSE_MINUTES:
+            length = min(length, 0.5 * dur_ms)
+        return place(length, _window_earliest_ms(kind, dur_ms, warmup_ms))
+
+    tenant_runs: list[tuple[np.ndarray, tuple[int, int]]] = []
+    next_single = iter(abuse_ids.tolist())
+    next_group = iter(tenant_groups)
+    for kind in abuse:
+        if kind == "tenant_spam":
+            group = next(next_group)
+            w = abuse_window(kind)
+            tenant_runs.append((group, w))
+            for aid in group.tolist():
+                windows[aid] = w
+                labels[aid] = kind
+            continue
+        aid = next(next_single)
+        windows[aid] = abuse_window(kind)
         labels[aid] = kind
         abuse_kind_of[aid] = kind
         if kind == "spam_burst":
@@ -639,8 +795,45 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
             bg_role[aid] = "mail"
             exempt_old.add(aid)
             flood_exempt_done = True
-        else:  # blocked_attempts, further floods
+        elif kind == "volume_spike":
+            roles[aid] = "mail_server"
+            bg_role[aid] = "mail"
+            exempt_old.add(aid)
+            own_mail.add(aid)
+        elif kind == "low_and_slow":
+            roles[aid] = "mail_server_new"
+            bg_role[aid] = "mail"
+            exempt_recent.add(aid)
+        else:  # blocked_attempts, low_and_slow_blocked, further floods
             roles[aid] = bg_role[aid] = "worker"
+
+    # hard benign cases: exempted senders that look busy, and applications that retry
+    extra_of = dict(zip(extras, [[] for _ in extras]))
+    for aid, kind in zip(extra_ids.tolist(), extras):
+        extra_of[kind].append(aid)
+        if kind in ("newsletter", "esp_high_volume", "app_retry"):
+            exempt_old.add(aid)
+            own_mail.add(aid)
+    episodes: list[tuple[int, str, int, int]] = []
+    bursts_of: dict[int, list[tuple[int, int]]] = {}
+    retry_window: dict[int, tuple[int, int]] = {}
+    for aid in extra_of.get("newsletter", []):
+        # first burst within the first half hour, then one every 40-60 minutes, on whole minutes
+        t = start_ms + int(rng.uniform(1, 25) * MINUTE_MS)
+        t += -t % MINUTE_MS
+        bursts: list[tuple[int, int]] = []
+        while t < end_ms:
+            bursts.append((t, min(t + int(rng.integers(3, 7)) * MINUTE_MS, end_ms)))
+            t += int(rng.integers(40, 61)) * MINUTE_MS
+        bursts_of[aid] = bursts
+        episodes.extend((aid, "newsletter", b0, b1) for b0, b1 in bursts)
+    for kind, (lo_min, hi_min) in (("app_retry", (20, 40)), ("app_retry_blocked", (60, 60))):
+        for aid in extra_of.get(kind, []):
+            earliest = max(0.05 * dur_ms, warmup_ms)
+            w = place(min(rng.uniform(lo_min, hi_min) * MINUTE_MS, end_ms - start_ms - earliest), earliest)
+            retry_window[aid] = w
+            episodes.append((aid, kind, *w))
+    episodes.sort(key=lambda e: (e[2], e[0]))
 
     streams: list[_Stream] = []
 
@@ -681,7 +874,7 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
         streams.append(st)
 
     # benign exempted mail servers (and the exempted flood actor's normal mail)
-    mailers = np.array(sorted(exempt_old), dtype=np.int64)
+    mailers = np.array(sorted(exempt_old - own_mail), dtype=np.int64)
     m_rate = np.where(np.isin(mailers, esp_ids), rng.uniform(38, 50, len(mailers)), rng.uniform(20, 35, len(mailers)))
     streams.append(_Stream(_P["smtp_mx"], mailers, m_rate, full_from[mailers], full_to[mailers],
                            cap=MAIL_CAP_PER_MIN, dst="weighted", pool=pool_of("mx"), cum=cum(mx_w)))
@@ -753,18 +946,125 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
             streams.append(_Stream(_P["smtp_blocked"], a, np.array([10.0]), wf, wt, rate_hi=np.array([40.0]),
                                    diurnal=False, dst="targets", tgt_off=np.array([0]), tgt_len=np.array([k]),
                                    tgt_flat=(tg + off["mx"][0]).astype(np.int64)))
+        elif kind == "volume_spike":
+            # Half of the small providers' MX stay out of its normal mail, so the spike's share to
+            # them is traffic to servers it provably never used.
+            hosting0 = n_mx - len(host_ips)
+            fresh = rng.choice(np.arange(hosting0, n_mx), size=len(host_ips) // 2, replace=False)
+            usual_w = mx_w.copy()
+            usual_w[fresh] = 0.0
+            fresh_w = np.zeros(n_mx)
+            fresh_w[fresh] = mx_p_spam[fresh]
+            r = float(rng.uniform(20, 35))
+            f = float(rng.uniform(8, 15))
+            streams.append(_Stream(_P["smtp_mx"], a, np.array([r]), full_from[a], full_to[a], cap=MAIL_CAP_PER_MIN,
+                                   dst="weighted", pool=pool_of("mx"), cum=cum(usual_w)))
+            # during the spike: f times the usual rate in all, 60 % of it to never-used MX
+            for rate, w in (((0.4 * f - 1) * r, usual_w), (0.6 * f * r, fresh_w)):
+                streams.append(_Stream(_P["smtp_mx"], a, np.array([rate]), wf, wt, diurnal=False,
+                                       dst="weighted", pool=pool_of("mx"), cum=cum(w)))
+        elif kind in ("low_and_slow", "low_and_slow_blocked"):
+            # a few servers a minute, each never contacted before (drawn without replacement over
+            # the whole window), so no minute stands out but the hour reaches hundreds
+            lo_n, hi_n = (3, 8) if kind == "low_and_slow" else (2, 4)
+            slot_a, slot_b = _minute_slots(w0, w1)
+            n = np.rint(rng.integers(lo_n, hi_n + 1, size=len(slot_a)) * (slot_b - slot_a) / MINUTE_MS).astype(np.int64)
+            t = rng.integers(np.repeat(slot_a, n), np.repeat(slot_b, n))
+            dst = rng.choice(n_mx, size=int(n.sum()), replace=False, p=mx_p_spam)
+            prof = "smtp_spam_small" if kind == "low_and_slow" else "smtp_blocked"
+            streams.append(_event_stream(_P[prof], a, t, np.zeros(len(t), np.int64), dst + off["mx"][0]))
+
+    # tenant_spam: each instance 8-15 rejected SYNs a minute, the run 40-80 distinct MX a minute
+    tenant_abuse: list[dict] = []
+    for group, (w0, w1) in tenant_runs:
+        k = len(group)
+        lo_r, hi_r = max(8.0, 40.0 / k), min(15.0, 80.0 / k)
+        slot_a, slot_b = _minute_slots(w0, w1)
+        frac = (slot_b - slot_a) / MINUTE_MS
+        n = np.rint(rng.uniform(lo_r, hi_r, size=(len(slot_a), k)) * frac[:, None]).astype(np.int64)
+        # one spam list split over the instances: distinct servers within each minute of the run
+        dst = np.concatenate([rng.choice(n_mx, size=int(row.sum()), replace=False, p=mx_p_spam) for row in n])
+        per_slot = n.sum(axis=1)
+        t = rng.integers(np.repeat(slot_a, per_slot), np.repeat(slot_b, per_slot))
+        local = np.concatenate([np.repeat(np.arange(k), row) for row in n])
+        streams.append(_event_stream(_P["smtp_blocked"], group.astype(np.int64), t, local, dst + off["mx"][0]))
+        tenant_abuse.append({"tenant": ten_str[group[0]], "label": "tenant_spam",
+                             "instances": [addr_list_actors[i] for i in group.tolist()],
+                             "abuse_start_ms": w0, "abuse_end_ms": w1,
+                             "abuse_start": _iso_ms(w0), "abuse_end": _iso_ms(w1)})
+
+    # hard benign streams
+    reason_of: dict[int, str] = {}
+    for aid in extra_of.get("newsletter", []):
+        a = np.array([aid], np.int64)
+        reason_of[aid] = "newsletter delivery server"
+        streams.append(_Stream(_P["smtp_mx"], a, np.array([5.0]), full_from[a], full_to[a], rate_hi=np.array([15.0]),
+                               dst="weighted", pool=pool_of("mx"), cum=cum(mx_w)))
+        # the subscriber list: a fixed set of MX, popular ones first, so every burst reuses them
+        audience = rng.choice(n_mx, size=int(rng.integers(320, 481)), replace=False, p=mx_p_spam)
+        aud_p = np.zeros(n_mx)
+        aud_p[audience] = mx_p_spam[audience]
+        bursts = bursts_of[aid]
+        if bursts:
+            bf = np.array([b[0] for b in bursts], np.int64)
+            bt = np.array([b[1] for b in bursts], np.int64)
+            streams.append(_Stream(_P["smtp_mx"], np.full(len(bursts), aid, np.int64), np.full(len(bursts), 120.0),
+                                   bf, bt, rate_hi=np.full(len(bursts), 250.0), dst="distinct", pool=pool_of("mx"),
+                                   p=aud_p / aud_p.sum(), extra_lo=0.3, extra_frac=1.0))
+    for aid in extra_of.get("esp_high_volume", []):
+        a = np.array([aid], np.int64)
+        reason_of[aid] = "ESP outbound MTA (high volume)"
+        # its customers' recipients: the popular MX and a share of the tail, the same all day
+        audience = rng.choice(n_mx, size=int(rng.integers(800, 1201)), replace=False, p=mx_w)
+        aud_p = np.zeros(n_mx)
+        aud_p[audience] = mx_p_spam[audience]
+        # steady 90-180 distinct MX a minute, 1.8-2 connections per server
+        d_lo = float(rng.uniform(90, 120))
+        streams.append(_Stream(_P["smtp_mx"], a, np.array([d_lo]), full_from[a], full_to[a],
+                               rate_hi=np.array([d_lo + rng.uniform(30, 60)]), dst="distinct", pool=pool_of("mx"),
+                               p=aud_p / aud_p.sum(), extra_lo=0.8, extra_frac=1.0))
+    for aid in extra_of.get("app_retry", []):
+        a = np.array([aid], np.int64)
+        w0, w1 = retry_window[aid]
+        reason_of[aid] = "application notifications"
+        streams.append(_Stream(_P["smtp_mx"], a, rng.uniform(2, 6, 1), full_from[a], full_to[a],
+                               cap=MAIL_CAP_PER_MIN, dst="weighted", pool=pool_of("mx"), cum=cum(mx_w)))
+        tg = int(rng.choice(n_mx, p=mx_w))
+        targets_of[aid] = (mx_str[tg],)
+        streams.append(_Stream(_P["smtp_retry"], a, np.array([60.0]), np.array([w0], np.int64),
+                               np.array([w1], np.int64), rate_hi=np.array([150.0]), diurnal=False, dst="targets",
+                               tgt_off=np.array([0]), tgt_len=np.array([1]),
+                               tgt_flat=np.array([tg + off["mx"][0]], np.int64)))
+    for aid in extra_of.get("app_retry_blocked", []):
+        a = np.array([aid], np.int64)
+        w0, w1 = retry_window[aid]
+        tg = int(rng.choice(n_mx, p=mx_w))
+        targets_of[aid] = (mx_str[tg],)
+        streams.append(_Stream(_P["smtp_blocked"], a, np.array([1.0]), np.array([w0], np.int64),
+                               np.array([w1], np.int64), rate_hi=np.array([3.0]), diurnal=False, dst="targets",
+                               tgt_off=np.array([0]), tgt_len=np.array([1]),
+                               tgt_flat=np.array([tg + off["mx"][0]], np.int64)))
 
     # --- exemptions
     exemptions: list[Exemption] = []
     for aid in sorted(exempt_old):
         days = float(rng.uniform(30, 900))
         granted = dt.datetime.fromtimestamp(start_ms / 1000 - days * 86400, dt.timezone.utc).replace(microsecond=0)
-        reason = "ESP outbound MTA" if roles[aid] == "esp_relay" else _MAIL_REASONS[int(rng.integers(len(_MAIL_REASONS)))]
+        if aid in reason_of:
+            reason = reason_of[aid]
+        elif roles[aid] == "esp_relay":
+            reason = "ESP outbound MTA"
+        else:
+            reason = _MAIL_REASONS[int(rng.integers(len(_MAIL_REASONS)))]
         exemptions.append(Exemption(addr_list_actors[aid], ten_str[aid], granted, reason))
     for aid in sorted(exempt_new):
         hours = float(rng.uniform(1, 20))
         granted = dt.datetime.fromtimestamp(start_ms / 1000 - hours * 3600, dt.timezone.utc).replace(microsecond=0)
         exemptions.append(Exemption(addr_list_actors[aid], ten_str[aid], granted, "new marketing mailer"))
+    for aid in sorted(exempt_recent):
+        hours = float(rng.uniform(24, 72))
+        granted = dt.datetime.fromtimestamp(start_ms / 1000 - hours * 3600, dt.timezone.utc).replace(microsecond=0)
+        exemptions.append(Exemption(addr_list_actors[aid], ten_str[aid], granted, "new customer MTA"))
     # stale exemptions of decommissioned servers (no traffic)
     for _ in range(2):
         t = int(rng.integers(n_ten))
@@ -776,7 +1076,7 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
     exemptions.sort(key=lambda e: (e.granted_at, e.ip))
 
     # --- actors
-    exempted = exempt_old | exempt_new
+    exempted = exempt_old | exempt_new | exempt_recent
     actors = []
     for i in range(N):
         w = windows.get(i)
@@ -809,8 +1109,30 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
     chunk0 = start_ms - start_ms % chunk_ms
     n_chunks = -(-(end_ms - chunk0) // chunk_ms)
     plan = _Plan(int(seed), start_ms, end_ms, chunk_ms, chunk0, int(n_chunks), addr, prefix, suffix,
-                 tenant_of.astype(np.int64), (off["rds"][0] + np.arange(n_ten)).astype(np.int64), streams)
-    return Scenario(int(seed), start_ms, end_ms, actors, exemptions, FIELDS, expected, plan)
+                 tenant_of.astype(np.int64), (off["rds"][0] + np.arange(n_ten)).astype(np.int64), streams,
+                 late_fraction, late_lo * 1000, late_hi * 1000)
+    episode_dicts = [{"ip": addr_list_actors[aid], "kind": kind, "start_ms": e0, "end_ms": e1,
+                      "start": _iso_ms(e0), "end": _iso_ms(e1)} for aid, kind, e0, e1 in episodes]
+    return Scenario(int(seed), start_ms, end_ms, actors, exemptions, FIELDS, expected, abuse=abuse,
+                    warmup_s=warmup_s, late_fraction=late_fraction, late_delay_s=(late_lo, late_hi),
+                    benign_extras=extras, tenant_abuse=tenant_abuse, episodes=episode_dicts, _plan=plan)
+
+
+def _minute_slots(w0: int, w1: int) -> tuple[np.ndarray, np.ndarray]:
+    """The parts of [w0, w1) in each calendar minute, as (from, to) arrays in epoch ms."""
+    m = np.arange(w0 - w0 % MINUTE_MS, w1, MINUTE_MS, dtype=np.int64)
+    a, b = np.maximum(m, w0), np.minimum(m + MINUTE_MS, w1)
+    keep = b > a
+    return a[keep], b[keep]
+
+
+def _event_stream(profile: int, actors: np.ndarray, t: np.ndarray, local: np.ndarray, dst: np.ndarray) -> _Stream:
+    """A stream of connections fixed at plan time: (time, actor, remote address) per event."""
+    order = np.argsort(t, kind="stable")
+    n = len(actors)
+    return _Stream(profile, actors, np.zeros(n), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                   ev_t=t[order].astype(np.int64), ev_local=local[order].astype(np.int64),
+                   ev_dst=dst[order].astype(np.int64))
 
 
 # ---------------------------------------------------------------------------
@@ -968,6 +1290,7 @@ def _chunk_columns(plan: _Plan, ci: int) -> dict[str, np.ndarray] | None:
         "flags": np.concatenate([flags, r_flags]),
     }
     key = np.concatenate([t, t[ri]]) + rng.integers(0, JITTER_MS, size=n + len(ri))
+    cols["key"] = key
     order = np.argsort(key, kind="stable")
     return {k: v[order] for k, v in cols.items()}
 
@@ -1001,10 +1324,44 @@ def _blocks(scenario: Scenario) -> Iterator[pa.Array]:
     plan = scenario._plan
     if plan is None:
         raise ValueError("scenario has no plan (make it with generate())")
+    if plan.late_fraction <= 0:
+        for ci in range(plan.n_chunks):
+            cols = _chunk_columns(plan, ci)
+            if cols is not None:
+                yield _format(plan, cols)
+        return
+    # Late lines: their delivery key moves on by the delay. Those whose key passes the end of
+    # their chunk wait and are merged into the chunk their key falls in (or written last).
+    held: dict[str, np.ndarray] | None = None
     for ci in range(plan.n_chunks):
+        parts = []
         cols = _chunk_columns(plan, ci)
         if cols is not None:
-            yield _format(plan, cols)
+            # a generator of its own, so the lines are the same as without late delivery
+            rng = np.random.default_rng([plan.seed & 0xFFFFFFFF, plan.seed >> 32 & 0xFFFFFFFF, 2, ci])
+            n = len(cols["key"])
+            late = rng.random(n) < plan.late_fraction
+            cols["key"] = cols["key"] + np.where(late, rng.integers(plan.late_lo_ms, plan.late_hi_ms + 1, size=n), 0)
+            parts.append(_rows(cols, ~late))
+            held = _rows(cols, late) if held is None else _concat(held, _rows(cols, late))
+        if held is not None:
+            due = held["key"] < plan.chunk0_ms + (ci + 1) * plan.chunk_ms
+            parts.append(_rows(held, due))
+            held = _rows(held, ~due)
+        if parts:
+            block = _concat(*parts)
+            if len(block["key"]):
+                yield _format(plan, _rows(block, np.argsort(block["key"], kind="stable")))
+    if held is not None and len(held["key"]):
+        yield _format(plan, _rows(held, np.argsort(held["key"], kind="stable")))
+
+
+def _rows(cols: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[sel] for k, v in cols.items()}
+
+
+def _concat(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def iter_chunks(scenario: Scenario, *, header: bool = True) -> Iterator[bytes]:
@@ -1099,7 +1456,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--duration", type=int, default=7200, help="seconds")
     ap.add_argument("--start", help="ISO 8601 UTC start (default 2024-03-12T08:00:00Z)")
-    ap.add_argument("--abuse", default=",".join(DEFAULT_ABUSE), help="comma-separated abuse kinds ('' for none)")
+    ap.add_argument("--abuse", default=",".join(DEFAULT_ABUSE),
+                    help=f"comma-separated abuse kinds ('' for none, 'all' for {', '.join(ABUSE_KINDS)})")
+    ap.add_argument("--benign-extras", nargs="?", const="all", default="",
+                    help=f"add hard benign cases: all (the default with the flag alone) or some of "
+                         f"{', '.join(BENIGN_EXTRA_KINDS)}, comma-separated")
+    ap.add_argument("--warmup", type=int, default=0, help="seconds at the start without abuse (baselines)")
+    ap.add_argument("--late-fraction", type=float, default=0.0, help="share of lines delivered late")
+    ap.add_argument("--late-delay", default="60,240", help="LO,HI seconds of delay of late lines")
     ap.add_argument("--gzip", action="store_true")
     ap.add_argument("--lines", type=int, help="benchmark file: write exactly this many flow lines to OUT")
     a = ap.parse_args(argv)
@@ -1110,9 +1474,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{n} lines in {dt_s:.2f} s ({n / dt_s:,.0f} lines/s) -> {a.out}", file=sys.stderr)
         return 0
     start = dt.datetime.fromisoformat(a.start.replace("Z", "+00:00")) if a.start else None
+    abuse = ABUSE_KINDS if a.abuse == "all" else [k for k in a.abuse.split(",") if k]
+    extras = True if a.benign_extras == "all" else [k for k in a.benign_extras.split(",") if k]
     try:
-        sc = generate(a.seed, instances=a.instances, duration_s=a.duration, start=start,
-                      abuse=[k for k in a.abuse.split(",") if k])
+        late_delay = tuple(int(x) for x in a.late_delay.split(","))
+        if len(late_delay) != 2:
+            raise ValueError("--late-delay must be LO,HI seconds")
+        sc = generate(a.seed, instances=a.instances, duration_s=a.duration, start=start, abuse=abuse,
+                      warmup_s=a.warmup, late_fraction=a.late_fraction, late_delay_s=late_delay,
+                      benign_extras=extras)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,11 @@ def _feature_columns() -> list[tuple[str, str]]:
     return [(f.name, f.clickhouse) for f in FEATURES]
 
 
+#: Where a stored flow came from on the flows topic: a replay after a restart rewrites the same
+#: (partition, offset, row), which the table folds into one row.
+FLOW_POSITION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("kafka_partition", "UInt32"), ("kafka_offset", "Int64"), ("kafka_row", "UInt32"))
+
 ALERT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("alert_id", "String"),
     ("detector", "LowCardinality(String)"),
@@ -74,9 +79,9 @@ def migrations(db: str) -> list[tuple[str, list[str]]]:
     return [
         ("core-1", [
             f"""CREATE TABLE IF NOT EXISTS {db}.flows (
-    {_columns((f.name, f.clickhouse) for f in record.FIELDS)}
+    {_columns([(f.name, f.clickhouse) for f in record.FIELDS] + list(FLOW_POSITION_COLUMNS))}
 ) ENGINE = ReplacingMergeTree PARTITION BY toYYYYMMDD(`start`)
-ORDER BY (`src_ip`, `start`, `dst_ip`, `dst_port`, `src_port`, `end`, `exporter`)""",
+ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)""",
             f"""CREATE TABLE IF NOT EXISTS {db}.window_features (
     {_columns(_feature_columns())}
 ) ENGINE = ReplacingMergeTree ORDER BY (`src_ip`, `window_start`, `window_ms`)""",
@@ -210,6 +215,7 @@ class Store:
         self.last_write_s = time.perf_counter() - t0
 
     def insert_flows(self, flows: pa.Table) -> None:
+        """Records with their topic position columns (kafka_partition, kafka_offset, kafka_row)."""
         self.insert_arrow("flows", flows)
 
     def insert_features(self, features: pa.Table) -> None:

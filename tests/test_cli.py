@@ -33,7 +33,8 @@ def test_help_on_every_command():
     assert top.returncode == 0 and "analyze" in top.stdout and "demo" in top.stdout
     for cmd in (["analyze"], ["decode"], ["collect"], ["detect"], ["serve"], ["demo"], ["alerts", "list"],
                 ["alerts", "show"], ["config", "show"], ["topics", "create"], ["formats"], ["dnsbl", "check"], ["dnsbl", "zones"],
-                ["model", "train"], ["model", "evaluate"], ["eval"]):
+                ["model", "train"], ["model", "evaluate"], ["eval"], ["exemptions", "grant"], ["exemptions", "list"],
+                ["exemptions", "revoke"], ["exemptions", "restore"], ["enforce", "nftables"]):
         r = run(*cmd, "--help")
         assert r.returncode == 0, (cmd, r.stderr)
         assert "Usage:" in r.stdout

@@ -39,14 +39,20 @@ def test_tables_match_the_definitions(store):
             "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
             {"db": store.database, "t": table})}
 
-    assert {k: _normalise(v) for k, v in columns("flows").items()} == {f.name: _normalise(f.clickhouse) for f in record.FIELDS}
+    from smtpguard.store import FLOW_POSITION_COLUMNS
+
+    want = {f.name: _normalise(f.clickhouse) for f in record.FIELDS} | {k: v for k, v in FLOW_POSITION_COLUMNS}
+    assert {k: _normalise(v) for k, v in columns("flows").items()} == want
     assert {k: _normalise(v) for k, v in columns("window_features").items()} == {f.name: _normalise(f.clickhouse) for f in FEATURES}
     assert set(columns("alerts")) == {c for c, _ in ALERT_COLUMNS}
 
 
 def test_migration_is_idempotent_and_records_round_trip(store):
     assert store.migrate() == 0
-    store.insert_flows(sample(3))
+    t = sample(3)
+    store.insert_flows(t.append_column("kafka_partition", pa.array([0, 0, 0], pa.uint32()))
+                       .append_column("kafka_offset", pa.array([7, 7, 7], pa.int64()))
+                       .append_column("kafka_row", pa.array([0, 1, 2], pa.uint32())))
     rows = store.query(f"SELECT src_ip, action, tcp_flags, start FROM {store.database}.flows ORDER BY src_ip")
     assert [r[0] for r in rows] == ["10.0.0.0", "10.0.0.1", "10.0.0.2"]
     assert rows[0][1] == "reject" and rows[0][2] == 2

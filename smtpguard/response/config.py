@@ -98,7 +98,7 @@ class ResponseConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError("response.graduated_window_days must be >= 1 and response.restore_probation_days >= 0")
         for a in self.tenant_allowlist:
             try:
-                a.until_ms
+                parse_time(a.until)
             except ValueError:
                 raise ValueError(f"response.tenant_allowlist: tenant {a.tenant!r}: until {a.until!r} "
                                  "is not an ISO 8601 date or time") from None

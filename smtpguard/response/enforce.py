@@ -32,8 +32,8 @@ from smtpguard.errors import BrokerError, SmtpguardError
 from smtpguard.store import Store
 
 from .config import ResponseConfig
-from .registry import (ExemptionEvent, IPNetwork, KeyState, Registry, allowed_networks, decider, iso_ms, now_ms,
-                       write_atomically)
+from .registry import (ExemptionEvent, IPNetwork, KeyState, Registry, allowed_networks, decider, iso_ms, key_of,
+                       now_ms, write_atomically)
 from .webhook import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,8 @@ SET_V6 = "smtp_allowed_v6"
 
 def collapsed(networks: list[IPNetwork]) -> tuple[list[str], list[str]]:
     """The networks merged into the fewest IPv4 and IPv6 prefixes (an interval set refuses overlaps)."""
-    return ([str(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == 4)],
-            [str(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == 6)])
+    return ([key_of(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == 4)],
+            [key_of(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == 6)])
 
 
 def nftables_text(networks: list[IPNetwork], table: str, generated_at_ms: int) -> str:

@@ -453,26 +453,31 @@ class Registry:
         raise RegistryError(f"cannot revoke {key}: {why}")
 
     def restore(self, ip_or_cidr: str, reason: str, actor: str, *, now_ms: int | None = None) -> ExemptionEvent:
-        """Lift a revocation: the exemption is as it was before (same tenant and expiry)."""
+        """Lift a revocation: the exemption is as it was before (same tenant and expiry).
+
+        Every revocation can be lifted. An exemption whose expiry passed while it was revoked
+        comes back expired; renew it to let it send again.
+        """
         key, _ = parse_key(ip_or_cidr)
         now = _now(now_ms)
         s = self.states(now).get(key)
         if s is None or s.state != "revoked":
             raise RegistryError(f"cannot restore {key}: it is not revoked ({s.state if s else 'it has no exemption'})")
-        if s.own_grant and s.expires_at_ms is not None and s.expires_at_ms <= now:
-            raise RegistryError(f"cannot restore {key}: its exemption expired at {iso_ms(s.expires_at_ms)} while "
-                                "revoked; grant it again")
         return self._write(key, "restored", tenant=s.tenant, reason=reason, actor=actor, at_ms=now,
                            expires_at_ms=s.expires_at_ms)
 
     def expire_due(self, *, now_ms: int | None = None) -> list[ExemptionEvent]:
-        """Record an ``expired`` event, at its expiry time, for every exemption that has run out."""
+        """Record an ``expired`` event for every exemption that has run out, at its expiry time
+        (or at its last event, when it was restored after it had expired, to keep the order)."""
         now = _now(now_ms)
         due = [s for s in self.states(now).values()
                if s.state == "expired" and s.last.kind != "expired" and s.expires_at_ms is not None]
-        events = [ExemptionEvent(event_id=new_event_id(s.expires_at_ms), ip=s.key, tenant=s.tenant, kind="expired",
-                                 at=from_ms(s.expires_at_ms), expires_at=from_ms(s.expires_at_ms), actor=SYSTEM_ACTOR,
-                                 reason=f"the exemption expired at {iso_ms(s.expires_at_ms)}") for s in due]
+        events = []
+        for s in due:
+            at = max(s.expires_at_ms, s.last.at_ms)
+            events.append(ExemptionEvent(event_id=new_event_id(at), ip=s.key, tenant=s.tenant, kind="expired",
+                                         at=from_ms(at), expires_at=from_ms(s.expires_at_ms), actor=SYSTEM_ACTOR,
+                                         reason=f"the exemption expired at {iso_ms(s.expires_at_ms)}"))
         if events:
             self._append(events)
         return events

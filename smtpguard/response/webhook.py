@@ -12,6 +12,9 @@ Every request carries the event as JSON and these headers:
     The registry event behind the message, and which try this is (1, 2, ...). A receiver
     deduplicates retries by (``ip``, ``event_id``).
 
+Credentials in the URL (``https://user:pass@host/path``) are sent as HTTP Basic
+authentication and masked wherever the URL is shown.
+
 A 2xx answer is success. Connection errors, timeouts, 408, 429 and 5xx are retried after
 ``backoff_initial_ms``, doubling up to ``backoff_max_ms``, for ``max_attempts`` tries in all;
 any other answer (a 4xx: the request itself is wrong) is not retried. An event that is not
@@ -21,12 +24,14 @@ where the on-call finds it; ``smtpguard enforce publish`` sends the full state a
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -84,6 +89,13 @@ class WebhookSender:
     def __init__(self, cfg: WebhookConfig, store: Store, stop: threading.Event | None = None):
         self.cfg = cfg
         self.store = store
+        # urllib does not take credentials from the URL: they travel as a Basic Authorization header
+        parts = urllib.parse.urlsplit(cfg.url)
+        self._url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+        self._auth = {}
+        if parts.username is not None:
+            cred = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            self._auth = {"Authorization": "Basic " + base64.b64encode(cred.encode()).decode()}
         # waiting on an event, not time.sleep, lets a shutting-down process cut a backoff short
         self.stop = stop or threading.Event()
 
@@ -107,7 +119,8 @@ class WebhookSender:
     def _try(self, payload: bytes, event_id: str, attempt: int) -> tuple[bool, str]:
         """One request: ('' on success) or (whether to retry, what went wrong)."""
         ts = str(int(time.time()))
-        req = urllib.request.Request(self.cfg.url, data=payload, method="POST", headers={
+        req = urllib.request.Request(self._url, data=payload, method="POST", headers={
+            **self._auth,
             "Content-Type": "application/json",
             "User-Agent": "smtpguard-webhook",
             "X-Smtpguard-Timestamp": ts,
