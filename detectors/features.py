@@ -60,6 +60,7 @@ HISTORY_FEATURES: tuple[Feature, ...] = (
     Feature("base_conns", "Float64", "the source's usual connections per active minute (EWMA)"),
     Feature("base_distinct", "Float64", "the source's usual distinct destinations per active minute (EWMA)"),
     Feature("peak_distinct", "Float64", "the source's slowly decaying peak of distinct destinations per minute"),
+    Feature("peak_conns", "Float64", "the source's slowly decaying peak of connections per minute"),
     Feature("history_minutes", "Int64", "active minutes the source has been seen before this window"),
 )
 

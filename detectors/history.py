@@ -39,6 +39,7 @@ class SourceHistory:
         self.ewma_conns = np.zeros(cap)
         self.ewma_distinct = np.zeros(cap)
         self.peak_distinct = np.zeros(cap)
+        self.peak_conns = np.zeros(cap)
         self.minutes = np.zeros(cap, dtype=np.int64)
         self.last_seen_ms = np.zeros(cap, dtype=np.int64)
         self.familiar = np.zeros((cap, WORDS), dtype=np.uint64)
@@ -54,7 +55,7 @@ class SourceHistory:
         if need <= cap:
             return
         new = min(max(need, cap * 2), self.p.max_sources)
-        for name in ("ewma_conns", "ewma_distinct", "peak_distinct", "minutes", "last_seen_ms"):
+        for name in ("ewma_conns", "ewma_distinct", "peak_distinct", "peak_conns", "minutes", "last_seen_ms"):
             a = getattr(self, name)
             b = np.zeros(new, dtype=a.dtype)
             b[:cap] = a
@@ -77,7 +78,7 @@ class SourceHistory:
         self.evicted += n
 
     def _clear(self, i: int) -> None:
-        self.ewma_conns[i] = self.ewma_distinct[i] = self.peak_distinct[i] = 0
+        self.ewma_conns[i] = self.ewma_distinct[i] = self.peak_distinct[i] = self.peak_conns[i] = 0
         self.minutes[i] = self.last_seen_ms[i] = 0
         self.familiar[i] = 0
 
@@ -115,7 +116,8 @@ class SourceHistory:
             return feats.with_columns(
                 pl.lit(0, pl.UInt32).alias("new_dst"), pl.lit(0.0).alias("new_dst_share"),
                 pl.lit(0.0).alias("base_conns"), pl.lit(0.0).alias("base_distinct"),
-                pl.lit(0.0).alias("peak_distinct"), pl.lit(0, pl.Int64).alias("history_minutes"))
+                pl.lit(0.0).alias("peak_distinct"), pl.lit(0.0).alias("peak_conns"),
+                pl.lit(0, pl.Int64).alias("history_minutes"))
         pairs = (rows.select("src_ip", "dst_ip", "window_start").unique()
                  .with_columns(bit=(pl.col("dst_ip").hash(seed=7) % BITS).cast(pl.Int64)))
         parts = []
@@ -127,7 +129,8 @@ class SourceHistory:
             idx = self.slots(ips)
             before = {
                 "base_conns": self.ewma_conns[idx].copy(), "base_distinct": self.ewma_distinct[idx].copy(),
-                "peak_distinct": self.peak_distinct[idx].copy(), "history_minutes": self.minutes[idx].copy(),
+                "peak_distinct": self.peak_distinct[idx].copy(), "peak_conns": self.peak_conns[idx].copy(),
+                "history_minutes": self.minutes[idx].copy(),
             }
             # novelty: which (source, destination) bits were unset before this minute
             pidx = self.slots(p["src_ip"].to_list())
@@ -145,6 +148,7 @@ class SourceHistory:
             self.ewma_conns[idx] = np.where(first, conns, (1 - a) * self.ewma_conns[idx] + a * conns)
             self.ewma_distinct[idx] = np.where(first, distinct, (1 - a) * self.ewma_distinct[idx] + a * distinct)
             self.peak_distinct[idx] = np.maximum(self.peak_distinct[idx] * self.p.peak_decay, distinct)
+            self.peak_conns[idx] = np.maximum(self.peak_conns[idx] * self.p.peak_decay, conns)
             self.minutes[idx] += 1
             self.last_seen_ms[idx] = np.maximum(self.last_seen_ms[idx], ws_ms)
             f = f.with_columns(**{k: pl.Series(v) for k, v in before.items()}).join(new_per, on="src_ip", how="left")
@@ -161,7 +165,7 @@ class SourceHistory:
         np.savez_compressed(
             buf, ips=np.array([self.ips[i] for i in live], dtype=object).astype(str),
             ewma_conns=self.ewma_conns[live], ewma_distinct=self.ewma_distinct[live],
-            peak_distinct=self.peak_distinct[live], minutes=self.minutes[live],
+            peak_distinct=self.peak_distinct[live], peak_conns=self.peak_conns[live], minutes=self.minutes[live],
             last_seen_ms=self.last_seen_ms[live], familiar=self.familiar[live], evicted=np.array([self.evicted]))
         return buf.getvalue()
 
@@ -171,7 +175,7 @@ class SourceHistory:
         z = np.load(io.BytesIO(data), allow_pickle=False)
         ips = [str(x) for x in z["ips"]]
         idx = h.slots(ips)
-        for name in ("ewma_conns", "ewma_distinct", "peak_distinct", "minutes", "last_seen_ms", "familiar"):
+        for name in ("ewma_conns", "ewma_distinct", "peak_distinct", "peak_conns", "minutes", "last_seen_ms", "familiar"):
             getattr(h, name)[idx] = z[name]
         h.evicted = int(z["evicted"][0])
         return h

@@ -212,12 +212,19 @@ class VolumeSpike(Detector):
         """connections / usual connections per active minute that start a finding"""
         saturation_ratio: float = 20.0
         """ratio at which the score reaches 1.0"""
+        min_distinct_dst: int = 10
+        """a spike to one or a few servers is a retrying application or a flood (connection_flood), not mail"""
+        peak_factor: float = 1.5
+        """established exempted senders must also exceed their own peak by this factor (newsletters burst)"""
+        established_exemption_days: float = 7.0
+        """see spam_fanout"""
 
     def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
         p = self.params
         rows = feats.with_columns(_ratio=pl.col("connections") / pl.col("base_conns").clip(1.0)).filter(
             (pl.col("history_minutes") >= p.min_history_minutes) & (pl.col("connections") >= p.min_connections)
-            & (pl.col("_ratio") >= p.min_ratio)
+            & (pl.col("_ratio") >= p.min_ratio) & (pl.col("distinct_dst") >= p.min_distinct_dst)
+            & (~_established(p) | (pl.col("connections") >= p.peak_factor * pl.col("peak_conns")))
         ).with_columns(score=ramp(pl.col("_ratio"), p.min_ratio, p.saturation_ratio))
 
         def reasons(r: dict[str, Any]) -> list[str]:
@@ -241,6 +248,9 @@ class LowAndSlow(Detector):
         """destinations never contacted before, over the last 60 minutes, that start a finding"""
         min_active_minutes_60m: int = 30
         """minutes with SMTP activity in the last 60 (persistence)"""
+        min_new_share_60m: float = 0.75
+        """new destinations per connection over the hour: a new mail server's ordinary mail returns to
+        the big providers, a spam run keeps meeting strangers"""
         saturation_new_dst_60m: int = 600
         """new destinations at which the score reaches 1.0"""
         established_exemption_days: float = 7.0
@@ -252,6 +262,7 @@ class LowAndSlow(Detector):
         rows = feats.with_columns(_t=pl.lit(p.min_new_dst_60m), _sat=pl.lit(p.saturation_new_dst_60m)).filter(
             ~_established(p) & (pl.col("new_dst_60m") >= pl.col("_t"))
             & (pl.col("active_minutes_60m") >= p.min_active_minutes_60m)
+            & (pl.col("new_dst_60m") >= p.min_new_share_60m * pl.col("conns_60m"))
         ).with_columns(score=ramp(pl.col("new_dst_60m"), pl.col("_t"), pl.col("_sat")))
 
         def reasons(r: dict[str, Any]) -> list[str]:
