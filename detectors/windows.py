@@ -69,7 +69,8 @@ class WindowEngine:
             late_df = df.filter(is_late)
             late = late_df.height
             if late:
-                delay = self.max_event_ms - int(late_df["start"].cast(pl.Int64).min())
+                newest = self.max_event_ms if self.max_event_ms is not None else self.closed_upto_ms
+                delay = newest - int(late_df["start"].cast(pl.Int64).min())
                 self.late.records += late
                 self.late.max_delay_ms = max(self.late.max_delay_ms, delay)
                 df = df.filter(~is_late)
