@@ -214,6 +214,8 @@ class VolumeSpike(Detector):
         """ratio at which the score reaches 1.0"""
         min_distinct_dst: int = 10
         """a spike to one or a few servers is a retrying application or a flood (connection_flood), not mail"""
+        max_top_dst_share: float = 0.5
+        """likewise when most of the spike goes to one server, however many others share the rest"""
         peak_factor: float = 1.5
         """established exempted senders must also exceed their own peak by this factor (newsletters burst)"""
         established_exemption_days: float = 7.0
@@ -224,6 +226,7 @@ class VolumeSpike(Detector):
         rows = feats.with_columns(_ratio=pl.col("connections") / pl.col("base_conns").clip(1.0)).filter(
             (pl.col("history_minutes") >= p.min_history_minutes) & (pl.col("connections") >= p.min_connections)
             & (pl.col("_ratio") >= p.min_ratio) & (pl.col("distinct_dst") >= p.min_distinct_dst)
+            & (pl.col("top_dst_share") <= p.max_top_dst_share)
             & (~_established(p) | (pl.col("connections") >= p.peak_factor * pl.col("peak_conns")))
         ).with_columns(score=ramp(pl.col("_ratio"), p.min_ratio, p.saturation_ratio))
 
