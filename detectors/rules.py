@@ -218,6 +218,9 @@ class VolumeSpike(Detector):
         """likewise when most of the spike goes to one server, however many others share the rest"""
         peak_factor: float = 1.5
         """established exempted senders must also exceed their own peak by this factor (newsletters burst)"""
+        min_new_share: float = 0.4
+        """established exempted senders must also send this share to servers they never used: a newsletter
+        goes back to the same providers, a hijacked server's spam does not"""
         established_exemption_days: float = 7.0
         """see spam_fanout"""
 
@@ -227,7 +230,8 @@ class VolumeSpike(Detector):
             (pl.col("history_minutes") >= p.min_history_minutes) & (pl.col("connections") >= p.min_connections)
             & (pl.col("_ratio") >= p.min_ratio) & (pl.col("distinct_dst") >= p.min_distinct_dst)
             & (pl.col("top_dst_share") <= p.max_top_dst_share)
-            & (~_established(p) | (pl.col("connections") >= p.peak_factor * pl.col("peak_conns")))
+            & (~_established(p) | ((pl.col("connections") >= p.peak_factor * pl.col("peak_conns"))
+                                   & (pl.col("new_dst_share") >= p.min_new_share)))
         ).with_columns(score=ramp(pl.col("_ratio"), p.min_ratio, p.saturation_ratio))
 
         def reasons(r: dict[str, Any]) -> list[str]:

@@ -1,0 +1,49 @@
+"""A store filled the way the pipeline fills it, for the console's tests: a generated scenario's flows,
+the detectors' window features and alerts, and the scenario's exemptions in the registry."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from smtpguard import scenario
+from smtpguard.analyze import analyze
+from smtpguard.config import Config
+from smtpguard.detectors.alerts import Alert
+from smtpguard.detectors.features import to_store
+from smtpguard.exemptions import Exemptions
+from smtpguard.ingest.reader import read_batches
+from smtpguard.response.registry import Registry
+from smtpguard.store import Store
+
+
+@dataclass
+class Filled:
+    alerts: list[Alert]
+    """raised alerts (not suppressed)"""
+    truth: dict[str, str]
+    """abusive source IP -> its label"""
+    exempted: set[str]
+
+    def first(self, *, label: str, exempted: bool, severity: str | None = None) -> Alert:
+        """The first raised alert about a source with ``label`` (and exemption, severity) in the truth."""
+        return next(a for a in self.alerts
+                    if self.truth.get(a.src_ip) == label and a.exempted == exempted
+                    and (severity is None or a.severity == severity))
+
+
+def fill(store: Store, cfg: Config, out_dir: Path, *, seed: int = 7, instances: int = 40, minutes: int = 40) -> Filled:
+    scen = scenario.generate(seed, instances=instances, duration_s=minutes * 60)
+    paths = scenario.write(scen, out_dir)
+    flows = [str(paths["flows"])]
+    for _src, batch in read_batches(flows, "aws-vpc", cfg.ingest.smtp_ports, cfg.ingest.chunk_lines):
+        store.insert_flows(batch.records)
+    exemptions = Exemptions.from_csv(paths["exemptions"])
+    res = analyze(cfg, flows, "aws-vpc", exemptions, keep_features=True)
+    store.insert_alerts(res.alerts)
+    for f in res.features:
+        store.insert_features(to_store(f))
+    Registry(store).import_csv(paths["exemptions"], actor="import")
+    truth = {a["ip"]: a["label"] for a in json.loads(Path(paths["truth"]).read_text()) if a["label"] != "benign"}
+    return Filled(res.raised(), truth, {str(e.network.network_address) for e in exemptions.entries})
