@@ -12,8 +12,17 @@ Layouts
     * without a header, a line is routed by its version and field count only:
       version 2 with 14 fields is the default format; versions 3, 4 and 5 with 21, 25
       and 29 fields are the "all fields" layouts (v2 fields, then the v3, v4 and v5
-      fields in the order of the AWS field table). Anything else is rejected: columns
-      are never assigned by guess.
+      fields in the order of the AWS field table); version 6 with 36 fields is the
+      Transit Gateway default format (:data:`TGW_FIELDS`, every Transit Gateway field).
+      Anything else is rejected: columns are never assigned by guess.
+
+Transit Gateway flow logs
+    A record of a Transit Gateway (or attachment) flow log has no action (``unknown``)
+    and no instance; ``tenant`` is the account of the source VPC
+    (``tgw-src-vpc-account-id``, else ``account-id``) and ``interface_id`` the
+    Transit Gateway ENI on the source side (``tgw-src-eni``). A Transit Gateway logs a
+    flow at each attachment it crosses, so one connection between two attachments can
+    appear twice (ingress at one, egress at the other); both are kept.
 
 Fast path
     The whole chunk is handled as Arrow columns: one split of every line into tokens,
@@ -26,7 +35,8 @@ SMTP selection (``smtp_ports`` not None)
     whose source port is an SMTP port (server to client) is paired with the forward
     flow of the same chunk that has the reversed 5-tuple on the same interface and
     account (the k-th reverse flow of a connection, in input order, with the k-th
-    forward one); its packets and bytes become the forward record's ``rev_packets`` /
+    forward one; for Transit Gateway records, the same attachment and account); its
+    packets and bytes become the forward record's ``rev_packets`` /
     ``rev_bytes``. Reverse flows, paired or not, count as skipped, as do other ports
     and NODATA/SKIPDATA rows. With ``smtp_ports=None`` every valid flow is kept as is.
 """
@@ -62,7 +72,19 @@ V7_FIELDS = (
     "ecs-task-arn", "ecs-task-id",
 )
 V8_FIELDS = ("reject-reason",)
-KNOWN_FIELDS: frozenset[str] = frozenset(V2_FIELDS + V3_FIELDS + V4_FIELDS + V5_FIELDS + V7_FIELDS + V8_FIELDS)
+#: The Transit Gateway default format (version 6): every Transit Gateway field, in the
+#: order of the AWS Transit Gateway flow log record table.
+TGW_FIELDS = (
+    "version", "resource-type", "account-id", "tgw-id", "tgw-attachment-id", "tgw-src-vpc-account-id",
+    "tgw-dst-vpc-account-id", "tgw-src-vpc-id", "tgw-dst-vpc-id", "tgw-src-subnet-id", "tgw-dst-subnet-id",
+    "tgw-src-eni", "tgw-dst-eni", "tgw-src-az-id", "tgw-dst-az-id", "tgw-pair-attachment-id",
+    "srcaddr", "dstaddr", "srcport", "dstport", "protocol", "packets", "bytes", "start", "end", "log-status",
+    "type", "packets-lost-no-route", "packets-lost-blackhole", "packets-lost-mtu-exceeded",
+    "packets-lost-ttl-expired", "tcp-flags", "region", "flow-direction", "pkt-src-aws-service", "pkt-dst-aws-service",
+)
+KNOWN_FIELDS: frozenset[str] = frozenset(
+    V2_FIELDS + V3_FIELDS + V4_FIELDS + V5_FIELDS + V7_FIELDS + V8_FIELDS + TGW_FIELDS
+)
 
 #: Fields a layout must have to give a record.
 REQUIRED_FIELDS = ("srcaddr", "dstaddr", "srcport", "dstport", "protocol", "packets", "bytes", "start", "end")
@@ -88,6 +110,11 @@ _UINT_RULES: dict[str, tuple[int, int]] = {  # field -> (max digits, max value)
 _ACTIONS = ("ACCEPT", "REJECT", "-")
 _ACTION_OUT = pa.array(["accept", "reject", "unknown"], pa.string())
 _ID_FIELDS = (("account-id", "tenant"), ("interface-id", "interface_id"), ("instance-id", "instance_id"))
+#: Transit Gateway ids that become record fields (checked for length like _ID_FIELDS).
+_TGW_ID_FIELDS = ("tgw-src-vpc-account-id", "tgw-src-eni", "tgw-attachment-id")
+#: Columns that carry the pairing scope of a row (interface or attachment, account)
+#: from decoding to assembly; they are not record fields.
+_PAIR_COLS = ("_pair_if", "_pair_acct")
 
 _TOKEN = r"(?:\$\{[A-Za-z][A-Za-z0-9_-]*\}|[A-Za-z][A-Za-z_-]*)"
 #: Lines that may be a header: only name-like tokens (checked against KNOWN_FIELDS after).
@@ -116,6 +143,7 @@ HEADERLESS_LAYOUTS: dict[tuple[str, int], Layout] = {
     ("3", 21): Layout(V2_FIELDS + V3_FIELDS, "headerless version 3 all-fields format"),
     ("4", 25): Layout(V2_FIELDS + V3_FIELDS + V4_FIELDS, "headerless version 4 all-fields format"),
     ("5", 29): Layout(V2_FIELDS + V3_FIELDS + V4_FIELDS + V5_FIELDS, "headerless version 5 all-fields format"),
+    ("6", 36): Layout(TGW_FIELDS, "headerless Transit Gateway version 6 default format"),
 }
 _HEADERLESS_COUNT = {v: c for v, c in HEADERLESS_LAYOUTS}
 
@@ -162,6 +190,12 @@ def _classify_header(line: str) -> tuple[str, Layout | str | None]:
 
 def _headerless_problem(tokens: list[str]) -> str:
     ver, n = tokens[0], len(tokens)
+    if ver == "6":
+        # version 6 lines are Transit Gateway logs; only their default layout has no header
+        return (
+            f"unknown layout: version '6' line with {n} fields and no header line declaring the columns "
+            f"(the Transit Gateway default format has {len(TGW_FIELDS)} fields)"
+        )
     if ver in _HEADERLESS_COUNT:
         want = _HEADERLESS_COUNT[ver]
         layout = HEADERLESS_LAYOUTS[(ver, want)]
@@ -173,7 +207,7 @@ def _headerless_problem(tokens: list[str]) -> str:
     if ver.isascii() and ver.isdigit():
         return f"unknown layout: version {_short(ver)} line with {n} fields and no header line declaring the columns"
     return (
-        f"unknown layout: first field {_short(ver)} is not a flow log version (2-5) "
+        f"unknown layout: first field {_short(ver)} is not a flow log version (2-6) "
         "and no header line declares the columns"
     )
 
@@ -235,7 +269,7 @@ def _row_problem(tokens: list[str], layout: Layout) -> str | None:
         p = _uint_problem("tcp-flags", get("tcp-flags"))
         if p:
             return p
-    for f, _ in _ID_FIELDS:
+    for f in [f for f, _ in _ID_FIELDS] + list(_TGW_ID_FIELDS):
         if f in layout.pos and len(get(f)) > MAX_ID_CHARS:
             return f"{f} too long: {len(get(f))} chars (limit {MAX_ID_CHARS})"
     return None
@@ -469,7 +503,7 @@ class AwsVpcParser:
             return values.take(base + layout.pos[name])
 
         c = {f: col(f) for f in REQUIRED_FIELDS}
-        for f in ("action", "tcp-flags", "account-id", "interface-id", "instance-id"):
+        for f in ("action", "tcp-flags", "account-id", "interface-id", "instance-id") + _TGW_ID_FIELDS:
             if f in layout.pos:
                 c[f] = col(f)
 
@@ -484,7 +518,7 @@ class AwsVpcParser:
             fl = c["tcp-flags"]
             numeric = _np(pc.ascii_is_decimal(fl)) & (_np(pc.binary_length(fl)) <= _UINT_RULES["tcp-flags"][0])
             ok &= numeric | _np(pc.equal(fl, "-"))
-        for f, _ in _ID_FIELDS:
+        for f in [f for f, _ in _ID_FIELDS] + list(_TGW_ID_FIELDS):
             if f in c:
                 ok &= _np(pc.binary_length(c[f])) <= MAX_ID_CHARS
         c["srcaddr"], src_ok = canonicalize_ips(c["srcaddr"], check=ok)
@@ -555,6 +589,18 @@ class AwsVpcParser:
         for f, name in _ID_FIELDS:
             if f in c:
                 out[name] = pc.if_else(pc.equal(c[f], "-"), "", c[f])
+        if "tgw-src-vpc-account-id" in c:
+            src_acct = c["tgw-src-vpc-account-id"]
+            out["tenant"] = pc.if_else(pc.equal(src_acct, "-"), out.get("tenant", pa.scalar("")), src_acct)
+        if "tgw-src-eni" in c:
+            out["interface_id"] = pc.if_else(pc.equal(c["tgw-src-eni"], "-"), "", c["tgw-src-eni"])
+        # a connection's two directions are logged at the same interface (VPC) or
+        # attachment (Transit Gateway), under the same account
+        scope = c.get("tgw-attachment-id", c.get("interface-id"))
+        if scope is not None:
+            out["_pair_if"] = scope
+        if "account-id" in c:
+            out["_pair_acct"] = c["account-id"]
         return good, out, int(nodata.sum()) + other, bad
 
     def _fill_values(self) -> dict[str, pa.Scalar]:
@@ -578,7 +624,7 @@ class AwsVpcParser:
         table and how many decoded flows were skipped (non-SMTP and reverse halves)."""
         if not parts:
             return record.empty_table(), 0
-        names = [f.name for f in record.FIELDS]
+        names = [f.name for f in record.FIELDS] + list(_PAIR_COLS)
         fill = self._fill_values()
         if len(parts) == 1:
             rows, cols = parts[0]
@@ -597,7 +643,7 @@ class AwsVpcParser:
                         a = pcols.get(k)
                         if a is None:
                             a = self._constant(k, len(prow), fill)
-                        pieces.append(a.cast(record.SCHEMA.field(k).type))
+                        pieces.append(a.cast(pa.string() if k in _PAIR_COLS else record.SCHEMA.field(k).type))
                     arrays[k] = pa.concat_arrays(pieces).take(order)
                 else:
                     arrays[k] = None
@@ -637,14 +683,17 @@ class AwsVpcParser:
 
     @staticmethod
     def _constant(name: str, n: int, fill: dict[str, pa.Scalar]) -> pa.Array:
+        if name in _PAIR_COLS:
+            return pa.repeat(pa.scalar(""), n)
         s = fill[name]
         return pa.nulls(n, s.type) if not s.is_valid else pa.repeat(s, n)
 
     @staticmethod
     def _pair(arrays: dict[str, pa.Array | None], fwd: np.ndarray, rev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pair reverse flows with forward flows of the same connection: reversed 5-tuple,
-        same interface and account; the k-th of a connection in input order with the
-        k-th. Returns positions (forward, reverse) in ``arrays``.
+        same interface (Transit Gateway: attachment) and account; the k-th of a
+        connection in input order with the k-th. Returns positions (forward, reverse)
+        in ``arrays``.
 
         Vectorised: string columns are hashed (polars), the parts are mixed into one
         64-bit key per row, keys are matched by sorting, and every pair is checked again
@@ -665,7 +714,7 @@ class AwsVpcParser:
         def ints(name: str) -> np.ndarray:
             return _np(arrays[name]).astype(np.uint64)[sub]
 
-        hs, hd, he, ht = hashed("src_ip"), hashed("dst_ip"), hashed("interface_id"), hashed("tenant")
+        hs, hd, he, ht = hashed("src_ip"), hashed("dst_ip"), hashed("_pair_if"), hashed("_pair_acct")
         sp, dp, pr = ints("src_port"), ints("dst_port"), ints("protocol")
         # forward rows keyed (src, dst, sport, dport), reverse rows (dst, src, dport, sport)
         a = np.concatenate([hs[:nf], hd[nf:]])

@@ -121,6 +121,23 @@ class Split:
     def field(self, rows: np.ndarray, k: int) -> pa.Array:
         return self.values.take(pa.array(self.offsets[rows] + k))
 
+    def padded(self, rows: np.ndarray, k: int, byte: int = 32) -> bool:
+        """Whether the k-th field of any of the rows starts or ends with ``byte`` (a space),
+        read from the Arrow buffers without copying text."""
+        bufs = self.values.buffers()
+        if bufs[2] is None or bufs[2].size == 0:
+            return False
+        dtype = np.int64 if pa.types.is_large_string(self.values.type) else np.int32
+        voff = np.frombuffer(bufs[1], dtype=dtype)[self.values.offset : self.values.offset + len(self.values) + 1]
+        data = np.frombuffer(bufs[2], dtype=np.uint8)
+        idx = self.offsets[rows] + k
+        start, end = voff[idx].astype(np.int64), voff[idx + 1].astype(np.int64)
+        nonempty = end > start
+        if not nonempty.any():
+            return False
+        start, end = start[nonempty], end[nonempty]
+        return bool((data[start] == byte).any() or (data[end - 1] == byte).any())
+
 
 def decimal_ok(col: pa.Array, max_digits: int) -> np.ndarray:
     """Text that is 1..max_digits ASCII digits (the value may still be out of range)."""
@@ -221,8 +238,15 @@ def ms_timestamps(ms: pa.Array | np.ndarray) -> pa.Array:
 
 
 def pair_reverse(
-    src: pa.Array, dst: pa.Array, sport: np.ndarray, dport: np.ndarray, proto: np.ndarray,
-    fwd_scope: pa.Array, rev_scope: pa.Array, fwd: np.ndarray, rev: np.ndarray,
+    src: pa.Array,
+    dst: pa.Array,
+    sport: np.ndarray,
+    dport: np.ndarray,
+    proto: np.ndarray,
+    fwd_scope: pa.Array,
+    rev_scope: pa.Array,
+    fwd: np.ndarray,
+    rev: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pair reverse (server-to-client) flows with forward (client-to-server) flows of
     the same connection: reversed 5-tuple and the same scope (the client's account or
@@ -235,16 +259,28 @@ def pair_reverse(
     ri = np.flatnonzero(rev)
     if fi.size == 0 or ri.size == 0:
         return fi[:0], ri[:0]
-    f = pl.DataFrame({
-        "a": pl.from_arrow(src.take(pa.array(fi))), "b": pl.from_arrow(dst.take(pa.array(fi))),
-        "pa": sport[fi], "pb": dport[fi], "pr": proto[fi],
-        "s": pl.from_arrow(fwd_scope.take(pa.array(fi))), "row": fi,
-    })
-    r = pl.DataFrame({
-        "a": pl.from_arrow(dst.take(pa.array(ri))), "b": pl.from_arrow(src.take(pa.array(ri))),
-        "pa": dport[ri], "pb": sport[ri], "pr": proto[ri],
-        "s": pl.from_arrow(rev_scope.take(pa.array(ri))), "row": ri,
-    })
+    f = pl.DataFrame(
+        {
+            "a": pl.from_arrow(src.take(pa.array(fi))),
+            "b": pl.from_arrow(dst.take(pa.array(fi))),
+            "pa": sport[fi],
+            "pb": dport[fi],
+            "pr": proto[fi],
+            "s": pl.from_arrow(fwd_scope.take(pa.array(fi))),
+            "row": fi,
+        }
+    )
+    r = pl.DataFrame(
+        {
+            "a": pl.from_arrow(dst.take(pa.array(ri))),
+            "b": pl.from_arrow(src.take(pa.array(ri))),
+            "pa": dport[ri],
+            "pb": sport[ri],
+            "pr": proto[ri],
+            "s": pl.from_arrow(rev_scope.take(pa.array(ri))),
+            "row": ri,
+        }
+    )
     key = ["a", "b", "pa", "pb", "pr", "s"]
     f = f.with_columns(k=pl.int_range(pl.len()).over(key))
     r = r.with_columns(k=pl.int_range(pl.len()).over(key))
@@ -263,7 +299,7 @@ def edge_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     read straight from the Arrow buffers (no copy of the text)."""
     bufs = arr.buffers()
     dtype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    off = np.frombuffer(bufs[1], dtype=dtype)[arr.offset: arr.offset + len(arr) + 1].astype(np.int64)
+    off = np.frombuffer(bufs[1], dtype=dtype)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
     lens = np.diff(off)
     if bufs[2] is None or bufs[2].size == 0 or not lens.any():
         z = np.zeros(len(arr), dtype=np.uint8)
@@ -299,39 +335,71 @@ def line_problem(line: str, max_chars: int, allow: str = "") -> str:
     return "invalid line"
 
 
-def datetime_us(st: pl.Series, date_re: str, epoch_re: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Epoch microseconds of date-time texts and an ok mask.
+def datetime_maps(st: pl.Series) -> tuple[dict[str, int | None], dict[str, int | None]]:
+    """For the distinct dates (first ten characters) and times of day (characters 12-19)
+    of ``YYYY?MM?DD?HH:MM:SS`` texts: epoch day and second of the day, None when
+    impossible. A chunk of flows has few of each, so Python checks them once."""
+    days: dict[str, int | None] = {}
+    for d in st.str.slice(0, 10).drop_nulls().unique().to_list():
+        try:
+            days[d] = (dt.date(int(d[0:4]), int(d[5:7]), int(d[8:10])) - dt.date(1970, 1, 1)).days
+        except ValueError:
+            days[d] = None
+    tods: dict[str, int | None] = {}
+    for t in st.str.slice(11, 8).drop_nulls().unique().to_list():
+        ok = len(t) == 8 and t[2] == ":" and t[5] == ":" and t[:2].isdigit() and t[3:5].isdigit() and t[6:].isdigit()
+        tods[t] = (
+            int(t[:2]) * 3600 + int(t[3:5]) * 60 + int(t[6:])
+            if ok and int(t[:2]) < 24 and int(t[3:5]) < 60 and int(t[6:]) < 60
+            else None
+        )
+    return days, tods
 
-    Texts matching ``date_re`` are ``YYYY?MM?DD?HH:MM:SS[.fraction]`` (any one-character
-    separators; UTC; digits past microseconds are dropped); texts matching ``epoch_re``
-    are epoch seconds with an optional fraction. Fixed-width fields are cut and added
-    up; the few distinct dates of a chunk go through :mod:`datetime`, which checks them.
+
+def datetime_exprs(
+    col: str, date_re: str, epoch_re: str | None, maps: tuple[dict[str, int | None], dict[str, int | None]]
+) -> tuple[dict[str, pl.Expr], pl.Expr, pl.Expr]:
+    """Expressions for the epoch microseconds of a date-time text column and its ok flag.
+
+    Texts matching ``date_re`` are ``YYYY?MM?DD?HH:MM:SS[.fraction][Z]`` (one-character
+    separators, UTC, digits past microseconds dropped; ``maps`` from
+    :func:`datetime_maps`); texts matching ``epoch_re`` are epoch seconds with an
+    optional fraction. Returns (parts, microseconds, ok): ``parts`` are columns to add
+    first (``with_columns``), the other two expressions read them; evaluating the
+    parts once is faster than one nested expression.
     """
-    is_date = np_(st.str.contains(date_re).fill_null(False)).astype(bool)
-    is_epoch = np_(st.str.contains(epoch_re).fill_null(False)).astype(bool) if epoch_re else np.zeros(len(st), dtype=bool)
-    out = np.zeros(len(st), dtype=np.int64)
-    ok = np.zeros(len(st), dtype=bool)
-    if is_date.any():
-        days: dict[str, int | None] = {}
-        dates = st.str.slice(0, 10)
-        for d in dates.filter(pl.Series(is_date)).unique().to_list():
-            try:
-                days[d] = (dt.date(int(d[0:4]), int(d[5:7]), int(d[8:10])) - dt.date(1970, 1, 1)).days
-            except ValueError:
-                days[d] = None
-        day = np_(dates.replace_strict(days, default=None, return_dtype=pl.Int64).fill_null(-1))
-        hh = np_(st.str.slice(11, 2).cast(pl.Int64, strict=False).fill_null(99))
-        mm = np_(st.str.slice(14, 2).cast(pl.Int64, strict=False).fill_null(99))
-        ss = np_(st.str.slice(17, 2).cast(pl.Int64, strict=False).fill_null(99))
-        us = np_(st.str.slice(20, 6).str.pad_end(6, "0").cast(pl.Int64, strict=False).fill_null(0))
-        good = is_date & (day >= 0) & (hh < 24) & (mm < 60) & (ss < 60)
-        val = ((day * 86400 + hh * 3600 + mm * 60 + ss) * 1_000_000 + us)
-        out = np.where(good, val, out)
-        ok |= good
-    if is_epoch.any():
-        sec = st.str.split_exact(".", 1).struct.unnest()
-        whole = np_(sec[sec.columns[0]].cast(pl.Int64, strict=False).fill_null(0))
-        frac = np_(sec[sec.columns[1]].fill_null("").str.slice(0, 6).str.pad_end(6, "0").cast(pl.Int64, strict=False).fill_null(0))
-        out = np.where(is_epoch, whole * 1_000_000 + frac, out)
-        ok |= is_epoch
-    return np.where(ok, out, 0), ok
+    days, tods = maps
+    s = pl.col(col)
+    p = f"_{col}_"
+    parts = {
+        p + "date": s.str.contains(date_re).fill_null(False),
+        p + "day": s.str.slice(0, 10).replace_strict(days, default=None, return_dtype=pl.Int64),
+        p + "tod": s.str.slice(11, 8).replace_strict(tods, default=None, return_dtype=pl.Int64),
+        p + "frac": s.str.slice(20, 6)
+        .str.strip_chars_end("Z")
+        .str.pad_end(6, "0")
+        .cast(pl.Int64, strict=False)
+        .fill_null(0),
+    }
+    c = pl.col
+    date_ok = c(p + "date") & c(p + "day").is_not_null() & c(p + "tod").is_not_null()
+    us = pl.when(date_ok).then((c(p + "day") * 86400 + c(p + "tod")) * 1_000_000 + c(p + "frac"))
+    ok = date_ok
+    if epoch_re is not None:
+        split = s.str.split_exact(".", 1)
+        parts[p + "epoch"] = s.str.contains(epoch_re).fill_null(False)
+        parts[p + "whole"] = split.struct.field("field_0").cast(pl.Int64, strict=False)
+        parts[p + "efrac"] = (
+            split.struct.field("field_1").fill_null("").str.slice(0, 6).str.pad_end(6, "0").cast(pl.Int64, strict=False)
+        )
+        us = us.when(c(p + "epoch")).then(c(p + "whole") * 1_000_000 + c(p + "efrac"))
+        ok = ok | c(p + "epoch")
+    return parts, us.otherwise(0).fill_null(0), ok.fill_null(False)
+
+
+def datetime_us(st: pl.Series, date_re: str, epoch_re: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch microseconds of date-time texts and an ok mask (see :func:`datetime_exprs`)."""
+    st = st.cast(pl.String)
+    parts, us, ok = datetime_exprs("t", date_re, epoch_re, datetime_maps(st))
+    out = pl.DataFrame({"t": st}).lazy().with_columns(**parts).select(us=us, ok=ok).collect()
+    return np_(out["us"]).astype(np.int64), np_(out["ok"]).astype(bool)

@@ -23,9 +23,23 @@ BOT = "147.32.84.165"
 
 
 def flow(**kw: object) -> str:
-    v = {"StartTime": "2011/08/16 12:00:00.239000", "Dur": "2.920000", "Proto": "tcp", "SrcAddr": "10.0.0.5",
-         "Sport": "1879", "Dir": "   ->", "DstAddr": "192.0.2.10", "Dport": "25", "State": "S_", "sTos": "0",
-         "dTos": "", "TotPkts": "2", "TotBytes": "124", "SrcBytes": "124", "Label": "flow=Background"}
+    v = {
+        "StartTime": "2011/08/16 12:00:00.239000",
+        "Dur": "2.920000",
+        "Proto": "tcp",
+        "SrcAddr": "10.0.0.5",
+        "Sport": "1879",
+        "Dir": "   ->",
+        "DstAddr": "192.0.2.10",
+        "Dport": "25",
+        "State": "S_",
+        "sTos": "0",
+        "dTos": "",
+        "TotPkts": "2",
+        "TotBytes": "124",
+        "SrcBytes": "124",
+        "Label": "flow=Background",
+    }
     v.update({k: str(x) for k, x in kw.items()})
     return ",".join(v[c] for c in HEADER.split(","))
 
@@ -122,19 +136,22 @@ def test_epoch_start_time() -> None:
     assert rec["start"] == "2011-08-16T12:00:00.500Z" and rec["end"] == "2011-08-16T12:00:01.750Z"
 
 
-@pytest.mark.parametrize("state,conn_state,flags", [
-    ("S_", "unanswered", 2),
-    ("SA_", "unanswered", 18),
-    ("S_RA", "refused", 2),
-    ("S_SA", "completed", 2),
-    ("FSPA_FSPA", "completed", 27),
-    ("SRPA_FSPA", "reset", 30),
-    ("FSPA_FSRPA", "reset", 27),
-    ("PA_PA", "", 24),
-    ("_FSPA", "", 0),
-    ("REQ", "unanswered", None),
-    ("EST", "completed", None),
-])
+@pytest.mark.parametrize(
+    "state,conn_state,flags",
+    [
+        ("S_", "unanswered", 2),
+        ("SA_", "unanswered", 18),
+        ("S_RA", "refused", 2),
+        ("S_SA", "completed", 2),
+        ("FSPA_FSPA", "completed", 27),
+        ("SRPA_FSPA", "reset", 30),
+        ("FSPA_FSRPA", "reset", 27),
+        ("PA_PA", "", 24),
+        ("_FSPA", "", 0),
+        ("REQ", "unanswered", None),
+        ("EST", "completed", None),
+    ],
+)
 def test_tcp_state(state: str, conn_state: str, flags: int | None) -> None:
     rec = one(flow(State=state))
     assert rec["conn_state"] == conn_state
@@ -150,19 +167,26 @@ def test_udp_and_icmp() -> None:
     assert (igmp["protocol"], igmp["src_port"], igmp["dst_port"]) == (2, 0, 0)
     rtp = one(flow(Proto="rtp", State="CON"))
     assert rtp["protocol"] == 17
-    v6 = one(flow(Proto="ipv6-icmp", SrcAddr="2001:718:2:1612:0:1:0:260", DstAddr="FF02::1:FF1B:D243", Sport=135, Dport=""))
+    v6 = one(
+        flow(Proto="ipv6-icmp", SrcAddr="2001:718:2:1612:0:1:0:260", DstAddr="FF02::1:FF1B:D243", Sport=135, Dport="")
+    )
     assert v6["src_ip"] == "2001:718:2:1612:0:1:0:260" and v6["dst_ip"] == "ff02::1:ff1b:d243" and v6["protocol"] == 58
 
 
 def test_non_ip_flows_are_skipped() -> None:
     arp = "2011/08/16 12:00:01.122665,0.000000,arp,147.32.87.36,,  who,147.32.87.33,,RSP,,,1,60,0,flow=Background"
-    ipx = "2011/08/16 12:01:54.510844,534.203064,ipx/spx,00:15:17:2c:e5:2d,,   ->,ff:ff:ff:ff:ff:ff,,REQ,,,85,7875,7875,flow=B"
+    ipx = (
+        "2011/08/16 12:01:54.510844,534.203064,ipx/spx,00:15:17:2c:e5:2d,,   ->,ff:ff:ff:ff:ff:ff,,REQ,,,"
+        "85,7875,7875,flow=B"
+    )
     b = parse([HEADER, arp, ipx])
     assert b.records.num_rows == 0 and b.rejects == [] and b.skipped == 3
 
 
 def test_smtp_filter_keeps_only_smtp_destinations() -> None:
-    b = parse([HEADER, flow(Dport=25), flow(Dport=80), flow(Dport=587), flow(Sport=25, Dport=40000)], smtp_ports=(25, 587))
+    b = parse(
+        [HEADER, flow(Dport=25), flow(Dport=80), flow(Dport=587), flow(Sport=25, Dport=40000)], smtp_ports=(25, 587)
+    )
     assert [r["dst_port"] for r in record.to_dicts(b.records)] == [25, 587]
     assert b.skipped == 3
 
@@ -256,14 +280,15 @@ def test_crlf_lines() -> None:
 _ALPHABET = "0123456789abcdefx.,:/- \t_SAFRP\x00\u00e9"
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.text(alphabet=_ALPHABET, max_size=200), max_size=20))
 def test_random_lines_never_raise(lines: list[str]) -> None:
     parse([HEADER] + lines)
 
 
-_EDITS = st.lists(st.tuples(st.sampled_from(["del", "ins", "rep"]), st.integers(0, 10**6), st.sampled_from(_ALPHABET)),
-                  max_size=3)
+_EDITS = st.lists(
+    st.tuples(st.sampled_from(["del", "ins", "rep"]), st.integers(0, 10**6), st.sampled_from(_ALPHABET)), max_size=3
+)
 
 
 def mutate(line: str, edits: list[tuple[str, int, str]]) -> str:
@@ -284,7 +309,7 @@ def mutate(line: str, edits: list[tuple[str, int, str]]) -> str:
 _BASE = SPAM_SLICE.read_text().splitlines()[1:]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.tuples(st.integers(0, len(_BASE) - 1), _EDITS), min_size=1, max_size=25), st.booleans())
 def test_mutated_flows_never_raise(picks: list, smtp_only: bool) -> None:
     lines = [mutate(_BASE[i], edits) for i, edits in picks]
@@ -309,3 +334,8 @@ def test_sniff() -> None:
     assert not sniff(flow() + "\n")
     assert not sniff("")
     assert not sniff("StartTime,Dur\n")
+
+
+def test_padded_columns_are_trimmed() -> None:
+    rec = one(flow(Proto="  tcp", Dport="   25", State=" S_RA"))
+    assert (rec["protocol"], rec["dst_port"], rec["conn_state"]) == (6, 25, "refused")

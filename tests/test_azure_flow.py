@@ -24,26 +24,40 @@ SUB = "11111111-2222-3333-4444-555555555555"
 
 def nsg_record(tuples: list[str], version: int = 2, mac: str = "000D3AF87856") -> dict:
     return {
-        "time": "2018-11-13T12:00:35.3899262Z", "systemId": "a0fca5ce-022c-47b1-9735-89943b42f2fa",
+        "time": "2018-11-13T12:00:35.3899262Z",
+        "systemId": "a0fca5ce-022c-47b1-9735-89943b42f2fa",
         "category": "NetworkSecurityGroupFlowEvent",
-        "resourceId": f"/SUBSCRIPTIONS/{SUB.upper()}/RESOURCEGROUPS/RG/PROVIDERS/MICROSOFT.NETWORK/NETWORKSECURITYGROUPS/NSG1",
+        "resourceId": f"/SUBSCRIPTIONS/{SUB.upper()}/RESOURCEGROUPS/RG/PROVIDERS/MICROSOFT.NETWORK/"
+        "NETWORKSECURITYGROUPS/NSG1",
         "operationName": "NetworkSecurityGroupFlowEvents",
-        "properties": {"Version": version, "flows": [{"rule": "DefaultRule_AllowInternetOutBound",
-                                                      "flows": [{"mac": mac, "flowTuples": tuples}]}]},
+        "properties": {
+            "Version": version,
+            "flows": [{"rule": "DefaultRule_AllowInternetOutBound", "flows": [{"mac": mac, "flowTuples": tuples}]}],
+        },
     }
 
 
 def vnet_record(tuples: list[str]) -> dict:
     """A VNet flow log record (version 4) as Network Watcher writes it."""
     return {
-        "time": "2022-09-14T09:00:52.5625085Z", "flowLogVersion": 4, "flowLogGUID": "66aa66aa-bb77-cc88-dd99-00ee00ee00ee",
-        "macAddress": "112233445566", "category": "FlowLogFlowEvent",
-        "flowLogResourceID": f"/SUBSCRIPTIONS/{SUB.upper()}/RESOURCEGROUPS/NETWORKWATCHERRG/PROVIDERS/MICROSOFT.NETWORK/"
-                             "NETWORKWATCHERS/NETWORKWATCHER_EASTUS2EUAP/FLOWLOGS/VNETFLOWLOG",
+        "time": "2022-09-14T09:00:52.5625085Z",
+        "flowLogVersion": 4,
+        "flowLogGUID": "66aa66aa-bb77-cc88-dd99-00ee00ee00ee",
+        "macAddress": "112233445566",
+        "category": "FlowLogFlowEvent",
+        "flowLogResourceID": f"/SUBSCRIPTIONS/{SUB.upper()}/RESOURCEGROUPS/NETWORKWATCHERRG/PROVIDERS/"
+        "MICROSOFT.NETWORK/"
+        "NETWORKWATCHERS/NETWORKWATCHER_EASTUS2EUAP/FLOWLOGS/VNETFLOWLOG",
         "targetResourceID": f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/vnet1",
         "operationName": "FlowLogFlowEvent",
-        "flowRecords": {"flows": [{"aclID": "00000000-1234-abcd-ef00-c1c2c3c4c5c6",
-                                   "flowGroups": [{"rule": "DefaultRule_AllowInternetOutBound", "flowTuples": tuples}]}]},
+        "flowRecords": {
+            "flows": [
+                {
+                    "aclID": "00000000-1234-abcd-ef00-c1c2c3c4c5c6",
+                    "flowGroups": [{"rule": "DefaultRule_AllowInternetOutBound", "flowTuples": tuples}],
+                }
+            ]
+        },
     }
 
 
@@ -110,11 +124,18 @@ def test_nsg_v2_flow_states_merge_into_one_connection() -> None:
 
 
 def test_nsg_v1_tuples_stand_alone() -> None:
-    tuples = ["1491143966,10.2.0.4,23.99.34.232,37560,25,T,O,A", "1491143966,10.2.0.4,23.99.34.232,37560,25,T,O,A",
-              "1491143984,10.2.0.4,91.189.89.199,56559,123,U,I,D"]
+    tuples = [
+        "1491143966,10.2.0.4,23.99.34.232,37560,25,T,O,A",
+        "1491143966,10.2.0.4,23.99.34.232,37560,25,T,O,A",
+        "1491143984,10.2.0.4,91.189.89.199,56559,123,U,I,D",
+    ]
     got = rows(parse(doc(nsg_record(tuples, version=1))))
     assert len(got) == 3
-    assert [(r["protocol"], r["action"], r["packets"]) for r in got] == [(6, "accept", 0), (6, "accept", 0), (17, "reject", 0)]
+    assert [(r["protocol"], r["action"], r["packets"]) for r in got] == [
+        (6, "accept", 0),
+        (6, "accept", 0),
+        (17, "reject", 0),
+    ]
 
 
 def test_vnet_v4_document() -> None:
@@ -139,8 +160,15 @@ def test_vnet_v4_document() -> None:
 def test_single_record_and_json_lines_forms() -> None:
     tuples = ["1542110379,10.0.0.1,10.0.0.2,40000,25,T,O,A,E,1,60,1,60"]
     assert len(rows(parse(json.dumps(nsg_record(tuples)).encode()))) == 1
-    lines = b"\n".join([json.dumps(nsg_record(tuples)).encode(), doc(vnet_record(
-        ["1663146003606,10.0.0.6,192.0.2.180,23956,25,6,O,E,NX,3,767,2,1580"]), indent=None)]) + b"\n"
+    lines = (
+        b"\n".join(
+            [
+                json.dumps(nsg_record(tuples)).encode(),
+                doc(vnet_record(["1663146003606,10.0.0.6,192.0.2.180,23956,25,6,O,E,NX,3,767,2,1580"]), indent=None),
+            ]
+        )
+        + b"\n"
+    )
     assert len(rows(parse(lines))) == 2
 
 
@@ -159,7 +187,10 @@ def test_one_bad_record_does_not_cost_the_others() -> None:
 
 
 TUPLE_BAD = [
-    ("1542110379,10.0.0.1,10.0.0.2,40000,25,T,O,A,E,1,60,1", "wrong field count: expected 13 fields (version 2 tuple), got 12"),
+    (
+        "1542110379,10.0.0.1,10.0.0.2,40000,25,T,O,A,E,1,60,1",
+        "wrong field count: expected 13 fields (version 2 tuple), got 12",
+    ),
     ("1542110379,10.0.0.300,10.0.0.2,40000,25,T,O,A,E,1,60,1,60", "invalid IP address in source address"),
     ("1542110379,10.0.0.1,10.0.0.2,70000,25,T,O,A,E,1,60,1,60", "source port out of range"),
     ("1542110379,10.0.0.1,10.0.0.2,40000,25,X,O,A,E,1,60,1,60", "unknown protocol: 'X'"),
@@ -190,12 +221,15 @@ def test_bad_vnet_tuple() -> None:
     assert "protocol out of range" in b.rejects[0].reason
 
 
-@pytest.mark.parametrize("data,reason", [
-    (NSG.read_bytes()[:150], "invalid JSON: Input data was truncated"),
-    (doc(vnet_record(["1663146003606,10.0.0.6,192.0.2.180,23956,25,6,O,E,NX,3,767,2,1580"]))[:-40], "invalid JSON"),
-    (b"[1, 2, 3]", "not an Azure flow log document: top level is list"),
-    (b"\x00\x01\x02\xff garbage", "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (NSG.read_bytes()[:150], "invalid JSON: Input data was truncated"),
+        (doc(vnet_record(["1663146003606,10.0.0.6,192.0.2.180,23956,25,6,O,E,NX,3,767,2,1580"]))[:-40], "invalid JSON"),
+        (b"[1, 2, 3]", "not an Azure flow log document: top level is list"),
+        (b"\x00\x01\x02\xff garbage", "invalid JSON"),
+    ],
+)
 def test_bad_document_is_one_reject(data: bytes, reason: str) -> None:
     b = parse(data)
     assert b.records.num_rows == 0 and b.read == 1
@@ -212,21 +246,33 @@ def test_empty_input() -> None:
 # ------------------------------------------------------------------ properties
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, database=None)
 @given(st.binary(max_size=400))
 def test_random_bytes_never_raise(data: bytes) -> None:
     parse(data)
 
 
-_EDITS = st.lists(st.tuples(st.sampled_from(["del", "ins", "rep"]), st.integers(0, 10**6),
-                            st.sampled_from(list(b'0123456789.,:-"{}[]TUOIABCDE \x00'))), max_size=4)
-_BASE = doc(nsg_record([
-    "1542110377,10.1.0.4,192.0.2.10,44000,25,T,O,A,B,,,,",
-    "1542110437,10.1.0.4,192.0.2.10,44000,25,T,O,A,E,2,200,1,60",
-]), vnet_record(["1663146003606,10.0.0.6,192.0.2.180,23956,25,6,O,E,NX,3,767,2,1580"]), indent=None)
+_EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(["del", "ins", "rep"]),
+        st.integers(0, 10**6),
+        st.sampled_from(list(b'0123456789.,:-"{}[]TUOIABCDE \x00')),
+    ),
+    max_size=4,
+)
+_BASE = doc(
+    nsg_record(
+        [
+            "1542110377,10.1.0.4,192.0.2.10,44000,25,T,O,A,B,,,,",
+            "1542110437,10.1.0.4,192.0.2.10,44000,25,T,O,A,E,2,200,1,60",
+        ]
+    ),
+    vnet_record(["1663146003606,10.0.0.6,192.0.2.180,23956,25,6,O,E,NX,3,767,2,1580"]),
+    indent=None,
+)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, database=None)
 @given(_EDITS, st.booleans())
 def test_mutated_documents_never_raise(edits: list, smtp_only: bool) -> None:
     s = bytearray(_BASE)

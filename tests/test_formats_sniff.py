@@ -19,12 +19,17 @@ ZEEK_LOGS = {
     "smtp/zeek/Baseline/scripts.base.protocols.smtp.attachment/files.log",
 }
 OWN = {
-    "argus": {"labelled-flows/ctu13-scenario6-capture20110816/capture20110816.binetflow.slice_13_1",
-              "labelled-flows/ctu13-scenario6-capture20110816/capture20110816.binetflow.slice_1_2"},
+    "argus": {
+        "labelled-flows/ctu13-scenario6-capture20110816/capture20110816.binetflow.slice_13_1",
+        "labelled-flows/ctu13-scenario6-capture20110816/capture20110816.binetflow.slice_1_2",
+    },
     "zeek": ZEEK_LOGS,
     "gcp-vpc": {"cloud-flowlogs/gcp-vpcflow/test-vpcflow.first3.log"},
     "azure-flow": {"cloud-flowlogs/azure-nsg/test-nsg.log"},
-    "aws-vpc": {"cloud-flowlogs/aws-vpcflow/test-extra-samples.log", "cloud-flowlogs/aws-vpcflow/test-v5-all-fields.log"},
+    "aws-vpc": {
+        "cloud-flowlogs/aws-vpcflow/test-extra-samples.log",
+        "cloud-flowlogs/aws-vpcflow/test-v5-all-fields.log",
+    },
 }
 TEXT_SNIFFERS = {"argus": argus.sniff, "zeek": zeek.sniff, "gcp-vpc": gcp_vpc.sniff, "aws-vpc": aws_vpc.sniff}
 

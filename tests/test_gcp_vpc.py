@@ -202,14 +202,20 @@ def test_undecodable_and_blank_lines() -> None:
 # ------------------------------------------------------------------ properties
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.text(max_size=200), max_size=10))
 def test_random_lines_never_raise(lines: list[str]) -> None:
     parse(lines)
 
 
-_EDITS = st.lists(st.tuples(st.sampled_from(["del", "ins", "rep"]), st.integers(0, 10**6),
-                            st.sampled_from('0123456789.-:"{}[],ZTabc \x00\u00e9')), max_size=4)
+_EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(["del", "ins", "rep"]),
+        st.integers(0, 10**6),
+        st.sampled_from('0123456789.-:"{}[],ZTabc \x00\u00e9'),
+    ),
+    max_size=4,
+)
 
 
 def mutate(line: str, edits: list) -> str:
@@ -230,7 +236,7 @@ def mutate(line: str, edits: list) -> str:
 _BASE = LINES + [json.dumps(smtp_entry()), json.dumps(reverse(smtp_entry()))]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.tuples(st.integers(0, len(_BASE) - 1), _EDITS), max_size=20), st.booleans())
 def test_mutated_entries_never_raise(picks: list, smtp_only: bool) -> None:
     parse([mutate(_BASE[i], e) for i, e in picks], smtp_ports=(25,) if smtp_only else None)

@@ -42,11 +42,29 @@ CONN_NAMES = CONN_HEADER[6].split("\t")[1:]
 
 def conn(**kw: object) -> str:
     """A conn.log TSV line: the first SMTP session of smtp.pcap, with fields overridden."""
-    v = {"ts": PCAP_TS, "uid": "CHhAvVGS1DHFjwGM9", "id.orig_h": "10.10.1.4", "id.orig_p": "1470",
-         "id.resp_h": "74.53.140.153", "id.resp_p": "25", "proto": "tcp", "service": "smtp", "duration": "7.299470",
-         "orig_bytes": "20372", "resp_bytes": "350", "conn_state": "SF", "local_orig": "-", "local_resp": "-",
-         "missed_bytes": "0", "history": "ShAdDaFf", "orig_pkts": "28", "orig_ip_bytes": "21673", "resp_pkts": "25",
-         "resp_ip_bytes": "1546", "tunnel_parents": "-"}
+    v = {
+        "ts": PCAP_TS,
+        "uid": "CHhAvVGS1DHFjwGM9",
+        "id.orig_h": "10.10.1.4",
+        "id.orig_p": "1470",
+        "id.resp_h": "74.53.140.153",
+        "id.resp_p": "25",
+        "proto": "tcp",
+        "service": "smtp",
+        "duration": "7.299470",
+        "orig_bytes": "20372",
+        "resp_bytes": "350",
+        "conn_state": "SF",
+        "local_orig": "-",
+        "local_resp": "-",
+        "missed_bytes": "0",
+        "history": "ShAdDaFf",
+        "orig_pkts": "28",
+        "orig_ip_bytes": "21673",
+        "resp_pkts": "25",
+        "resp_ip_bytes": "1546",
+        "tunnel_parents": "-",
+    }
     v.update({k.replace("__", "."): str(x) for k, x in kw.items()})
     return "\t".join(v[n] for n in CONN_NAMES)
 
@@ -76,7 +94,12 @@ def test_smtp_basic_baseline() -> None:
     b = parse(baseline(BASIC), smtp_ports=(25,))
     assert b.rejects == []
     first, second = rows(b)
-    assert (first["src_ip"], first["src_port"], first["dst_ip"], first["dst_port"]) == ("10.10.1.4", 1470, "74.53.140.153", 25)
+    assert (first["src_ip"], first["src_port"], first["dst_ip"], first["dst_port"]) == (
+        "10.10.1.4",
+        1470,
+        "74.53.140.153",
+        25,
+    )
     assert (first["helo"], first["mail_from_domain"], first["rcpt_count"]) == ("GP", "patriots.in", 1)
     assert (first["reply_last"], first["starttls"], first["conn_state"]) == (250, False, "completed")
     assert (second["src_ip"], second["src_port"], second["dst_ip"]) == ("192.168.133.100", 49648, "192.168.133.102")
@@ -95,7 +118,11 @@ def test_smtp_starttls_baseline() -> None:
 def test_smtp_invalid_transactions_baseline() -> None:
     got = rows(parse(baseline(INVALID)))
     assert [(r["mail_from_domain"], r["rcpt_count"], r["reply_last"]) for r in got] == [
-        ("example.org", 1, 250), ("", 1, 500), ("example.org", 0, 500), ("example.org", 1, 250)]
+        ("example.org", 1, 250),
+        ("", 1, 500),
+        ("example.org", 0, 500),
+        ("example.org", 1, 250),
+    ]
     assert {r["helo"] for r in got} == {"Bob-PC"}
 
 
@@ -106,8 +133,11 @@ def test_canonicalised_baseline_timestamps_are_rejected() -> None:
 
 
 def test_other_zeek_logs_are_skipped() -> None:
-    for rel in ("scripts.base.protocols.smtp.starttls/ssl.log", "scripts.base.protocols.smtp.attachment/files.log",
-                "scripts.base.protocols.smtp.mail-transactions-invalid/weird.log"):
+    for rel in (
+        "scripts.base.protocols.smtp.starttls/ssl.log",
+        "scripts.base.protocols.smtp.attachment/files.log",
+        "scripts.base.protocols.smtp.mail-transactions-invalid/weird.log",
+    ):
         lines = baseline(BASELINE / rel)
         b = parse(lines)
         assert b.records.num_rows == 0 and b.rejects == []
@@ -122,7 +152,12 @@ def test_conn_tsv() -> None:
     assert b.skipped == len(CONN_HEADER) + 1
     (rec,) = rows(b)
     assert (rec["src_ip"], rec["src_port"], rec["dst_ip"], rec["dst_port"], rec["protocol"]) == (
-        "10.10.1.4", 1470, "74.53.140.153", 25, 6)
+        "10.10.1.4",
+        1470,
+        "74.53.140.153",
+        25,
+        6,
+    )
     # IP-level counters, like the IPFIX export of the same session (28 pkts 21673 B, reverse 25 pkts 1546 B)
     assert (rec["packets"], rec["bytes"], rec["rev_packets"], rec["rev_bytes"]) == (28, 21673, 25, 1546)
     assert rec["start"] == "2009-10-05T06:06:07.529Z" and rec["end"] == "2009-10-05T06:06:14.828Z"
@@ -130,28 +165,43 @@ def test_conn_tsv() -> None:
 
 
 def test_conn_without_ip_bytes_uses_payload_bytes() -> None:
-    header = CONN_HEADER[:6] + ["#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\tduration"
-                                "\torig_bytes\tresp_bytes\tconn_state"]
+    header = CONN_HEADER[:6] + [
+        "#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\tduration"
+        "\torig_bytes\tresp_bytes\tconn_state"
+    ]
     b = parse(header + ["1.5\tC1\t10.0.0.1\t1000\t10.0.0.2\t25\ttcp\t-\t100\t200\tS1"])
     (rec,) = rows(b)
     assert (rec["bytes"], rec["rev_bytes"], rec["packets"]) == (100, 200, 0)
     assert rec["start"] == rec["end"] == "1970-01-01T00:00:01.500Z"
 
 
-@pytest.mark.parametrize("state,expected", [
-    ("S0", "unanswered"), ("SH", "unanswered"), ("RSTOS0", "unanswered"), ("REJ", "refused"),
-    ("SF", "completed"), ("S1", "completed"), ("S3", "completed"), ("RSTO", "reset"), ("RSTR", "reset"),
-    ("OTH", ""), ("SHR", ""),
-])
+@pytest.mark.parametrize(
+    "state,expected",
+    [
+        ("S0", "unanswered"),
+        ("SH", "unanswered"),
+        ("RSTOS0", "unanswered"),
+        ("REJ", "refused"),
+        ("SF", "completed"),
+        ("S1", "completed"),
+        ("S3", "completed"),
+        ("RSTO", "reset"),
+        ("RSTR", "reset"),
+        ("OTH", ""),
+        ("SHR", ""),
+    ],
+)
 def test_conn_states(state: str, expected: str) -> None:
     (rec,) = rows(parse(CONN_HEADER + [conn(conn_state=state)]))
     assert rec["conn_state"] == expected
 
 
 def test_udp_icmp_and_unset_counters() -> None:
-    lines = [conn(proto="udp", id__resp_p=53, conn_state="SF"),
-             conn(proto="icmp", id__orig_h="2001:db8::1", id__resp_h="2001:db8::2", id__orig_p=128, id__resp_p=129),
-             conn(orig_pkts="-", orig_ip_bytes="-", duration="-")]
+    lines = [
+        conn(proto="udp", id__resp_p=53, conn_state="SF"),
+        conn(proto="icmp", id__orig_h="2001:db8::1", id__resp_h="2001:db8::2", id__orig_p=128, id__resp_p=129),
+        conn(orig_pkts="-", orig_ip_bytes="-", duration="-"),
+    ]
     udp, icmp6, unset = rows(parse(CONN_HEADER + lines))
     assert udp["protocol"] == 17 and udp["conn_state"] == ""
     assert icmp6["protocol"] == 58
@@ -179,7 +229,12 @@ def test_header_state_carries_across_chunks_and_new_sections() -> None:
     section = ["#separator ,", "#path,conn", "#fields," + ",".join(names), "25,192.0.2.1,4000,10.0.0.9,tcp,10.0,S0"]
     b = parse(section, parser=p, first=10)
     (rec,) = rows(b)
-    assert (rec["src_ip"], rec["dst_ip"], rec["src_port"], rec["conn_state"]) == ("10.0.0.9", "192.0.2.1", 4000, "unanswered")
+    assert (rec["src_ip"], rec["dst_ip"], rec["src_port"], rec["conn_state"]) == (
+        "10.0.0.9",
+        "192.0.2.1",
+        4000,
+        "unanswered",
+    )
 
 
 def test_data_before_fields_is_rejected() -> None:
@@ -204,35 +259,92 @@ def test_escaped_text_in_smtp_log() -> None:
 
 
 def test_json_conn_and_smtp() -> None:
-    c = {"ts": 1254722767.529046, "uid": "C1", "id.orig_h": "10.10.1.4", "id.orig_p": 1470, "id.resp_h": "74.53.140.153",
-         "id.resp_p": 25, "proto": "tcp", "duration": 7.29947, "orig_pkts": 28, "orig_ip_bytes": 21673, "resp_pkts": 25,
-         "resp_ip_bytes": 1546, "conn_state": "SF", "history": "ShAdDaFf"}
-    s = {"ts": "2009-10-05T06:06:07.529046Z", "uid": "C1", "id.orig_h": "10.10.1.4", "id.orig_p": 1470,
-         "id.resp_h": "74.53.140.153", "id.resp_p": 25, "trans_depth": 1, "helo": "GP",
-         "mailfrom": "<Gurpartap@Patriots.IN>", "rcptto": ["a@b.example", "c@d.example"], "last_reply": "250 OK", "tls": False}
-    dns = {"ts": 1.0, "uid": "C2", "id.orig_h": "10.0.0.1", "id.orig_p": 53000, "id.resp_h": "10.0.0.2", "id.resp_p": 53,
-           "query": "example.com"}
+    c = {
+        "ts": 1254722767.529046,
+        "uid": "C1",
+        "id.orig_h": "10.10.1.4",
+        "id.orig_p": 1470,
+        "id.resp_h": "74.53.140.153",
+        "id.resp_p": 25,
+        "proto": "tcp",
+        "duration": 7.29947,
+        "orig_pkts": 28,
+        "orig_ip_bytes": 21673,
+        "resp_pkts": 25,
+        "resp_ip_bytes": 1546,
+        "conn_state": "SF",
+        "history": "ShAdDaFf",
+    }
+    s = {
+        "ts": "2009-10-05T06:06:07.529046Z",
+        "uid": "C1",
+        "id.orig_h": "10.10.1.4",
+        "id.orig_p": 1470,
+        "id.resp_h": "74.53.140.153",
+        "id.resp_p": 25,
+        "trans_depth": 1,
+        "helo": "GP",
+        "mailfrom": "<Gurpartap@Patriots.IN>",
+        "rcptto": ["a@b.example", "c@d.example"],
+        "last_reply": "250 OK",
+        "tls": False,
+    }
+    dns = {
+        "ts": 1.0,
+        "uid": "C2",
+        "id.orig_h": "10.0.0.1",
+        "id.orig_p": 53000,
+        "id.resp_h": "10.0.0.2",
+        "id.resp_p": 53,
+        "query": "example.com",
+    }
     b = parse([json.dumps(c), json.dumps(s), json.dumps(dns)], smtp_ports=(25,))
     assert b.skipped == 1 and b.rejects == []
     jc, js = rows(b)
-    assert (jc["packets"], jc["bytes"], jc["rev_packets"], jc["rev_bytes"], jc["conn_state"]) == (28, 21673, 25, 1546, "completed")
+    assert (jc["packets"], jc["bytes"], jc["rev_packets"], jc["rev_bytes"], jc["conn_state"]) == (
+        28,
+        21673,
+        25,
+        1546,
+        "completed",
+    )
     assert jc["end"] == "2009-10-05T06:06:14.828Z"
     assert (js["helo"], js["mail_from_domain"], js["rcpt_count"], js["reply_last"], js["starttls"]) == (
-        "GP", "patriots.in", 2, 250, False)
+        "GP",
+        "patriots.in",
+        2,
+        250,
+        False,
+    )
     assert js["start"] == jc["start"]
 
 
 JSON_BAD = [
-    ('{"ts": 1, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": "x", "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
-     '"proto": "tcp", "conn_state": "SF"}', "wrong JSON type: Expected `int | null`, got `str` - at `$.id.orig_p`"),
-    ('{"ts": 1, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 70000, "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
-     '"proto": "tcp", "conn_state": "SF"}', "id.orig_p out of range"),
-    ('{"ts": 1, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 1, "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
-     '"proto": "tcp", "conn_state": "SF", "orig_pkts": -3}', "negative orig_pkts"),
-    ('{"ts": -5, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 1, "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
-     '"proto": "tcp", "conn_state": "SF"}', "invalid ts: '-5.0'"),
-    ('{"ts": 1, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 1, "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
-     '"conn_state": "SF"}', "missing proto"),
+    (
+        '{"ts": 1, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": "x", "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
+        '"proto": "tcp", "conn_state": "SF"}',
+        "wrong JSON type: Expected `int | null`, got `str` - at `$.id.orig_p`",
+    ),
+    (
+        '{"ts": 1, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 70000, "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
+        '"proto": "tcp", "conn_state": "SF"}',
+        "id.orig_p out of range",
+    ),
+    (
+        '{"ts": 1, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 1, "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
+        '"proto": "tcp", "conn_state": "SF", "orig_pkts": -3}',
+        "negative orig_pkts",
+    ),
+    (
+        '{"ts": -5, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 1, "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
+        '"proto": "tcp", "conn_state": "SF"}',
+        "invalid ts: '-5.0'",
+    ),
+    (
+        '{"ts": 1, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 1, "id.resp_h": "10.0.0.2", "id.resp_p": 25, '
+        '"conn_state": "SF"}',
+        "missing proto",
+    ),
     ('{"ts": 1, "uid": "C", "id.orig_h": "10.0.0.1", "id.orig_p": 1', "invalid JSON: Input data was truncated"),
     ('{"hello": "world"}', "not a Zeek conn or smtp record"),
 ]
@@ -293,18 +405,19 @@ def test_undecodable_lines_never_raise() -> None:
 
 # ------------------------------------------------------------------ properties
 
-_ALPHABET = "0123456789.-\t,#{}\":tcpSFREJ\x00\u00e9abx"
+_ALPHABET = '0123456789.-\t,#{}":tcpSFREJ\x00\u00e9abx'
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.text(alphabet=_ALPHABET, max_size=120), max_size=15))
 def test_random_lines_never_raise(lines: list[str]) -> None:
     parse(CONN_HEADER + lines)
     parse(lines)
 
 
-_EDITS = st.lists(st.tuples(st.sampled_from(["del", "ins", "rep"]), st.integers(0, 10**6), st.sampled_from(_ALPHABET)),
-                  max_size=3)
+_EDITS = st.lists(
+    st.tuples(st.sampled_from(["del", "ins", "rep"]), st.integers(0, 10**6), st.sampled_from(_ALPHABET)), max_size=3
+)
 
 
 def mutate(line: str, edits: list[tuple[str, int, str]]) -> str:
@@ -322,12 +435,18 @@ def mutate(line: str, edits: list[tuple[str, int, str]]) -> str:
     return "".join(s)
 
 
-_BASE = CONN_HEADER + [conn(), conn(conn_state="S0", id__resp_p=587)] + baseline(BASIC) + [
-    '{"ts":1.5,"uid":"C","id.orig_h":"10.0.0.1","id.orig_p":1,"id.resp_h":"10.0.0.2","id.resp_p":25,"proto":"tcp",'
-    '"conn_state":"SF","orig_pkts":3}']
+_BASE = (
+    CONN_HEADER
+    + [conn(), conn(conn_state="S0", id__resp_p=587)]
+    + baseline(BASIC)
+    + [
+        '{"ts":1.5,"uid":"C","id.orig_h":"10.0.0.1","id.orig_p":1,"id.resp_h":"10.0.0.2","id.resp_p":25,"proto":"tcp",'
+        '"conn_state":"SF","orig_pkts":3}'
+    ]
+)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.tuples(st.integers(0, len(_BASE) - 1), _EDITS), max_size=25), st.booleans())
 def test_mutated_logs_never_raise(picks: list, smtp_only: bool) -> None:
     parse([mutate(_BASE[i], e) for i, e in picks], smtp_ports=(25,) if smtp_only else None)
