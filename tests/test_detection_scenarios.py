@@ -39,3 +39,15 @@ def test_eval_meets_the_targets_on_every_abuse_kind(offline_cfg):
     assert all(k.recall == 1.0 for k in res.kinds.values()), evaluate.report(res)
     assert res.false_positives == [], evaluate.report(res)
     assert res.median_delay_s() < 180 and res.meets_targets()
+
+
+def test_labelled_ctu13_spam_host_flagged_and_negative_control_silent(offline_cfg, shared_data):
+    """Public labelled flows: the host whose flows are labelled SPAM, and nothing else."""
+    from smtpguard.evaluate import evaluate_labelled
+
+    results = evaluate_labelled(offline_cfg, shared_data / "labelled-flows" / "ctu13-scenario6-capture20110816")
+    by_name = {r["dataset"]: r for r in results}
+    spam = by_name["capture20110816.binetflow.slice_13_1"]
+    assert spam["spam_hosts"] == ["147.32.84.165"] and spam["flagged"] == ["147.32.84.165"]
+    idle = by_name["capture20110816.binetflow.slice_1_2"]
+    assert idle["flagged"] == [] and all(r["ok"] for r in results)
