@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from smtpguard import wire
 from smtpguard.config import Config
-from smtpguard.errors import StoreError
+from smtpguard.errors import SmtpguardError, StoreError
 from smtpguard.exemptions import Exemptions
 from smtpguard.ingest.base import Reject
 from smtpguard.store import Store
@@ -44,21 +44,31 @@ class RunnerStats:
     store_errors: int = 0
     commits: int = 0
     restored: int = 0
+    decisions: dict[str, int] = field(default_factory=dict)
     last_message_at: float = 0.0
     assigned: list[int] = field(default_factory=list)
 
 
 class DetectorRunner:
     def __init__(self, cfg: Config, store: Store, exemptions: Exemptions | None = None,
-                 stop: threading.Event | None = None, poll_batch: int = 500):
+                 stop: threading.Event | None = None, poll_batch: int = 500, respond: bool = True):
+        """``exemptions`` None: the exemption registry in the store is the source (and revocations
+        by the response policy take effect at once); given: a fixed set (tests, CSV-only setups)."""
         from confluent_kafka import Consumer, Producer
 
         from smtpguard.kafka import consumer_settings, producer_settings
+        from smtpguard.response.enforce import Outputs
+        from smtpguard.response.policy import Executor
+        from smtpguard.response.registry import Registry
 
         self.cfg = cfg
         self.store = store
-        self.pipeline = Pipeline(cfg, exemptions)
         self.stop_event = stop or threading.Event()
+        self.registry = Registry(store)
+        self._registry_exemptions = exemptions is None
+        self.pipeline = Pipeline(cfg, exemptions if exemptions is not None else self.registry.current())
+        self.executor = Executor(self.registry, cfg.response, Outputs(cfg, cfg.response, store, self.stop_event)) \
+            if respond else None
         self.poll_batch = poll_batch
         self.topics = cfg.kafka.topics
         self.consumer = Consumer(consumer_settings(cfg))
@@ -198,6 +208,24 @@ class DetectorRunner:
         if self._delivery_errors:
             errs, self._delivery_errors = self._delivery_errors, []
             raise StoreError(f"alerts topic delivery failed: {errs[0]}")
+        self._respond([a for a in alerts if not a.suppressed and a.alert_id not in known])
+
+    def _respond(self, alerts: list[Alert]) -> None:
+        """The revocation policy on new alerts; a revocation changes the exemptions at once."""
+        if self.executor is None or not alerts:
+            return
+        revoked = False
+        for a in alerts:
+            try:
+                outcome = self.executor.handle(a)
+            except SmtpguardError as e:  # the registry is right; `enforce publish` resends the state
+                log.error("response to alert %s failed: %s", a.alert_id, e)
+                continue
+            action = outcome.decision.action
+            self.stats.decisions[action] = self.stats.decisions.get(action, 0) + 1
+            revoked |= action == "revoke"
+        if revoked and self._registry_exemptions:
+            self.pipeline.exemptions = self.registry.current()
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:

@@ -265,7 +265,8 @@ def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, pr
 
 
 @cli.command("detect")
-@click.option("--exemptions", metavar="FILE.csv", help="exempted IPs (config: detect.exemptions_csv)")
+@click.option("--exemptions", metavar="FILE.csv",
+              help="import this CSV into the exemption registry first (config: detect.exemptions_csv)")
 @pass_ctx
 def detect_cmd(c: Ctx, exemptions: str | None) -> None:
     """Run a detector in the consumer group: flows -> windows -> alerts, features -> store.
@@ -276,26 +277,29 @@ def detect_cmd(c: Ctx, exemptions: str | None) -> None:
     from smtpguard.kafka import ensure_topics
     from smtpguard.store import Store
 
+    from smtpguard.serve import import_exemptions
+
     cfg = c.cfg
-    ex = _exemptions(cfg, exemptions)
     ensure_topics(cfg)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Store(cfg.store_dsn, cfg.store.database) as store:
-        runner = DetectorRunner(cfg, store, ex, stop=stop)
+        import_exemptions(store, exemptions or cfg.detect.exemptions_csv)
+        runner = DetectorRunner(cfg, store, None, stop=stop)
         try:
             runner.run()
         except KeyboardInterrupt:
             stop.set()
     st = runner.stats
     _err(f"consumed {st.records:,} records in {st.messages:,} messages; {st.windows:,} windows; "
-         f"{st.alerts_raised} alerts raised")
+         f"{st.alerts_raised} alerts raised; response decisions {st.decisions or 'none'}")
 
 
 @cli.command("serve")
 @click.argument("paths", nargs=-1)
 @click.option("--format", "fmt", default="auto", type=_format_choice(), help=FORMAT_HELP)
-@click.option("--exemptions", metavar="FILE.csv", help="exempted IPs (config: detect.exemptions_csv)")
+@click.option("--exemptions", metavar="FILE.csv",
+              help="import this CSV into the exemption registry first (config: detect.exemptions_csv)")
 @pass_ctx
 def serve_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None) -> None:
     """Run everything in one process: a local Tansu broker when no Kafka is configured, the
@@ -304,7 +308,7 @@ def serve_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None) 
     from smtpguard.serve import LocalStack, collect_into
 
     cfg = c.cfg
-    with LocalStack(cfg, _exemptions(cfg, exemptions)) as stack:
+    with LocalStack(cfg, exemptions) as stack:
         _err(f"broker {stack.cfg.kafka.bootstrap_servers}, store {config_mod.mask_dsn(stack.cfg.store_dsn)}")
         if paths:
             bar = Progress("collect")

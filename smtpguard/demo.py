@@ -11,7 +11,6 @@ from pathlib import Path
 import msgspec
 
 from smtpguard.config import Config, mask_dsn
-from smtpguard.exemptions import Exemptions
 
 
 def _say(msg: str = "") -> None:
@@ -39,9 +38,8 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
         store=msgspec.structs.replace(cfg.store, dsn=f"chdb://{out / 'store'}"),
         detect=msgspec.structs.replace(cfg.detect, idle_flush_ms=2000, exemptions_csv=str(paths["exemptions"])),
     )
-    exemptions = Exemptions.from_csv(paths["exemptions"])
     t0 = time.monotonic()
-    with LocalStack(cfg, exemptions) as stack:
+    with LocalStack(cfg, str(paths["exemptions"])) as stack:
         _say(f"local Kafka broker (Tansu) on {stack.cfg.kafka.bootstrap_servers}; store {mask_dsn(stack.cfg.store_dsn)}")
         bar = Progress("collect")
         try:
@@ -57,6 +55,15 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
         _say(f"detector: {st.records:,} records, {st.windows:,} source-minute windows, {st.alerts_raised} alerts raised, "
              f"{st.alerts_suppressed} repeats suppressed by cooldown ({time.monotonic() - t0:.1f} s)")
         alerts = stack.store.list_alerts(min_severity="low", limit=10_000)
+        from smtpguard.response.enforce import write_nftables
+        from smtpguard.response.registry import Registry
+
+        registry = Registry(stack.store)
+        revoked = registry.list("revoked")
+        nft_path = out / "smtp-allowed.nft"
+        nft = write_nftables(nft_path, registry, stack.cfg.response)
+        decisions = dict(st.decisions)
+        enforcement_topic = stack.cfg.kafka.topics.enforcement
 
     print()
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -77,6 +84,11 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
     if missed:
         print("missed: " + ", ".join(f"{ip} ({abusers[ip]['label']})" for ip in missed))
     print(f"benign sources with medium or higher alerts: {len(false_pos)}" + (f" ({', '.join(false_pos)})" if false_pos else ""))
+    print()
+    print(f"response policy decisions: {decisions or 'none'}")
+    for r in revoked:
+        print(f"  exemption of {r.key} revoked by {r.last.actor}: {r.last.reason}")
+    print(f"enforcement events on {enforcement_topic}; nftables set of allowed senders: {nft_path}")
     print()
     print(f"data: flow log {paths['flows']}, exemptions {paths['exemptions']}, truth {paths['truth']}")
     print(f"store: {out / 'store'} (ClickHouse tables flows, window_features, alerts in database {cfg.store.database})")

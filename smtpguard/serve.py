@@ -16,7 +16,6 @@ import msgspec
 
 from smtpguard.config import Config
 from smtpguard.errors import SmtpguardError
-from smtpguard.exemptions import Exemptions
 from smtpguard.kafka import LocalBroker, ensure_topics
 from smtpguard.store import Store
 
@@ -26,9 +25,11 @@ log = logging.getLogger(__name__)
 class LocalStack:
     """Broker (local Tansu if ``kafka.bootstrap_servers`` is empty), topics, store and a detector thread."""
 
-    def __init__(self, cfg: Config, exemptions: Exemptions | None = None):
+    def __init__(self, cfg: Config, exemptions_csv: str | None = None):
+        """``exemptions_csv`` (or ``detect.exemptions_csv``) is imported into the exemption registry,
+        which the detector then reads."""
         self.cfg = cfg
-        self.exemptions = exemptions
+        self.exemptions_csv = exemptions_csv or cfg.detect.exemptions_csv or None
         self.broker: LocalBroker | None = None
         self.store: Store | None = None
         self.runner = None
@@ -47,7 +48,8 @@ class LocalStack:
             self.store = Store(self.cfg.store_dsn, self.cfg.store.database)
             from smtpguard.detectors.runner import DetectorRunner
 
-            self.runner = DetectorRunner(self.cfg, self.store, self.exemptions, stop=self.stop_event)
+            import_exemptions(self.store, self.exemptions_csv)
+            self.runner = DetectorRunner(self.cfg, self.store, None, stop=self.stop_event)
             self.thread = threading.Thread(target=self._run_detector, name="detector", daemon=True)
             self.thread.start()
         except BaseException:
@@ -83,6 +85,16 @@ class LocalStack:
             self.store.close()
         if self.broker is not None:
             self.broker.stop()
+
+
+def import_exemptions(store: Store, csv_path: str | None) -> None:
+    """Grant the rows of an exemptions CSV the registry has not seen (idempotent)."""
+    if not csv_path:
+        return
+    from smtpguard.response.registry import Registry
+
+    res = Registry(store).import_csv(csv_path, actor="import")
+    log.info("exemptions from %s: %s", csv_path, res)
 
 
 def collect_into(cfg: Config, paths: Sequence[str], fmt: str, progress=None):

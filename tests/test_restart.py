@@ -86,10 +86,10 @@ def test_sigkill_and_restart_loses_and_duplicates_nothing(cfg, tmp_path):
     assert _progress(cfg, ends) < total, f"the scenario finished before the detector could be killed ({total} messages)"
     proc = subprocess.Popen([SMTPGUARD, "--config", str(conf), "detect"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and _progress(cfg, ends) < total:
         time.sleep(0.5)
-    time.sleep(3)  # idle flush of the last windows, then a checkpoint
+    time.sleep(4)  # idle flush of the last windows, then a checkpoint
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
