@@ -59,6 +59,8 @@ class Alert(msgspec.Struct, omit_defaults=False):
     """why the finding was not raised: '' (raised) or 'cooldown'"""
     status: str = "new"
     created_at: str = ""
+    incident_id: str = ""
+    """alerts of one source (or tenant) with gaps under the incident gap share an incident"""
 
     @property
     def window_start_ms(self) -> int:
@@ -67,10 +69,23 @@ class Alert(msgspec.Struct, omit_defaults=False):
 
 @dataclass
 class AlertGate:
-    """Turns findings into alerts: cooldown per (scope, detector), escalation when worse."""
+    """Turns findings into alerts: cooldown per (scope, detector), escalation when worse, and
+    incidents: every finding of one scope within ``incident_gap_ms`` of the previous one joins
+    its incident (id = hash of scope and the incident's first window, so replays agree)."""
 
     cooldown_ms: int
+    incident_gap_ms: int = 1_800_000
     _last: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    _incidents: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def _incident(self, scope: str, window_start_ms: int) -> str:
+        cur = self._incidents.get(scope)
+        if cur is None or window_start_ms > cur[1] + self.incident_gap_ms:
+            cur = (hashlib.sha256(f"incident|{scope}|{window_start_ms}".encode()).hexdigest()[:16], window_start_ms)
+        else:
+            cur = (cur[0], max(cur[1], window_start_ms))
+        self._incidents[scope] = cur
+        return cur[0]
 
     def admit(self, findings: Sequence[Finding]) -> list[Alert]:
         out = []
@@ -89,7 +104,7 @@ class AlertGate:
                 score=round(f.score, 3), src_ip=f.src_ip, tenant=f.tenant,
                 window_start=iso(f.window_start_ms), window_end=iso(f.window_end_ms),
                 reasons=f.reasons, evidence=f.evidence, exempted=f.exempted, suppressed=suppressed,
-                created_at=iso(int(time.time() * 1000)),
+                created_at=iso(int(time.time() * 1000)), incident_id=self._incident(scope, f.window_start_ms),
             ))
         return out
 
@@ -128,4 +143,5 @@ def alerts_to_arrow(alerts: Sequence[Alert]) -> pa.Table:
         "suppressed": pa.array([a.suppressed for a in alerts], pa.string()),
         "status": pa.array([a.status for a in alerts], pa.string()),
         "created_at": pa.array([_ts(a.created_at) for a in alerts], ts),
+        "incident_id": pa.array([a.incident_id for a in alerts], pa.string()),
     })

@@ -140,7 +140,8 @@ class Pipeline:
             "closed_upto_ms": s.engine.closed_upto_ms if s.engine.closed_upto_ms is not None else -1,
             "history": s.history.snapshot(),
             "panes": buf.getvalue(),
-            "gate": {f"{k[0]}|{k[1]}": list(v) for k, v in s.gate._last.items()},
+            "gate": {"last": {f"{k[0]}|{k[1]}": list(v) for k, v in s.gate._last.items()},
+                     "incidents": {k: list(v) for k, v in s.gate._incidents.items()}},
         }
 
     def restore(self, key: int, state: dict) -> None:
@@ -153,7 +154,8 @@ class Pipeline:
         s.history = SourceHistory.restore(state["history"])
         if state["panes"]:
             s.panes.panes = pl.read_ipc(io.BytesIO(state["panes"]))
-        s.gate._last = {tuple(k.split("|", 1)): tuple(v) for k, v in state["gate"].items()}
+        s.gate._last = {tuple(k.split("|", 1)): tuple(v) for k, v in state["gate"].get("last", {}).items()}
+        s.gate._incidents = {k: tuple(v) for k, v in state["gate"].get("incidents", {}).items()}
 
     @property
     def late_records(self) -> int:

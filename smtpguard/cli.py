@@ -418,6 +418,29 @@ def alerts_list(c: Ctx, severity: str | None, since: str | None, ip: str | None,
         _err(f"{len(rows)} alerts")
 
 
+@alerts_group.command("incidents")
+@click.option("--since", metavar="WHEN", help="incidents active after: a duration (30m, 6h, 2d) or an ISO 8601 time")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@pass_ctx
+def alerts_incidents(c: Ctx, since: str | None, limit: int, as_json: bool) -> None:
+    """Alerts grouped into incidents (one source or tenant, gaps under 30 minutes)."""
+    from smtpguard.store import Store
+
+    when = _parse_since(since)
+    with Store(c.cfg.store_dsn, c.cfg.store.database) as store:
+        rows = store.list_incidents(since=when, limit=limit)
+    for r in rows:
+        if as_json:
+            click.echo(json.dumps(_jsonable(r)))
+        else:
+            click.echo(f"{r['incident_id']}  {r['first_window']:%Y-%m-%d %H:%M} .. {r['last_window']:%H:%M}  "
+                       f"{r['severity']:8} {r['src_ip'] or 'tenant ' + r['tenant']:16} {r['alerts']:4} alerts  "
+                       f"{', '.join(r['detectors'])}")
+    if not as_json:
+        _err(f"{len(rows)} incidents")
+
+
 @alerts_group.command("show")
 @click.argument("alert_id")
 @click.option("--json", "as_json", is_flag=True)

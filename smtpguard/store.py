@@ -66,12 +66,13 @@ ALERT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("suppressed", "LowCardinality(String)"),
     ("status", "LowCardinality(String)"),
     ("created_at", "DateTime64(3, 'UTC')"),
+    ("incident_id", "String"),
 )
 
 
 #: Modules that own tables; each has ``migrations(db) -> list[(step_id, [sql, ...])]``.
 #: Steps run once each, in this order, and are recorded in ``schema_migrations``.
-MIGRATION_PROVIDERS = ("smtpguard.store", "smtpguard.response")
+MIGRATION_PROVIDERS = ("smtpguard.store", "smtpguard.response", "smtpguard.console")
 
 
 def migrations(db: str) -> list[tuple[str, list[str]]]:
@@ -267,6 +268,22 @@ class Store:
         sql = (f"SELECT {', '.join(names)} FROM {self.database}.alerts FINAL WHERE {' AND '.join(where)} "
                "ORDER BY window_start DESC, severity_rank DESC, alert_id LIMIT {limit:UInt32}")
         return [dict(zip(names, row)) for row in self.query(sql, params)]
+
+    def list_incidents(self, *, since: dt.datetime | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Alerts grouped by incident: scope, first and last window, count, worst severity, detectors."""
+        where, params = ["suppressed = ''", "incident_id != ''"], {"limit": limit}
+        if since:
+            where.append("window_end >= {since:DateTime64(3, 'UTC')}")
+            params["since"] = since
+        sql = (f"SELECT incident_id, any(src_ip), any(tenant), min(window_start), max(window_end), count(), "
+               f"max(severity_rank), groupUniqArray(detector) FROM {self.database}.alerts FINAL "
+               f"WHERE {' AND '.join(where)} GROUP BY incident_id ORDER BY max(window_end) DESC LIMIT {{limit:UInt32}}")
+        names = ("incident_id", "src_ip", "tenant", "first_window", "last_window", "alerts", "severity", "detectors")
+        rows = [dict(zip(names, r)) for r in self.query(sql, params)]
+        for r in rows:
+            r["severity"] = SEVERITIES[r["severity"]]
+            r["detectors"] = sorted(r["detectors"])
+        return rows
 
     def get_alert(self, alert_id: str) -> dict[str, Any] | None:
         names = [c for c, _ in ALERT_COLUMNS]

@@ -31,7 +31,7 @@ def scen_files(tmp_path_factory):
 def test_help_on_every_command():
     top = run("--help")
     assert top.returncode == 0 and "analyze" in top.stdout and "demo" in top.stdout
-    for cmd in (["analyze"], ["decode"], ["collect"], ["detect"], ["serve"], ["demo"], ["alerts", "list"],
+    for cmd in (["alerts", "incidents"], ["analyze"], ["decode"], ["collect"], ["detect"], ["serve"], ["demo"], ["alerts", "list"],
                 ["alerts", "show"], ["config", "show"], ["topics", "create"], ["formats"], ["dnsbl", "check"], ["dnsbl", "zones"],
                 ["model", "train"], ["model", "evaluate"], ["eval"], ["exemptions", "grant"], ["exemptions", "list"],
                 ["exemptions", "revoke"], ["exemptions", "restore"], ["enforce", "nftables"]):
@@ -152,6 +152,10 @@ def test_alerts_list_show_and_store_lock(tmp_path, scen_files):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in r.stdout.splitlines()]
     assert rows and all(x["severity"] in ("high", "critical") for x in rows)
+    inc = run("--data-dir", str(data), "alerts", "incidents", "--json")
+    incidents = [json.loads(x) for x in inc.stdout.splitlines()]
+    assert inc.returncode == 0 and incidents
+    assert sum(i["alerts"] for i in incidents) == len([a for a in res.alerts if not a.suppressed])
     one = run("--data-dir", str(data), "alerts", "show", rows[0]["alert_id"])
     assert one.returncode == 0 and rows[0]["src_ip"] in one.stdout and "reasons:" in one.stdout
     assert run("--data-dir", str(data), "alerts", "show", "nope").returncode == 1

@@ -145,3 +145,20 @@ def test_detector_parameters_are_validated():
         build_detectors({"spam_fanout": {"min_distinct_dst": "many"}})
     with pytest.raises(ConfigError):
         build_detectors({"spam_fanout": {"no_such_param": 1}})
+
+
+def test_incidents_group_a_sources_alerts_until_a_gap():
+    from smtpguard.detectors.rules import Finding
+
+    gate = AlertGate(cooldown_ms=60_000, incident_gap_ms=30 * 60_000)
+
+    def f(minute, det="spam_fanout"):
+        ws = int(T0.timestamp() * 1000) + minute * 60_000
+        return Finding(det, "10.0.0.1", "t", ws, ws + 60_000, 0.8, ["r"])
+
+    a = gate.admit([f(0), f(5, "blocked_attempts"), f(20)])
+    b = gate.admit([f(90)])
+    assert len({x.incident_id for x in a}) == 1 and a[0].incident_id
+    assert b[0].incident_id != a[0].incident_id
+    again = AlertGate(cooldown_ms=60_000).admit([f(0)])
+    assert again[0].incident_id == a[0].incident_id  # deterministic across replays
