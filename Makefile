@@ -4,8 +4,9 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests use: rbldnsd serves DNSBL zones, nftables checks enforcement sets.
-DEB_PACKAGES = rbldnsd nftables
+# Debian packages the tests use: rbldnsd serves DNSBL zones, nftables checks enforcement sets,
+# chromium runs the console's browser tests (Playwright drives it; no browser download).
+DEB_PACKAGES = rbldnsd nftables chromium fonts-dejavu-core
 DEB_STAMP = $(VENV)/.debian-packages
 
 .PHONY: demo test test-fast bench install system-packages clean help

@@ -504,12 +504,15 @@ def eval_cmd(c: Ctx, seeds: str, instances: int, hours: float, warmup_min: int, 
 def _register() -> None:
     from smtpguard.cli_dnsbl import dnsbl_group
     from smtpguard.cli_model import model_group
+    from smtpguard.cli_console import console_cmd, users_group
     from smtpguard.cli_response import enforce_group, exemptions_group
 
     cli.add_command(model_group)
     cli.add_command(dnsbl_group)
     cli.add_command(exemptions_group)
     cli.add_command(enforce_group)
+    cli.add_command(console_cmd)
+    cli.add_command(users_group)
 
 
 _register()

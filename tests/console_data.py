@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from smtpguard import scenario
 from smtpguard.analyze import analyze
 from smtpguard.config import Config
@@ -37,8 +39,12 @@ def fill(store: Store, cfg: Config, out_dir: Path, *, seed: int = 7, instances: 
     scen = scenario.generate(seed, instances=instances, duration_s=minutes * 60)
     paths = scenario.write(scen, out_dir)
     flows = [str(paths["flows"])]
-    for _src, batch in read_batches(flows, "aws-vpc", cfg.ingest.smtp_ports, cfg.ingest.chunk_lines):
-        store.insert_flows(batch.records)
+    for n, (_src, batch) in enumerate(read_batches(flows, "aws-vpc", cfg.ingest.smtp_ports, cfg.ingest.chunk_lines)):
+        rows = batch.records.num_rows
+        # the position a record would have had on the flows topic: one message per batch
+        store.insert_flows(batch.records.append_column("kafka_partition", pa.array([0] * rows, pa.uint32()))
+                           .append_column("kafka_offset", pa.array([n] * rows, pa.int64()))
+                           .append_column("kafka_row", pa.array(range(rows), pa.uint32())))
     exemptions = Exemptions.from_csv(paths["exemptions"])
     res = analyze(cfg, flows, "aws-vpc", exemptions, keep_features=True)
     store.insert_alerts(res.alerts)
