@@ -46,6 +46,8 @@ test-fast: $(STAMP) $(DEB_STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_analyze.py --baseline
 	$(BIN)/python bench/bench_netflow.py
+	$(BIN)/python bench/bench_pcap.py
+	$(BIN)/python bench/bench_formats.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

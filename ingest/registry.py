@@ -43,6 +43,11 @@ FORMATS: dict[str, Format] = {
                "NetFlow v5/v9 and IPFIX datagrams in a pcap or pcapng capture (exporter = sender ip:port); "
                "templates carry over between files",
                "smtpguard decode capture.pcap --format netflow-pcap --json", sniffer="sniff_pcap", kind="stream"),
+        Format("pcap", "smtpguard.ingest.pcap_smtp", "SmtpCaptureParser",
+               "TCP connections to SMTP ports in a pcap or pcapng capture, with the SMTP dialogue where visible "
+               "(EHLO name, MAIL FROM domain, RCPT count, reply codes, STARTTLS, AUTH); exporter = the file name; "
+               "connections carry over between files",
+               "smtpguard decode capture.pcap --format pcap --json", sniffer="sniff", kind="stream"),
         Format("aws-vpc", "smtpguard.ingest.aws_vpc", "AwsVpcParser",
                "AWS VPC and Transit Gateway Flow Logs: default v2, all-fields v3-v5, Transit Gateway v6 default, "
                "or any layout declared by a header line; plain or .gz",

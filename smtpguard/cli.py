@@ -195,7 +195,7 @@ def analyze_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None
 def _collect_choice() -> click.Choice:
     from smtpguard.ingest.registry import FORMATS
 
-    return click.Choice(["auto", "netflow", *FORMATS])
+    return click.Choice(["auto", "netflow", "live", *FORMATS])
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -210,31 +210,59 @@ def _host_port(value: str) -> tuple[str, int]:
 @click.argument("fmt", metavar="FORMAT", type=_collect_choice())
 @click.argument("paths", nargs=-1)
 @click.option("--listen", metavar="HOST:PORT", help="receive NetFlow v5/v9/IPFIX over UDP instead of reading files")
+@click.option("--iface", metavar="IF", help="with FORMAT live: capture SMTP connections on this interface "
+              "(needs root or CAP_NET_RAW)")
+@click.option("--bpf", metavar="EXPR", help="with --iface: a tcpdump-style filter instead of the built-in "
+              "SMTP-port filter (compiled by libpcap)")
 @click.option("--progress/--no-progress", default=None, help="progress bar on stderr (default: when stderr is a terminal)")
 @pass_ctx
-def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, progress: bool | None) -> None:
+def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, iface: str | None, bpf: str | None,
+                progress: bool | None) -> None:
     """Read flow records and produce SMTP connection records to Kafka.
 
     \b
     Examples:
       smtpguard --bootstrap-servers kafka:9092 collect aws-vpc /var/log/vpc/
       smtpguard --bootstrap-servers kafka:9092 collect netflow --listen 0.0.0.0:2055
+      smtpguard --bootstrap-servers kafka:9092 collect pcap /var/capture/smtp-*.pcap
+      sudo smtpguard --bootstrap-servers kafka:9092 collect live --iface eth0
     Records go to kafka.topics.flows (keyed by source IP), dead letters to kafka.topics.dlq.
     """
     from smtpguard.ingest.collector import Collector
     from smtpguard.ingest.reader import Progress
     from smtpguard.kafka import ensure_topics
 
+    if (fmt == "live") != bool(iface):
+        raise click.UsageError("live capture is `collect live --iface IF`")
+    if bpf and not iface:
+        raise click.UsageError("--bpf goes with `collect live --iface IF`")
+    if iface and (paths or listen):
+        raise click.UsageError("`collect live --iface IF` reads no PATHs and no --listen")
     if listen and paths:
         raise click.UsageError("give either PATHs or --listen, not both")
-    if not listen and not paths:
-        raise click.UsageError("give PATHs to read, or --listen HOST:PORT for NetFlow/IPFIX over UDP")
+    if not listen and not paths and not iface:
+        raise click.UsageError("give PATHs to read, --listen HOST:PORT for NetFlow/IPFIX over UDP, "
+                               "or `collect live --iface IF`")
     if listen and not fmt.startswith("netflow"):
         raise click.UsageError("--listen receives NetFlow/IPFIX: use `collect netflow --listen HOST:PORT`")
     if fmt == "netflow" and not listen:
         fmt = "auto"
     ensure_topics(c.cfg)
     col = Collector(c.cfg)
+    if iface:
+        from smtpguard.ingest.pcap_live import live_capture
+        from smtpguard.ingest.pcap_smtp import SmtpCaptureParser
+
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        parser = SmtpCaptureParser(iface, c.cfg.ingest.smtp_ports)
+        capture = live_capture(iface, c.cfg.ingest.smtp_ports, col.send, stop, bpf=bpf, parser=parser,
+                               on_ready=lambda: _err(f"capturing SMTP connections on {iface}; Ctrl-C to stop"))
+        col.flush()
+        _err(f"{col.stats.summary()}\ncapture: {capture.packets:,} packets read, "
+             f"{capture.kernel_drops:,} dropped by the kernel; {parser.counters}")
+        return
     if listen:
         from smtpguard.ingest.netflow import NetflowDecoder
         from smtpguard.ingest.netflow_listen import listen_udp
