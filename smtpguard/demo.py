@@ -17,6 +17,25 @@ def _say(msg: str = "") -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def exe_name() -> str:
+    return "smtpguard" if shutil.which("smtpguard") else sys.argv[0]
+
+
+def _console_user(store) -> str:
+    """An admin user 'demo' with a fresh random password in the demo's own store."""
+    import secrets
+
+    from smtpguard.console.auth import Users
+
+    password = secrets.token_urlsafe(12)
+    users = Users(store)
+    if users.get("demo") is None:
+        users.add("demo", "admin", password, "smtpguard-demo")
+    else:
+        users.set("demo", "smtpguard-demo", password=password)
+    return password
+
+
 def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int = 60, out_dir: str | None = None) -> bool:
     from smtpguard import scenario
     from smtpguard.ingest.reader import Progress
@@ -64,6 +83,7 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
         nft = write_nftables(nft_path, registry, stack.cfg.response)
         decisions = dict(st.decisions)
         enforcement_topic = stack.cfg.kafka.topics.enforcement
+        password = _console_user(stack.store)
 
     print()
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -90,9 +110,12 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
         print(f"  exemption of {r.key} revoked by {r.last.actor}: {r.last.reason}")
     print(f"enforcement events on {enforcement_topic}; nftables set of allowed senders: {nft_path}")
     print()
+    print(f"console: {exe_name()} --data-dir {out} console   then open http://127.0.0.1:8025 and log in as "
+          f"'demo' with password '{password}' (role admin: triage, confirm, dismiss, restore)")
+    print()
     print(f"data: flow log {paths['flows']}, exemptions {paths['exemptions']}, truth {paths['truth']}")
     print(f"store: {out / 'store'} (ClickHouse tables flows, window_features, alerts in database {cfg.store.database})")
-    exe = shutil.which("smtpguard") and "smtpguard" or sys.argv[0]
+    exe = exe_name()
     print(f"explore: {exe} --data-dir {out} alerts list --severity medium")
     print(f"         {exe} analyze {paths['flows']} --exemptions {paths['exemptions']} --min-severity medium")
     return not missed and not false_pos
