@@ -532,6 +532,7 @@ def eval_cmd(c: Ctx, seeds: str, instances: int, hours: float, warmup_min: int, 
 def _register() -> None:
     from smtpguard.cli_dnsbl import dnsbl_group
     from smtpguard.cli_model import model_group
+    from smtpguard.cli_audit import audit_cmd
     from smtpguard.cli_console import console_cmd, users_group
     from smtpguard.cli_response import enforce_group, exemptions_group
 
@@ -541,6 +542,7 @@ def _register() -> None:
     cli.add_command(enforce_group)
     cli.add_command(console_cmd)
     cli.add_command(users_group)
+    cli.add_command(audit_cmd)
 
 
 _register()

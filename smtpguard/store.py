@@ -72,7 +72,7 @@ ALERT_COLUMNS: tuple[tuple[str, str], ...] = (
 
 #: Modules that own tables; each has ``migrations(db) -> list[(step_id, [sql, ...])]``.
 #: Steps run once each, in this order, and are recorded in ``schema_migrations``.
-MIGRATION_PROVIDERS = ("smtpguard.store", "smtpguard.response", "smtpguard.console")
+MIGRATION_PROVIDERS = ("smtpguard.store", "smtpguard.response", "smtpguard.console", "smtpguard.audit")
 
 
 def migrations(db: str) -> list[tuple[str, list[str]]]:

@@ -31,7 +31,7 @@ def scen_files(tmp_path_factory):
 def test_help_on_every_command():
     top = run("--help")
     assert top.returncode == 0 and "analyze" in top.stdout and "demo" in top.stdout
-    for cmd in (["collect"], ["console"], ["users", "add"], ["alerts", "incidents"], ["analyze"], ["decode"], ["collect"], ["detect"], ["serve"], ["demo"], ["alerts", "list"],
+    for cmd in (["audit"], ["collect"], ["console"], ["users", "add"], ["alerts", "incidents"], ["analyze"], ["decode"], ["collect"], ["detect"], ["serve"], ["demo"], ["alerts", "list"],
                 ["alerts", "show"], ["config", "show"], ["topics", "create"], ["formats"], ["dnsbl", "check"], ["dnsbl", "zones"],
                 ["model", "train"], ["model", "evaluate"], ["eval"], ["exemptions", "grant"], ["exemptions", "list"],
                 ["exemptions", "revoke"], ["exemptions", "restore"], ["enforce", "nftables"]):
