@@ -53,20 +53,18 @@ import pyarrow.compute as pc
 
 from smtpguard.ingest.base import Batch, Reject
 from smtpguard.ingest.columns import (
+    LineFrame,
     DEFAULT_SMTP_PORTS,
     MAX_COUNTER,
     MAX_EPOCH_MS,
     IS_ALPHA,
-    IS_WS,
     Filler,
     Split,
     datetime_exprs,
     datetime_maps,
     datetime_us,
-    edge_bytes,
     line_problem,
     line_text,
-    lines_to_arrow,
     ms_timestamps,
     np_,
     short,
@@ -252,23 +250,10 @@ class ArgusParser:
         n = len(lines)
         if n == 0:
             return Batch.empty()
-        arr, forced, raws = lines_to_arrow(lines)
-        first_b, last_b, blen = edge_bytes(arr)
-        trimmed = arr
-        if (last_b == 13).any():  # CRLF line ends
-            trimmed = pc.utf8_rtrim(arr, "\r")
-            first_b, last_b, blen = edge_bytes(trimmed)
-        blank = blen == 0
-        ws = np.flatnonzero(IS_WS[first_b] & ~blank)
-        if ws.size:
-            blank[ws] = np_(pc.equal(pc.utf8_trim_whitespace(trimmed.take(pa.array(ws))), ""))
-        if forced:
-            blank[list(forced)] = False
-        read = int(n - blank.sum())
-        problems: list[tuple[int, str]] = [(i, r) for i, r in forced.items()]
-        live = ~blank
-        if forced:
-            live[list(forced)] = False
+        lf = LineFrame(lines)
+        arr, forced, raws, trimmed = lf.arr, lf.forced, lf.raws, lf.trimmed
+        first_b, blen, live, read = lf.first_b, lf.blen, lf.live, lf.read
+        problems: list[tuple[int, str]] = list(forced.items())
 
         def text(i: int) -> str:
             return line_text(lines, arr, i).rstrip("\r")

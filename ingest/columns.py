@@ -403,3 +403,31 @@ def datetime_us(st: pl.Series, date_re: str, epoch_re: str | None = None) -> tup
     parts, us, ok = datetime_exprs("t", date_re, epoch_re, datetime_maps(st))
     out = pl.DataFrame({"t": st}).lazy().with_columns(**parts).select(us=us, ok=ok).collect()
     return np_(out["us"]).astype(np.int64), np_(out["ok"]).astype(bool)
+
+
+class LineFrame:
+    """A chunk of text lines as Arrow, with what every line format needs first: CRLF ends
+    trimmed, the first/last byte and length of each line, which lines are blank, which
+    could not be text (``forced``: row -> reason, ``raws``: row -> printable text), which
+    are left to parse (``live``), and how many input lines count as read (blank ones do not)."""
+
+    def __init__(self, lines: list[Any]):
+        self.n = len(lines)
+        self.arr, self.forced, self.raws = lines_to_arrow(lines)
+        self.first_b, self.last_b, self.blen = edge_bytes(self.arr)
+        self.trimmed = self.arr
+        if (self.last_b == 13).any():  # CRLF line ends
+            self.trimmed = pc.utf8_rtrim(self.arr, "\r")
+            self.first_b, self.last_b, self.blen = edge_bytes(self.trimmed)
+        blank = self.blen == 0
+        ws = np.flatnonzero(IS_WS[self.first_b] & ~blank)
+        if ws.size:
+            blank[ws] = np_(pc.equal(pc.utf8_trim_whitespace(self.trimmed.take(pa.array(ws))), ""))
+        live = ~blank
+        if self.forced:
+            rows = list(self.forced)
+            blank[rows] = False
+            live[rows] = False
+        self.blank = blank
+        self.live = live
+        self.read = int(self.n - blank.sum())

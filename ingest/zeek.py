@@ -56,16 +56,14 @@ import pyarrow.compute as pc
 
 from smtpguard.ingest.base import Batch, Reject
 from smtpguard.ingest.columns import (
+    LineFrame,
     DEFAULT_SMTP_PORTS,
-    IS_WS,
     MAX_COUNTER,
     MAX_EPOCH_MS,
     MAX_ID_CHARS,
     Filler,
     Split,
-    edge_bytes,
     line_text,
-    lines_to_arrow,
     ms_timestamps,
     np_,
     short,
@@ -402,22 +400,10 @@ class ZeekParser:
         n = len(lines)
         if n == 0:
             return Batch.empty()
-        arr, forced, raws = lines_to_arrow(lines)
-        first_b, last_b, blen = edge_bytes(arr)
-        trimmed = arr
-        if (last_b == 13).any():  # CRLF line ends
-            trimmed = pc.utf8_rtrim(arr, "\r")
-            first_b, last_b, blen = edge_bytes(trimmed)
-        blank = blen == 0
-        ws = np.flatnonzero(IS_WS[first_b] & ~blank)
-        if ws.size:
-            blank[ws] = np_(pc.equal(pc.utf8_trim_whitespace(trimmed.take(pa.array(ws))), ""))
-        live = ~blank
+        lf = LineFrame(lines)
+        arr, forced, raws, trimmed = lf.arr, lf.forced, lf.raws, lf.trimmed
+        first_b, blen, live, read = lf.first_b, lf.blen, lf.live, lf.read
         problems: list[tuple[int, str]] = list(forced.items())
-        if forced:
-            blank[list(forced)] = False
-            live[list(forced)] = False
-        read = int(n - blank.sum())
         too_long = live & (blen > MAX_LINE_CHARS)
         for i in np.flatnonzero(too_long).tolist():
             problems.append((i, f"line too long: {int(blen[i])} bytes (limit {MAX_LINE_CHARS})"))
