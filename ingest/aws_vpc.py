@@ -54,6 +54,9 @@ import pyarrow.compute as pc
 from smtpguard import record
 from smtpguard.errors import ConfigError
 from smtpguard.ingest.base import Batch, Reject
+from smtpguard.ingest.columns import IS_WS as _IS_WS
+from smtpguard.ingest.columns import edge_bytes as _edge_bytes
+from smtpguard.ingest.columns import np_ as _np
 from smtpguard.ingest.iputil import canonical_ip, canonicalize_ips
 
 NAME = "aws-vpc"
@@ -275,31 +278,8 @@ def _row_problem(tokens: list[str], layout: Layout) -> str | None:
     return None
 
 
-def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return a.to_numpy(zero_copy_only=False)
-
-
-_IS_WS = np.zeros(256, dtype=bool)
-_IS_WS[[9, 10, 11, 12, 13, 32]] = True
 _MAY_START_HEADER = np.zeros(256, dtype=bool)
 _MAY_START_HEADER[[ord(ch) for ch in "$ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"]] = True
-
-
-def _edge_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """First byte, last byte (0 for an empty string) and byte length of every string,
-    read straight from the Arrow buffers (no copy of the text)."""
-    bufs = arr.buffers()
-    dtype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    off = np.frombuffer(bufs[1], dtype=dtype)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
-    lens = np.diff(off)
-    if bufs[2] is None or bufs[2].size == 0 or not lens.any():
-        z = np.zeros(len(arr), dtype=np.uint8)
-        return z, z, lens
-    data = np.frombuffer(bufs[2], dtype=np.uint8)
-    nonempty = lens > 0
-    first = np.where(nonempty, data[np.minimum(off[:-1], data.size - 1)], 0).astype(np.uint8)
-    last = np.where(nonempty, data[np.clip(off[1:] - 1, 0, data.size - 1)], 0).astype(np.uint8)
-    return first, last, lens
 
 
 def _to_arrow(lines: list[str]) -> tuple[pa.Array, dict[int, str], dict[int, str]]:
