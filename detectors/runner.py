@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from smtpguard import wire
@@ -145,14 +146,15 @@ class DetectorRunner:
                 continue
             self.stats.records += table.num_rows
             n = table.num_rows
-            flows.append(table.append_column("kafka_partition", pa.array([p] * n, pa.uint32()))
-                         .append_column("kafka_offset", pa.array([off] * n, pa.int64()))
-                         .append_column("kafka_row", pa.array(range(n), pa.uint32())))
+            flows.append(table.append_column("kafka_partition", pa.array(np.full(n, p, np.uint32)))
+                         .append_column("kafka_offset", pa.array(np.full(n, off, np.int64)))
+                         .append_column("kafka_row", pa.array(np.arange(n, dtype=np.uint32))))
             per_partition.setdefault(p, []).append((table, off))
         # one pass through the pipeline per partition and poll: closing windows has a fixed cost
         for p, parts in per_partition.items():
             table = pa.concat_tables([t for t, _ in parts])
-            offsets = pa.array([off for t, off in parts for _ in range(t.num_rows)], pa.int64())
+            offsets = pa.array(np.repeat(np.array([off for _, off in parts], np.int64),
+                                         [t.num_rows for t, _ in parts]))
             out.extend(self.pipeline.process(table, key=p, offsets=offsets))
         if msgs:
             self.stats.last_message_at = time.monotonic()

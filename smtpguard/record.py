@@ -118,9 +118,9 @@ def conform(table: pa.Table, **constants: Any) -> pa.Table:
             if col.type != f.arrow:
                 col = col.cast(f.arrow)
         elif f.name in constants:
-            col = pa.array([constants[f.name]] * n, f.arrow) if n else pa.array([], f.arrow)
+            col = pa.repeat(pa.scalar(constants[f.name], f.arrow), n)
         elif f.name in _DEFAULTS:
-            col = pa.array([_DEFAULTS[f.name]] * n, f.arrow) if n else pa.array([], f.arrow)
+            col = pa.repeat(pa.scalar(_DEFAULTS[f.name], f.arrow), n)
         elif f.nullable:
             col = pa.nulls(n, f.arrow)
         else:
