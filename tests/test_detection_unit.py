@@ -131,9 +131,19 @@ def test_cooldown_suppresses_repeats_and_escalation_breaks_through(offline_cfg):
     assert blocked[2].severity != blocked[0].severity
 
 
-def test_alert_gate_orders_and_ids_are_stable():
-    gate = AlertGate(cooldown_ms=600_000)
-    assert gate.admit([]) == []
+def test_alert_gate_orders_findings_and_ids_do_not_depend_on_arrival():
+    from smtpguard.detectors.rules import Finding
+
+    t = int(T0.timestamp() * 1000)
+    found = [Finding("spam_fanout", "10.0.0.2", "t", t + 60_000, t + 120_000, 0.6, ["r"]),
+             Finding("spam_fanout", "10.0.0.1", "t", t, t + 60_000, 0.6, ["r"]),
+             Finding("tenant_spam", None, "t", t, t + 60_000, 0.6, ["r"])]
+    a = AlertGate(cooldown_ms=600_000).admit(found)
+    b = AlertGate(cooldown_ms=600_000).admit(list(reversed(found)))
+    assert [x.alert_id for x in a] == [x.alert_id for x in b]
+    assert [x.window_start for x in a] == sorted(x.window_start for x in a)
+    assert a[-1].alert_id == alert_id("spam_fanout", "10.0.0.2", t + 60_000)
+    assert any(x.alert_id == alert_id("tenant_spam", "tenant:t", t) for x in a)
 
 
 def test_detector_parameters_are_validated():
