@@ -15,9 +15,10 @@ from typing import Any, Sequence
 import msgspec
 import pyarrow as pa
 
+from smtpguard.record import SEVERITIES
+
 from .rules import Finding
 
-SEVERITIES = ("info", "low", "medium", "high", "critical")
 #: lowest score of each severity, highest first
 SEVERITY_FLOORS = (("critical", 0.9), ("high", 0.75), ("medium", 0.5), ("low", 0.3), ("info", 0.0))
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from smtpguard import wire
+from smtpguard import metrics, wire
 from smtpguard.config import Config
 from smtpguard.errors import SmtpguardError, StoreError
 from smtpguard.exemptions import Exemptions
@@ -38,6 +39,9 @@ class RunnerStats:
     messages: int = 0
     records: int = 0
     bad_messages: int = 0
+    """messages dead-lettered whole or in part"""
+    bad_records: int = 0
+    """records of otherwise readable messages dead-lettered (wire.check_records)"""
     windows: int = 0
     alerts_raised: int = 0
     alerts_suppressed: int = 0
@@ -52,13 +56,16 @@ class RunnerStats:
 
 class DetectorRunner:
     def __init__(self, cfg: Config, store: Store, exemptions: Exemptions | None = None,
-                 stop: threading.Event | None = None, poll_batch: int = 500, respond: bool = True):
+                 stop: threading.Event | None = None, poll_batch: int = 500, respond: bool = True,
+                 lookups: bool = True):
         """``exemptions`` None: the exemption registry in the store is the source (and revocations
-        by the response policy take effect at once); given: a fixed set (tests, CSV-only setups)."""
+        by the response policy take effect at once); given: a fixed set (tests, CSV-only setups).
+        ``lookups``: look the sources of new alerts up in DNSBLs (``dnsbl.check_alerts_from``)."""
         from confluent_kafka import Consumer, Producer
 
         from smtpguard.kafka import consumer_settings, producer_settings
         from smtpguard.response.enforce import Outputs
+        from smtpguard.response.lookups import AlertLookups
         from smtpguard.response.policy import Executor
         from smtpguard.response.registry import Registry
 
@@ -70,6 +77,7 @@ class DetectorRunner:
         self.pipeline = Pipeline(cfg, exemptions if exemptions is not None else self.registry.current())
         self.executor = Executor(self.registry, cfg.response, Outputs(cfg, cfg.response, store, self.stop_event)) \
             if respond else None
+        self.lookups = AlertLookups(cfg, store) if lookups else None
         self.poll_batch = poll_batch
         self.topics = cfg.kafka.topics
         self.consumer = Consumer(consumer_settings(cfg))
@@ -81,6 +89,8 @@ class DetectorRunner:
         self._checkpoint_s = cfg.detect.checkpoint_interval_ms / 1000
         self._last_checkpoint = 0.0
         self._dirty = False
+        self._lag_s = cfg.metrics.lag_interval_ms / 1000
+        self._last_lag = 0.0
 
     # -- group membership -------------------------------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
@@ -106,6 +116,7 @@ class DetectorRunner:
             self._next_offset.pop(p.partition, None)
             self._last_seen.pop(p.partition, None)
         self.stats.assigned = sorted(set(self.stats.assigned) - {p.partition for p in partitions})
+        metrics.forget_partitions(self.topics.flows, [p.partition for p in partitions])
         log.info("revoked partitions %s", [p.partition for p in partitions])
 
     # -- main loop --------------------------------------------------------------------------
@@ -121,6 +132,9 @@ class DetectorRunner:
                 log.warning("final commit failed: %s", e)
             self.consumer.close()
             self.producer.flush(10)
+            if self.lookups is not None:
+                self.lookups.close(timeout_s=10)
+            metrics.forget_partitions(self.topics.flows, self.stats.assigned)
         return self.stats
 
     def step(self, timeout_s: float = 0.5) -> None:
@@ -129,6 +143,7 @@ class DetectorRunner:
         flows: list[pa.Table] = []
         touched: set[int] = set()
         per_partition: dict[int, list[tuple[pa.Table, int]]] = {}
+        seen = (self.stats.messages, self.stats.records)
         for m in msgs:
             if m.error():
                 log.warning("consumer error: %s", m.error())
@@ -139,11 +154,20 @@ class DetectorRunner:
             self._next_offset[p] = off + 1
             self._last_seen[p] = time.monotonic()
             try:
-                table = wire.decode_message(m.value(), m.headers())
+                ts_type, ts_ms = m.timestamp()
+                table, bad = wire.decode(m.value(), m.headers(), produced_ms=ts_ms if ts_type else None)
             except wire.WireError as e:
                 self.stats.bad_messages += 1
                 self._dead_letter(Reject.make(f"{m.topic()}[{p}]", off, str(e), m.value() or b"", "kafka"))
                 continue
+            if bad:
+                self.stats.bad_messages += 1
+                self.stats.bad_records += len(bad)
+                for b in bad:
+                    self._dead_letter(Reject.make(f"{m.topic()}[{p}]", f"{off} record {b.index}", b.reason, b.raw,
+                                                  "kafka"))
+                if table.num_rows == 0:
+                    continue
             self.stats.records += table.num_rows
             n = table.num_rows
             flows.append(table.append_column("kafka_partition", pa.array(np.full(n, p, np.uint32)))
@@ -158,6 +182,8 @@ class DetectorRunner:
             out.extend(self.pipeline.process(table, key=p, offsets=offsets))
         if msgs:
             self.stats.last_message_at = time.monotonic()
+            metrics.DETECTOR_MESSAGES.inc(self.stats.messages - seen[0])
+            metrics.DETECTOR_RECORDS.inc(self.stats.records - seen[1])
         out.extend(self._flush_idle(exclude=touched))
         if flows or out.features.height or out.alerts:
             self._write(flows, out)
@@ -165,6 +191,33 @@ class DetectorRunner:
             self._dirty = True
         if self._dirty and time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
             self._commit(sorted(set(self._next_offset)))
+        if time.monotonic() - self._last_lag >= self._lag_s:
+            self._export_lag()
+
+    def _export_lag(self) -> None:
+        """Window lag and consumer lag (high watermark - next offset to read) of the assigned partitions.
+
+        Window lag first: a scrape that sees the consumer lag of this refresh sees its window lag too."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        self._last_lag = time.monotonic()
+        topic, parts = self.topics.flows, list(self.stats.assigned)
+        wall_ms = time.time() * 1000
+        for p in parts:
+            stream = self.pipeline.streams.get(p)
+            watermark = stream.engine.watermark_ms() if stream is not None else None
+            if watermark is not None:
+                metrics.WINDOW_LAG.labels(topic, str(p)).set((wall_ms - watermark) / 1000)
+        try:
+            position = {p: self._next_offset[p] for p in parts if p in self._next_offset}
+            unread = [TopicPartition(topic, p) for p in parts if p not in position]
+            if unread:  # nothing consumed since the assignment: the group's committed offset
+                position.update((tp.partition, tp.offset) for tp in self.consumer.committed(unread, timeout=2))
+            for p in parts:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=2)
+                metrics.CONSUMER_LAG.labels(topic, str(p)).set(max(high - max(position.get(p, -1), low), 0))
+        except KafkaException as e:
+            log.debug("consumer lag not refreshed: %s", e)
 
     def _flush_idle(self, exclude: set[int]) -> Output:
         out = Output()
@@ -195,28 +248,38 @@ class DetectorRunner:
                     raise
                 delay = min(delay * 2, 30)
         self.stats.windows += out.features.height
+        metrics.DETECTOR_WINDOWS.inc(out.features.height)
 
     def _publish_alerts(self, alerts: list[Alert]) -> None:
         if not alerts:
             return
         known = self.store.existing_alert_ids([a.alert_id for a in alerts])
         self.store.insert_alerts([a for a in alerts if a.alert_id not in known])
+        counted: Counter[tuple[str, str]] = Counter()
         for a in alerts:
             if a.suppressed:
                 self.stats.alerts_suppressed += 1
+                if a.alert_id not in known:
+                    counted[a.severity, "suppressed"] += 1
                 continue
             if a.alert_id in known:
                 self.stats.alerts_republished_skipped += 1
                 continue
             self.stats.alerts_raised += 1
+            counted[a.severity, "raised"] += 1
             key = (a.src_ip or f"tenant:{a.tenant}").encode()
             self.producer.produce(self.topics.alerts, to_json(a), key=key, on_delivery=self._on_delivery)
+        for (severity, outcome), n in counted.items():
+            metrics.ALERTS.labels(severity, outcome).inc(n)
         if self.producer.flush(30):
             raise StoreError("alerts could not be delivered to the alerts topic within 30 s")
         if self._delivery_errors:
             errs, self._delivery_errors = self._delivery_errors, []
             raise StoreError(f"alerts topic delivery failed: {errs[0]}")
-        self._respond([a for a in alerts if not a.suppressed and a.alert_id not in known])
+        new = [a for a in alerts if not a.suppressed and a.alert_id not in known]
+        self._respond(new)
+        if self.lookups is not None:
+            self.lookups.submit(new)
 
     def _respond(self, alerts: list[Alert]) -> None:
         """The revocation policy on new alerts; a revocation changes the exemptions at once."""
@@ -245,6 +308,7 @@ class DetectorRunner:
 
     def _dead_letter(self, r: Reject) -> None:
         self.producer.produce(self.topics.dlq, wire.encode_json(r), key=r.source.encode())
+        metrics.DEAD_LETTERS.labels(r.format).inc()
 
     def _commit(self, partitions: list[int]) -> None:
         from confluent_kafka import TopicPartition
@@ -265,6 +329,7 @@ class DetectorRunner:
             self.store.save_state(self.cfg.kafka.group_id, self.topics.flows, states)
             self.consumer.commit(offsets=offsets, asynchronous=False)
             self.stats.commits += 1
+            metrics.DETECTOR_COMMITS.inc()
         self._last_checkpoint = time.monotonic()
         self._dirty = False
 

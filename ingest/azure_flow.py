@@ -114,6 +114,9 @@ class _Top(_Record, gc=False):
 
 
 _DECODE_TOP = msgspec.json.Decoder(_Top).decode
+#: What msgspec raises for a document that is not JSON: invalid UTF-8 inside a string is a
+#: UnicodeDecodeError, not a msgspec error.
+_NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError)
 
 
 def _subscription(*ids: str | None) -> str:
@@ -285,12 +288,12 @@ class AzureFlowParser:
         except msgspec.ValidationError:
             try:
                 whole = msgspec.json.decode(data)
-            except msgspec.MsgspecError:
+            except (msgspec.MsgspecError, UnicodeDecodeError):
                 whole = None
             if whole is not None:
                 yield from self._checked(whole, "")
                 return
-        except msgspec.DecodeError:
+        except _NOT_JSON:
             pass
         lines = [ln for ln in data.split(b"\n")]
         framed = [ln.strip() for ln in lines if ln.strip()]
@@ -300,7 +303,7 @@ class AzureFlowParser:
                     continue
                 try:
                     whole = msgspec.json.decode(ln)
-                except msgspec.DecodeError as e:
+                except _NOT_JSON as e:
                     yield f"line {no}", None, f"invalid JSON: {e}", ln
                     continue
                 yield from self._checked(whole, f"line {no}: ")
@@ -308,7 +311,7 @@ class AzureFlowParser:
         try:
             msgspec.json.decode(data)
             reason = "not an Azure flow log document"
-        except msgspec.DecodeError as e:
+        except _NOT_JSON as e:
             reason = f"invalid JSON: {e}"
         yield "document", None, reason, data
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from smtpguard import wire
+from smtpguard import metrics, wire
 from smtpguard.config import Config
 from smtpguard.errors import BrokerError
 
@@ -57,6 +58,7 @@ class Collector:
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.stats.delivery_errors += 1
+            metrics.COLLECTOR_DELIVERY_ERRORS.labels(msg.topic()).inc()
             if len(self.stats.first_errors) < 5:
                 self.stats.first_errors.append(f"{msg.topic()}: {err}")
         else:
@@ -81,6 +83,23 @@ class Collector:
             self._produce(self.topics.flows, payload, partition=p, headers=wire.HEADERS)
         for r in batch.rejects:
             self.send_reject(r)
+        self._count(batch)
+
+    def _count(self, batch: Batch) -> None:
+        """The batch in the metrics: one call per counter and label, not per record."""
+        from .netflow import TEMPLATE_MISS
+
+        metrics.COLLECTOR_INPUT.inc(batch.read)
+        metrics.COLLECTOR_KEPT.inc(batch.records.num_rows)
+        metrics.COLLECTOR_SKIPPED.inc(batch.skipped)
+        if batch.rejects:
+            formats = Counter(r.format or "unknown" for r in batch.rejects)
+            misses = Counter(r.format for r in batch.rejects if r.reason.startswith(TEMPLATE_MISS))
+            for fmt, n in formats.items():
+                metrics.DEAD_LETTERS.labels(fmt).inc(n)
+            for fmt, n in misses.items():
+                metrics.TEMPLATE_MISSES.labels(fmt).inc(n)
+        metrics.COLLECTOR_QUEUE.set(len(self.producer))
 
     def send_reject(self, r: Reject) -> None:
         self.stats.dead_lettered += 1
@@ -96,6 +115,7 @@ class Collector:
 
     def flush(self, timeout_s: float = 60.0) -> None:
         remaining = self.producer.flush(timeout_s)
+        metrics.COLLECTOR_QUEUE.set(remaining)
         if remaining:
             self.stats.delivery_errors += remaining
             raise BrokerError(f"{remaining} messages could not be delivered to {self.cfg.kafka.bootstrap_servers} "

@@ -17,6 +17,8 @@ State and its bounds (each a constructor argument)
     * Templates are kept per (exporter, version, observation domain or source id,
       template id); at most ``max_templates_per_exporter`` per exporter, and state for
       at most ``max_exporters`` exporters (the least recently heard is forgotten first).
+      A domain's state exists while it has templates: a datagram of a domain with none
+      leaves nothing behind, and a domain whose templates are all withdrawn is forgotten.
     * Options data sets update the sampling rate per sampler (samplerId / selectorId, or
       exporter-wide when the options record names none) and the exporter's
       systemInitTimeMilliseconds (IPFIX times given as flowStart/EndSysUpTime).
@@ -76,6 +78,8 @@ DEFAULT_SMTP_PORTS: tuple[int, ...] = (25, 465, 587, 2525)
 #: record ``source_format`` per export version
 FORMAT_NAMES = {5: "netflow-v5", 9: "netflow-v9", 10: "ipfix"}
 _FMT = ("netflow-v5", "netflow-v9", "ipfix")
+#: How the reason of every template-miss dead letter starts (the collector counts them by it).
+TEMPLATE_MISS = "template miss"
 
 #: Data sets waiting for their template, at most (all exporters together).
 PENDING_LIMIT = 1024
@@ -233,6 +237,15 @@ class _Work:
             self.groups[id(tmpl)] = (tmpl, [part])
         else:
             g[1].append(part)
+
+
+def _forget_if_empty(exp: _Exporter, version: int, domain_id: int) -> None:
+    """A domain (source id) whose templates were all withdrawn or refused is forgotten, its
+    sampling rates with it: domains are bounded by templates, an exporter cannot fill memory
+    with domain ids."""
+    dom = exp.domains.get((version, domain_id))
+    if dom is not None and not dom.templates:
+        del exp.domains[(version, domain_id)]
 
 
 def _check_ports(smtp_ports: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -425,7 +438,8 @@ class NetflowDecoder:
         h = netflow_v9.parse_header(payload)
         export_ms = h.unix_s * 1000
         received = self._clock(dg, export_ms, work)
-        dom = exp.domain(9, h.source_id)
+        # a source id's state is made by its first template: datagrams that bring none leave none
+        dom = exp.domains.get((9, h.source_id))
         fmt = "netflow-v9"
         c = exp.counters
         try:
@@ -438,6 +452,8 @@ class NetflowDecoder:
                     parse = (netflow_v9.parse_template_flowset if fid == netflow_v9.TEMPLATE_FLOWSET
                              else netflow_v9.parse_options_flowset)
                     found, problems = parse(body, self.max_template_fields)
+                    if found and dom is None:
+                        dom = exp.domain(9, h.source_id)
                     for tid, tmpl in found:
                         self._learn(exp, dom, 9, h.source_id, tid, tmpl, src, where, body, fmt, work)
                     for e in problems:
@@ -449,12 +465,13 @@ class NetflowDecoder:
         except DecodeError as e:
             c.decode_errors += 1
             self._reject(work, src, f"{loc}, offset {e.offset}", e.reason, payload[e.offset:], fmt)
+        _forget_if_empty(exp, 9, h.source_id)
 
     def _ipfix(self, exp: _Exporter, payload: bytes, dg: Datagram, src: str, loc: str, work: _Work) -> None:
         h = ipfix.parse_header(payload)
         export_ms = h.export_s * 1000
         received = self._clock(dg, export_ms, work)
-        dom = exp.domain(10, h.domain)
+        dom = exp.domains.get((10, h.domain))
         fmt = "ipfix"
         c = exp.counters
         try:
@@ -468,9 +485,12 @@ class NetflowDecoder:
                                                                self.max_template_fields)
                     for tid, tmpl in found:
                         if tmpl is None:
-                            self._withdraw(exp, dom, tid, sid == ipfix.OPTIONS_TEMPLATE_SET)
-                        else:
-                            self._learn(exp, dom, 10, h.domain, tid, tmpl, src, where, body, fmt, work)
+                            if dom is not None:
+                                self._withdraw(exp, dom, tid, sid == ipfix.OPTIONS_TEMPLATE_SET)
+                            continue
+                        if dom is None:
+                            dom = exp.domain(10, h.domain)
+                        self._learn(exp, dom, 10, h.domain, tid, tmpl, src, where, body, fmt, work)
                     for e in problems:
                         c.decode_errors += 1
                         self._reject(work, src, f"{loc}, offset {off + 4 + e.offset}", e.reason,
@@ -480,6 +500,7 @@ class NetflowDecoder:
         except DecodeError as e:
             c.decode_errors += 1
             self._reject(work, src, f"{loc}, offset {e.offset}", e.reason, payload[e.offset:], fmt)
+        _forget_if_empty(exp, 10, h.domain)
         if h.length < len(payload):
             c.decode_errors += 1
             self._reject(work, src, f"{loc}, offset {h.length}",
@@ -532,9 +553,9 @@ class NetflowDecoder:
 
     # ----------------------------------------------------------------- data
 
-    def _data(self, exp: _Exporter, dom: _Domain, version: int, domain_id: int, tid: int, body: bytes, ctx: _Ctx,
-              work: _Work) -> None:
-        tmpl = dom.templates.get(tid)
+    def _data(self, exp: _Exporter, dom: _Domain | None, version: int, domain_id: int, tid: int, body: bytes,
+              ctx: _Ctx, work: _Work) -> None:
+        tmpl = dom.templates.get(tid) if dom is not None else None
         if tmpl is None:
             self._park((exp.name, version, domain_id, tid), body, ctx, exp.counters, work)
         else:
@@ -582,7 +603,9 @@ class NetflowDecoder:
                 dom.rates = {**dom.rates, **updates}
         init = cols.get("sys_init_ms")
         if init is not None and int(init[-1]):
-            dom.init_ms = int(init[-1])
+            # a 64-bit field: beyond the last millisecond a record can hold, every time based on it
+            # is out of range (and dead-lettered as such), not an integer overflow
+            dom.init_ms = int(min(init[-1], MAX_MS))
 
     # -------------------------------------------------------------- pending
 
@@ -590,8 +613,9 @@ class NetflowDecoder:
         if len(body) > self.pending_bytes_limit:
             c.template_misses += 1
             self._reject(work, ctx.source, ctx.location,
-                         f"no template {key[3]} (domain {key[2]}) yet, and the data set of {len(body)} bytes is larger "
-                         f"than the buffer for data waiting for templates ({self.pending_bytes_limit} bytes)",
+                         f"{TEMPLATE_MISS}: no template {key[3]} (domain {key[2]}) yet, and the data set of "
+                         f"{len(body)} bytes is larger than the buffer for data waiting for templates "
+                         f"({self.pending_bytes_limit} bytes)",
                          body, _FMT[ctx.fmt])
             return
         while self._pending and (len(self._pending) >= self.pending_limit
@@ -625,7 +649,7 @@ class NetflowDecoder:
         _, version, domain_id, tid = p.key
         what = "source id" if version == 9 else "observation domain"
         self._reject(work, p.ctx.source, p.ctx.location,
-                     f"template miss: data set for template {tid} ({what} {domain_id}) dropped: {why}",
+                     f"{TEMPLATE_MISS}: data set for template {tid} ({what} {domain_id}) dropped: {why}",
                      p.body, _FMT[p.ctx.fmt])
 
     def _release(self, exp: _Exporter, dom: _Domain, key: tuple[str, int, int, int], tmpl: Template,
@@ -648,6 +672,19 @@ class NetflowDecoder:
     # -------------------------------------------------------------- records
 
     def _finish(self, work: _Work) -> Batch:
+        try:
+            return self._build(work)
+        except Exception as e:  # a decoder bug must not stop a collector: dead-letter the data sets
+            reason = f"internal error while building records: {type(e).__name__}: {e}"
+            for _, parts in work.groups.values():
+                for p in parts:
+                    self._counters_of(p.ctx.exporter).decode_errors += 1
+                    work.rejects.append((p.ctx.seq, Reject.make(p.ctx.source, p.ctx.location, reason,
+                                                                p.body[:RAW_PREFIX_BYTES].hex(), _FMT[p.ctx.fmt])))
+            rejects = [r for _, r in sorted(work.rejects, key=lambda x: x[0])]
+            return Batch(record.empty_table(), rejects, work.skipped + len(rejects), work.skipped)
+
+    def _build(self, work: _Work) -> Batch:
         cols: list[dict[str, np.ndarray]] = []
         for tmpl, parts in work.groups.values():
             got = self._decode_group(tmpl, parts, work)

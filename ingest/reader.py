@@ -37,6 +37,8 @@ def expand(paths: Sequence[str]) -> list[Source]:
             out.extend(Source(str(f), f, f.stat().st_size) for f in files)
         elif path.is_file():
             out.append(Source(str(path), path, path.stat().st_size))
+        elif path.is_fifo() or path.is_char_device():  # named pipes, <(zcat ...), /dev/stdin
+            out.append(Source(str(path), path, 0))
         else:
             raise InputError(f"input {p} not found")
     return out
@@ -46,10 +48,9 @@ def _open_binary(src: Source) -> IO[bytes]:
     if src.path is None:
         return sys.stdin.buffer
     fh = open(src.path, "rb")
-    if fh.read(2) == b"\x1f\x8b":
-        fh.seek(0)
+    # peek, not read and seek back: pipes cannot seek
+    if fh.peek(2)[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=fh)  # type: ignore[return-value]
-    fh.seek(0)
     return fh
 
 

@@ -14,6 +14,7 @@ from smtpguard.detectors.pipeline import Output, Pipeline
 from smtpguard.exemptions import Exemptions
 from smtpguard.ingest.base import Reject
 from smtpguard.ingest.reader import Progress, read_batches
+from smtpguard.record import SEVERITIES
 
 
 @dataclass
@@ -35,7 +36,7 @@ class AnalyzeResult:
         by_sev: dict[str, int] = {}
         for a in self.raised():
             by_sev[a.severity] = by_sev.get(a.severity, 0) + 1
-        sev = ", ".join(f"{n} {s}" for s, n in sorted(by_sev.items(), key=lambda kv: -["info", "low", "medium", "high", "critical"].index(kv[0])))
+        sev = ", ".join(f"{n} {s}" for s, n in sorted(by_sev.items(), key=lambda kv: -SEVERITIES.index(kv[0])))
         rate = self.read / self.elapsed_s if self.elapsed_s else 0.0
         return (f"read {self.read:,} lines ({rate:,.0f}/s), {self.kept:,} SMTP records, {self.skipped:,} skipped, "
                 f"{self.rejects:,} rejected, {self.late:,} late; {self.windows:,} source-minute windows; "

@@ -14,6 +14,7 @@ import click
 
 from smtpguard import config as config_mod
 from smtpguard.errors import ConfigError, SmtpguardError
+from smtpguard.record import SEVERITIES
 
 log = logging.getLogger("smtpguard")
 
@@ -149,7 +150,7 @@ def decode_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, as_json: bool, smtp_onl
 @click.option("--format", "fmt", default="auto", type=_format_choice(), help=FORMAT_HELP)
 @click.option("--exemptions", metavar="FILE.csv", help="exempted IPs: CSV with header ip,tenant,granted_at,reason")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per alert per line on stdout")
-@click.option("--min-severity", type=click.Choice(["info", "low", "medium", "high", "critical"]), default="info",
+@click.option("--min-severity", type=click.Choice(SEVERITIES), default="info",
               show_default=True, help="print only alerts at or above this severity")
 @click.option("--dead-letters", metavar="FILE", help="write rejected input (JSON lines with reasons) here")
 @click.option("--progress/--no-progress", default=None, help="progress bar on stderr (default: when stderr is a terminal)")
@@ -199,11 +200,28 @@ def _collect_choice() -> click.Choice:
 
 
 def _host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise click.BadParameter(f"{value!r} is not HOST:PORT (use [ADDR]:PORT for IPv6)")
-    return host, int(port)
+    try:
+        return config_mod.host_port(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+metrics_option = click.option(
+    "--metrics", "metrics_listen", metavar="HOST:PORT",
+    help="serve Prometheus metrics at http://HOST:PORT/metrics (config: metrics.listen, default 127.0.0.1:9325); "
+         "'' = none")
+
+
+def _start_metrics(c: Ctx, listen: str | None):
+    """Apply ``--metrics`` to the config and start the endpoint (None when metrics.listen is empty)."""
+    from smtpguard import metrics
+
+    if listen is not None:
+        c.overrides.setdefault("metrics", {})["listen"] = listen
+        c._cfg = None
+    # an address the user chose must work; the default one may be taken by a sibling process
+    chosen = listen is not None or c.cfg.metrics.listen != config_mod.Metrics().listen
+    return metrics.serve(c.cfg.metrics.listen, required=chosen)
 
 
 @cli.command("collect")
@@ -215,9 +233,10 @@ def _host_port(value: str) -> tuple[str, int]:
 @click.option("--bpf", metavar="EXPR", help="with --iface: a tcpdump-style filter instead of the built-in "
               "SMTP-port filter (compiled by libpcap)")
 @click.option("--progress/--no-progress", default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+@metrics_option
 @pass_ctx
 def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, iface: str | None, bpf: str | None,
-                progress: bool | None) -> None:
+                progress: bool | None, metrics_listen: str | None) -> None:
     """Read flow records and produce SMTP connection records to Kafka.
 
     \b
@@ -247,6 +266,7 @@ def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, if
         raise click.UsageError("--listen receives NetFlow/IPFIX: use `collect netflow --listen HOST:PORT`")
     if fmt == "netflow" and not listen:
         fmt = "auto"
+    _start_metrics(c, metrics_listen)
     ensure_topics(c.cfg)
     col = Collector(c.cfg)
     if iface:
@@ -295,8 +315,9 @@ def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, if
 @cli.command("detect")
 @click.option("--exemptions", metavar="FILE.csv",
               help="import this CSV into the exemption registry first (config: detect.exemptions_csv)")
+@metrics_option
 @pass_ctx
-def detect_cmd(c: Ctx, exemptions: str | None) -> None:
+def detect_cmd(c: Ctx, exemptions: str | None, metrics_listen: str | None) -> None:
     """Run a detector in the consumer group: flows -> windows -> alerts, features -> store.
 
     Start more processes with the same kafka.group_id to share the partitions.
@@ -307,6 +328,7 @@ def detect_cmd(c: Ctx, exemptions: str | None) -> None:
 
     from smtpguard.serve import import_exemptions
 
+    _start_metrics(c, metrics_listen)
     cfg = c.cfg
     ensure_topics(cfg)
     stop = threading.Event()
@@ -328,13 +350,15 @@ def detect_cmd(c: Ctx, exemptions: str | None) -> None:
 @click.option("--format", "fmt", default="auto", type=_format_choice(), help=FORMAT_HELP)
 @click.option("--exemptions", metavar="FILE.csv",
               help="import this CSV into the exemption registry first (config: detect.exemptions_csv)")
+@metrics_option
 @pass_ctx
-def serve_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None) -> None:
+def serve_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None, metrics_listen: str | None) -> None:
     """Run everything in one process: a local Tansu broker when no Kafka is configured, the
     store, a detector, and a collector for each PATH given. Stops on Ctrl-C."""
     from smtpguard.ingest.reader import Progress
     from smtpguard.serve import LocalStack, collect_into
 
+    _start_metrics(c, metrics_listen)
     cfg = c.cfg
     with LocalStack(cfg, exemptions) as stack:
         _err(f"broker {stack.cfg.kafka.bootstrap_servers}, store {config_mod.mask_dsn(stack.cfg.store_dsn)}")
@@ -421,7 +445,7 @@ def alerts_group() -> None:
 
 
 @alerts_group.command("list")
-@click.option("--severity", type=click.Choice(["info", "low", "medium", "high", "critical"]), help="at least this severity")
+@click.option("--severity", type=click.Choice(SEVERITIES), help="at least this severity")
 @click.option("--since", metavar="WHEN", help="window end after: a duration (30m, 6h, 2d) or an ISO 8601 time")
 @click.option("--ip", metavar="IP", help="only this source IP")
 @click.option("--suppressed", is_flag=True, help="include findings suppressed by cooldown")
@@ -474,14 +498,17 @@ def alerts_incidents(c: Ctx, since: str | None, limit: int, as_json: bool) -> No
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def alerts_show(c: Ctx, alert_id: str, as_json: bool) -> None:
-    """Show one alert with its reasons and evidence."""
+    """Show one alert with its reasons and evidence, and the DNSBL answers about its source."""
+    from smtpguard.console.queries import stored_dnsbl
     from smtpguard.store import Store
 
     with Store(c.cfg.store_dsn, c.cfg.store.database) as store:
         row = store.get_alert(alert_id)
-    if row is None:
-        raise SmtpguardError(f"no alert {alert_id}; list them with `smtpguard alerts list`")
+        if row is None:
+            raise SmtpguardError(f"no alert {alert_id}; list them with `smtpguard alerts list`")
+        dnsbl = stored_dnsbl(store, row["src_ip"]) if row["src_ip"] else []
     data = _jsonable(row)
+    data["dnsbl"] = [_jsonable(d) for d in dnsbl]
     if as_json:
         click.echo(json.dumps(data))
         return
@@ -494,6 +521,13 @@ def alerts_show(c: Ctx, alert_id: str, as_json: bool) -> None:
     click.echo("evidence:")
     for k, v in data["evidence"].items():
         click.echo(f"  {k}: {v}")
+    click.echo("DNSBL answers (latest per zone):" if dnsbl else
+               "DNSBL answers: none stored (look it up with `smtpguard alerts dnsbl ALERT_ID`)")
+    for d in data["dnsbl"]:
+        what = f"{d['status']}" + (f" {', '.join(d['codes'])}" if d["codes"] else "") + \
+            (f" ({d['meaning']})" if d["meaning"] else "") + (f" \"{d['txt']}\"" if d["txt"] else "")
+        click.echo(f"  {d['zone']:16} {what}  checked {d['checked_at']}" +
+                   (f"  delist: {d['delist_url']}" if d["status"] == "listed" and d["delist_url"] else ""))
 
 
 @cli.command("eval")
@@ -533,7 +567,7 @@ def _register() -> None:
     from smtpguard.cli_dnsbl import dnsbl_group
     from smtpguard.cli_model import model_group
     from smtpguard.cli_audit import audit_cmd
-    from smtpguard.cli_console import console_cmd, users_group
+    from smtpguard.cli_console import ALERT_ACTION_COMMANDS, console_cmd, users_group
     from smtpguard.cli_response import enforce_group, exemptions_group
 
     cli.add_command(model_group)
@@ -543,6 +577,8 @@ def _register() -> None:
     cli.add_command(console_cmd)
     cli.add_command(users_group)
     cli.add_command(audit_cmd)
+    for cmd in ALERT_ACTION_COMMANDS:
+        alerts_group.add_command(cmd)
 
 
 _register()

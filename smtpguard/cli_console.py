@@ -9,9 +9,7 @@ console, or manage them on the console's Users page while it runs.
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import sys
 
 import click
@@ -19,6 +17,7 @@ import click
 from smtpguard.config import Config, mask_dsn
 from smtpguard.console.auth import ROLES, ApiTokens, AuthError, Users
 from smtpguard.console.server import DEFAULT_HOST, DEFAULT_PORT, bind
+from smtpguard.cli_response import os_user
 from smtpguard.errors import ConfigError
 from smtpguard.store import Store
 
@@ -40,14 +39,6 @@ def _store(ctx: click.Context) -> Store:
 
 def _err(msg: str) -> None:
     click.echo(msg, err=True)
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        # a container user without a passwd entry still has a uid worth recording
-        return f"uid:{os.getuid()}"
 
 
 def _read_password(prompt: str) -> str:
@@ -126,7 +117,7 @@ def users_add(ctx: click.Context, name: str, role: str) -> None:
     """Add a user; the password is asked for (or read from the first line of stdin)."""
     store = _store(ctx)
     password = _read_password(f"password for {name}")
-    u = Users(store).add(name, role, password, _os_user())
+    u = Users(store).add(name, role, password, os_user())
     _err(f"user {u.name} added as {u.role}")
 
 
@@ -142,7 +133,7 @@ def users_set(ctx: click.Context, name: str, role: str | None, new_password: boo
         raise click.UsageError("give --role, --password, --disable or --enable")
     store = _store(ctx)
     password = _read_password(f"new password for {name}") if new_password else None
-    u = Users(store).set(name, _os_user(), role=role, password=password, disabled=disabled)
+    u = Users(store).set(name, os_user(), role=role, password=password, disabled=disabled)
     _err(f"user {u.name}: {u.role}{', disabled' if u.disabled else ''}")
 
 
@@ -196,3 +187,76 @@ def users_list(ctx: click.Context, with_tokens: bool, as_json: bool) -> None:
                            f"issued {d['created_at']}  {t.label}")
     if not as_json:
         _err(f"{len(rows)} users")
+
+
+# -- console actions on alerts, for scripts (the same functions the console's buttons call) --------
+def _alert_action(ctx: click.Context, act, alert_id: str, as_json: bool) -> None:
+    from smtpguard.console import actions
+
+    cfg = _cfg(ctx)
+    c = actions.Console(cfg, _store(ctx))
+    result = act(c, alert_id)  # NotFound and Refused are one line on stderr and exit status 1
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        click.echo(result.message)
+
+
+_note_opt = click.option("--note", default="", help="why (recorded with the action, shown on the alert page)")
+_actor_opt = click.option("--actor", default=os_user, show_default="the OS user", help="who acts (recorded)")
+_json_opt = click.option("--json", "as_json", is_flag=True, help="the action's result as one JSON object")
+
+
+@click.command("ack")
+@click.argument("alert_id")
+@_note_opt
+@_actor_opt
+@_json_opt
+@click.pass_context
+def alerts_ack(ctx: click.Context, alert_id: str, note: str, actor: str, as_json: bool) -> None:
+    """Acknowledge an alert: someone is looking at it (status new -> acknowledged)."""
+    from smtpguard.console import actions
+
+    _alert_action(ctx, lambda c, aid: actions.acknowledge(c, aid, actor, note), alert_id, as_json)
+
+
+@click.command("confirm")
+@click.argument("alert_id")
+@_note_opt
+@_actor_opt
+@_json_opt
+@click.pass_context
+def alerts_confirm(ctx: click.Context, alert_id: str, note: str, actor: str, as_json: bool) -> None:
+    """Confirm an alert as abuse: label it for training and apply the revocation policy to it
+    (notify, warn, propose or revoke the source's exemption, published to the enforcement outputs)."""
+    from smtpguard.console import actions
+
+    _alert_action(ctx, lambda c, aid: actions.confirm(c, aid, actor, note), alert_id, as_json)
+
+
+@click.command("dismiss")
+@click.argument("alert_id")
+@_note_opt
+@_actor_opt
+@_json_opt
+@click.pass_context
+def alerts_dismiss(ctx: click.Context, alert_id: str, note: str, actor: str, as_json: bool) -> None:
+    """Dismiss an alert as a false positive (stored as a training label)."""
+    from smtpguard.console import actions
+
+    _alert_action(ctx, lambda c, aid: actions.dismiss(c, aid, actor, note), alert_id, as_json)
+
+
+@click.command("dnsbl")
+@click.argument("alert_id")
+@_actor_opt
+@_json_opt
+@click.pass_context
+def alerts_dnsbl(ctx: click.Context, alert_id: str, actor: str, as_json: bool) -> None:
+    """Look the alert's source up in the DNSBLs (dnsbl.default_zones) again and store the answers with it."""
+    from smtpguard.console import actions
+
+    _alert_action(ctx, lambda c, aid: actions.recheck_dnsbl(c, aid, actor), alert_id, as_json)
+
+
+ALERT_ACTION_COMMANDS = (alerts_ack, alerts_confirm, alerts_dismiss, alerts_dnsbl)

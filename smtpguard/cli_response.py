@@ -82,7 +82,8 @@ def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _os_user() -> str:
+def os_user() -> str:
+    """Who runs the command, as recorded with what it changes."""
     try:
         return getpass.getuser()
     except (OSError, KeyError):
@@ -106,7 +107,7 @@ def _expiry_opt(ctx: click.Context, param: click.Parameter, value: str | None) -
         raise click.BadParameter(str(e)) from None
 
 
-_actor_opt = click.option("--actor", default=_os_user, show_default="the OS user",
+_actor_opt = click.option("--actor", default=os_user, show_default="the OS user",
                           help="who makes the change (recorded with it)")
 _reason_opt = click.option("--reason", required=True, help="why (recorded with the change)")
 _json_opt = click.option("--json", "as_json", is_flag=True, help="JSON output")

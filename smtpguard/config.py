@@ -96,6 +96,28 @@ class Detect(msgspec.Struct, forbid_unknown_fields=True):
     """per-detector parameters, e.g. [detect.detectors.spam_fanout] min_distinct_dst = 25 (see docs/DETECTION.md)"""
 
 
+class Metrics(msgspec.Struct, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:9325"
+    """HOST:PORT where collect, detect and serve answer Prometheus scrapes at /metrics (docs/METRICS.md);
+    empty = no endpoint. Every process on a machine needs its own port (a second detector: --metrics HOST:9326);
+    when the default port is taken the process warns and runs without an endpoint, a chosen one must be free"""
+    lag_interval_ms: int = 5_000
+    """how often a detector asks the broker for its partitions' high watermarks (consumer lag) and
+    updates the window lag"""
+    console_public: bool = True
+    """the console answers /metrics without a login (it binds to loopback by default); false = a
+    session or API token of any console user is needed (Prometheus: authorization credentials)"""
+
+
+def host_port(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:9325"`` -> ``("127.0.0.1", 9325)``; ``[ADDR]:PORT`` for IPv6; ValueError if not HOST:PORT."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT (use [ADDR]:PORT for IPv6)")
+    return host, int(port)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     data_dir: str = msgspec.field(default_factory=default_data_dir)
     """where the embedded store and local state live"""
@@ -108,6 +130,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     """DNS blocklist checks: zones, resolvers, timeouts, query rate, cache (see smtpguard/dnsbl.py)"""
     response: ResponseConfig = msgspec.field(default_factory=ResponseConfig)
     """revocation policy, enforcement outputs and webhook (smtpguard/response/config.py)"""
+    metrics: Metrics = msgspec.field(default_factory=Metrics)
+    """Prometheus metrics endpoint (docs/METRICS.md)"""
 
     @property
     def store_dsn(self) -> str:
@@ -195,6 +219,13 @@ def validate(cfg: Config) -> None:
         bad("kafka.partitions and kafka.records_per_message must be >= 1")
     if cfg.ingest.chunk_lines < 1:
         bad("ingest.chunk_lines must be >= 1")
+    if cfg.metrics.listen:
+        try:
+            host_port(cfg.metrics.listen)
+        except ValueError as e:
+            bad(f"metrics.listen (--metrics): {e}; empty = no metrics endpoint")
+    if cfg.metrics.lag_interval_ms <= 0:
+        bad("metrics.lag_interval_ms must be positive")
     dsn = cfg.store.dsn
     if dsn and not dsn.startswith(("chdb://", "http://", "https://", "clickhouse://")):
         bad(f"store.dsn must start with chdb://, http:// or https://, not {dsn.split(':')[0]!r}")

@@ -36,10 +36,26 @@ def _console_user(store) -> str:
     return password
 
 
+DEMO_ZONE = "bl.demo.smtpguard.test"
+
+
+def _demo_blocklist(out: Path, listed: list[str]):
+    """A real rbldnsd on loopback serving a demo blocklist that lists ``listed``, and the zone to
+    query it with; (None, None) when rbldnsd is not installed."""
+    from smtpguard import rbldnsd
+    from smtpguard.dnsbl import Code, Zone
+
+    if not rbldnsd.available():
+        return None, None
+    zone = Zone("demo-bl", DEMO_ZONE, {"127.0.0.2": Code("spam source (demo blocklist)")},
+                delist_url="https://example.org/demo-blocklist/delist")
+    srv = rbldnsd.Rbldnsd(out / "dnsbl", [rbldnsd.Dataset(
+        DEMO_ZONE, "ip4set", [":127.0.0.2:Listed by the smtpguard demo blocklist", *listed])])
+    return srv.start(), zone
+
+
 def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int = 60, out_dir: str | None = None) -> bool:
     from smtpguard import scenario
-    from smtpguard.ingest.reader import Progress
-    from smtpguard.serve import LocalStack, collect_into
 
     out = Path(out_dir or Path(cfg.data_dir) / "demo").resolve()
     if (out / "store").exists():
@@ -52,8 +68,31 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
     truth = json.loads(Path(paths["truth"]).read_text())
     abusers = {a["ip"]: a for a in truth if a["label"] != "benign"}
 
+    # The demo blocklist lists the spammers, not the flood or the blocked attempts: every
+    # medium-or-higher alert is looked up in it, and the listings join the alerts' evidence.
+    spammers = sorted(ip for ip, a in abusers.items() if a["label"].startswith("spam"))
+    dnsbl_srv, zone = _demo_blocklist(out, spammers)
+    if zone is None:
+        _say("rbldnsd is not installed (apt-get install rbldnsd): alerts are not looked up in a blocklist")
+        dnsbl_cfg = msgspec.structs.replace(cfg.dnsbl, check_alerts_from="off")
+    else:
+        _say(f"demo blocklist {DEMO_ZONE} (rbldnsd on {dnsbl_srv.resolver}) lists {len(spammers)} of the spammers")
+        dnsbl_cfg = msgspec.structs.replace(cfg.dnsbl, zones=[zone], default_zones=[zone.name],
+                                            resolvers=[dnsbl_srv.resolver], check_alerts_from="medium")
+    try:
+        return _run(cfg, out, paths, abusers, dnsbl_cfg)
+    finally:
+        if dnsbl_srv is not None:
+            dnsbl_srv.stop()
+
+
+def _run(cfg: Config, out: Path, paths: dict, abusers: dict, dnsbl_cfg) -> bool:
+    from smtpguard.console.queries import stored_dnsbl
+    from smtpguard.ingest.reader import Progress
+    from smtpguard.serve import LocalStack, collect_into
+
     cfg = msgspec.structs.replace(
-        cfg, data_dir=str(out),
+        cfg, data_dir=str(out), dnsbl=dnsbl_cfg,
         store=msgspec.structs.replace(cfg.store, dsn=f"chdb://{out / 'store'}"),
         detect=msgspec.structs.replace(cfg.detect, idle_flush_ms=2000, exemptions_csv=str(paths["exemptions"])),
     )
@@ -70,10 +109,15 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
         if not stack.wait_idle(stats.kept, timeout_s=300):
             _say("the detector did not catch up within 300 s")
             return False
+        lookups = stack.runner.lookups
+        if lookups is not None and not lookups.drain(60):
+            _say("DNSBL lookups of the alerts did not finish within 60 s")
         st = stack.runner.stats
         _say(f"detector: {st.records:,} records, {st.windows:,} source-minute windows, {st.alerts_raised} alerts raised, "
              f"{st.alerts_suppressed} repeats suppressed by cooldown ({time.monotonic() - t0:.1f} s)")
         alerts = stack.store.list_alerts(min_severity="low", limit=10_000)
+        medium_ips = sorted({a["src_ip"] for a in alerts if a["src_ip"] and a["severity"] in ("medium", "high", "critical")})
+        dnsbl = {ip: stored_dnsbl(stack.store, ip) for ip in medium_ips}
         from smtpguard.response.enforce import write_nftables
         from smtpguard.response.registry import Registry
 
@@ -83,6 +127,9 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
         nft = write_nftables(nft_path, registry, stack.cfg.response)
         decisions = dict(st.decisions)
         enforcement_topic = stack.cfg.kafka.topics.enforcement
+        from smtpguard.response.enforce import read_state
+
+        enforcement = read_state(stack.cfg)
         password = _console_user(stack.store)
 
     print()
@@ -108,7 +155,19 @@ def run_demo(cfg: Config, *, seed: int = 7, instances: int = 300, minutes: int =
     print(f"response policy decisions: {decisions or 'none'}")
     for r in revoked:
         print(f"  exemption of {r.key} revoked by {r.last.actor}: {r.last.reason}")
-    print(f"enforcement events on {enforcement_topic}; nftables set of allowed senders: {nft_path}")
+    denied = sorted(k for k, e in enforcement.items() if e.action == "deny")
+    print(f"enforcement state on {enforcement_topic} (latest event per key): {len(enforcement) - len(denied)} allowed, "
+          f"{len(denied)} denied" + (f" ({', '.join(denied)})" if denied else ""))
+    print(f"nftables set of allowed senders: {nft_path} ({nft.ipv4} IPv4 and {nft.ipv6} IPv6 entries"
+          + (", checked with nft -c)" if nft.checked else ")")
+          + (f"; revoked senders left out: {', '.join(r.key for r in revoked)}" if revoked else ""))
+    if any(dnsbl.values()):
+        print()
+        print("DNSBL answers stored with the alerts (every medium or higher alert's source is looked up):")
+        for ip, answers in dnsbl.items():
+            print(f"  {ip:15} " + ", ".join(
+                f"{d['zone']} {d['status'].replace('_', ' ')}" + (f" {','.join(d['codes'])}" if d["codes"] else "")
+                for d in answers))
     print()
     print(f"console: {exe_name()} --data-dir {out} console   then open http://127.0.0.1:8025 and log in as "
           f"'demo' with password '{password}' (role admin: triage, confirm, dismiss, restore)")

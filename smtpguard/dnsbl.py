@@ -47,7 +47,9 @@ import dns.rdatatype
 import dns.resolver
 import msgspec
 
+from smtpguard import metrics
 from smtpguard.errors import ConfigError, InputError
+from smtpguard.record import SEVERITIES
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +274,12 @@ class DnsblConfig(msgspec.Struct, forbid_unknown_fields=True):
     """how long NXDOMAIN is cached when the answer carries no SOA (else its SOA minimum)"""
     cache_max_ttl_s: int = 3600
     """upper bound on how long any answer is cached, so a delisting shows within this time"""
+    check_alerts_from: str = "medium"
+    """the detector looks up the source of every new alert of this severity or higher in default_zones
+    and stores the answers with the alert (info, low, medium, high, critical; "off" = never)"""
+    alert_queue_max: int = 10_000
+    """alerts waiting for their lookup at most; beyond it lookups are skipped and counted (a flood of
+    alerts must not hold the detector back, and the console can re-check any alert later)"""
 
     def __post_init__(self) -> None:
         for r in self.resolvers:
@@ -284,6 +292,11 @@ class DnsblConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError("dnsbl.max_queries_per_s must be positive")
         if self.cache_max_entries < 0 or self.cache_negative_ttl_s < 0 or self.cache_max_ttl_s < 0:
             raise ValueError("dnsbl.cache_max_entries, cache_negative_ttl_s and cache_max_ttl_s must be >= 0")
+        if self.check_alerts_from not in (*SEVERITIES, "off"):
+            raise ValueError(f"dnsbl.check_alerts_from must be one of {', '.join(SEVERITIES)} or off, "
+                             f"not {self.check_alerts_from!r}")
+        if self.alert_queue_max < 1:
+            raise ValueError("dnsbl.alert_queue_max must be >= 1")
 
 
 def parse_resolver(spec: str) -> tuple[str, int]:
@@ -743,7 +756,9 @@ class Checker:
         sem = asyncio.Semaphore(self.config.max_concurrent)
         jobs = [self._lookup(sem, a, z, resolver, timeout_ms)
                 for a in addrs for z in chosen if isinstance(a, ipaddress.IPv4Address) or z.ipv6]
-        return list(await asyncio.gather(*jobs))
+        results = list(await asyncio.gather(*jobs))
+        _count(results)
+        return results
 
     async def _lookup(self, sem: asyncio.Semaphore, addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
                       zone: Zone, resolver: str | None, timeout_ms: int | None) -> Result:
@@ -826,6 +841,16 @@ class Checker:
             if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
                 return min(rrset.ttl, rrset[0].minimum)
         return self.config.cache_negative_ttl_s
+
+
+def _count(results: Sequence[Result]) -> None:
+    """The lookups in the metrics: one call per zone and answer, not per lookup."""
+    for (zone, status), n in collections.Counter((r.zone, r.status) for r in results).items():
+        metrics.DNSBL_LOOKUPS.labels(zone, status).inc(n)
+    for (zone, kind), n in collections.Counter((r.zone, r.error) for r in results if r.error).items():
+        metrics.DNSBL_ERRORS.labels(zone, kind).inc(n)
+    for zone, n in collections.Counter(r.zone for r in results if r.cached).items():
+        metrics.DNSBL_CACHE_HITS.labels(zone).inc(n)
 
 
 def _no_nameservers(e: dns.resolver.NoNameservers) -> Error:

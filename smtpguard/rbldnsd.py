@@ -1,5 +1,8 @@
 """A real rbldnsd (Debian package ``rbldnsd``) serving blocklist zones on a free loopback UDP port.
 
+The tests serve their DNSBL zones with it, and ``smtpguard demo`` serves a demo blocklist, so
+that DNSBL answers in the demo come from a real DNS server without leaving the machine.
+
 Example::
 
     with Rbldnsd(tmp_dir, [Dataset("zen.dnsbl.test", "ip4set", [":127.0.0.2:Listed $", "192.0.2.1"])]) as srv:
@@ -87,8 +90,8 @@ class Rbldnsd:
         return specs
 
     def start(self, timeout_s: float = 10.0) -> Rbldnsd:
-        if not os.access(RBLDNSD, os.X_OK):
-            raise RuntimeError(f"{RBLDNSD} is missing: apt-get install -y rbldnsd (see the Makefile's test setup)")
+        if not available():
+            raise RuntimeError(f"{RBLDNSD} is missing: apt-get install -y rbldnsd (the Makefile's set-up installs it)")
         # rbldnsd drops root privileges and then reads the zone files: the directory must be
         # readable by its user. As root it is chrooted into the directory, so the (private)
         # parent directories of a pytest tmp_path do not matter.
@@ -150,6 +153,11 @@ class Rbldnsd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def available() -> bool:
+    """Whether rbldnsd is installed here."""
+    return os.access(RBLDNSD, os.X_OK)
 
 
 def _free_udp_port() -> int:

@@ -23,6 +23,9 @@ import pyarrow as pa
 
 RECORD_VERSION = 1
 
+#: Alert severities, lowest first (alerts carry one; the store keeps its index as severity_rank).
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+
 #: Values of the ``action`` field.
 ACTIONS = ("accept", "reject", "unknown")
 

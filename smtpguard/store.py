@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 
-from smtpguard import record
+from smtpguard import metrics, record
 from smtpguard.errors import StoreError, StoreLockedError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _HELD: dict[str, list[int]] = {}
 _HELD_MUTEX = threading.Lock()
 
-SEVERITIES = ("info", "low", "medium", "high", "critical")
+SEVERITIES = record.SEVERITIES
 
 
 def _columns(fields: Iterable[tuple[str, str]]) -> str:
@@ -204,20 +204,26 @@ class Store:
             return applied
 
     # -- writes ---------------------------------------------------------------------------
-    def insert_arrow(self, table: str, data: pa.Table) -> None:
+    def insert_arrow(self, table: str, data: pa.Table, settings: dict[str, Any] | None = None) -> None:
         if data.num_rows == 0:
             return
         t0 = time.perf_counter()
         try:
             with self._mutex:
-                self.client.insert_arrow(f"{self.database}.{table}", data)
+                self.client.insert_arrow(f"{self.database}.{table}", data, settings=settings)
         except Exception as e:
+            metrics.STORE_WRITE_FAILURES.labels(table).inc()
             raise StoreError(f"writing {data.num_rows} rows to {table} failed: {e}") from e
         self.last_write_s = time.perf_counter() - t0
+        metrics.STORE_WRITE_SECONDS.labels(table).observe(self.last_write_s)
 
     def insert_flows(self, flows: pa.Table) -> None:
-        """Records with their topic position columns (kafka_partition, kafka_offset, kafka_row)."""
-        self.insert_arrow("flows", flows)
+        """Records with their topic position columns (kafka_partition, kafka_offset, kafka_row).
+
+        The table is partitioned by day, and one poll may hold flows of any number of days
+        (a backlog, or old records): ClickHouse's default of at most 100 partitions per
+        insert would refuse such a write for ever and stop the consumer."""
+        self.insert_arrow("flows", flows, settings={"max_partitions_per_insert_block": 0})
 
     def insert_features(self, features: pa.Table) -> None:
         self.insert_arrow("window_features", features)

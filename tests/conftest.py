@@ -4,6 +4,7 @@ ClickHouse engine (chdb) in temporary directories. Stopped by PID / closed at th
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def chdb_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("chdb") / "store"
 
 
+@pytest.fixture
+def silent():
+    """A loopback UDP port that receives queries and never answers them."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    yield f"127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
 def make_config(tmp_path: Path, bootstrap: str = "", dsn: str = "", **detect: object) -> config.Config:
     """A config isolated per test: own topics, own database, own data dir."""
     tag = uuid.uuid4().hex[:10]
@@ -48,6 +58,8 @@ def make_config(tmp_path: Path, bootstrap: str = "", dsn: str = "", **detect: ob
                              "enforcement": f"enf-{tag}"}},
         "store": {"dsn": dsn, "database": f"t_{tag}"},
         "detect": {"idle_flush_ms": 1000, **detect},
+        # alerts are looked up in DNSBLs only where a test serves its own zones (rbldnsd)
+        "dnsbl": {"check_alerts_from": "off"},
     })
     return cfg
 

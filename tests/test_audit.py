@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import types
@@ -28,21 +27,12 @@ from smtpguard.response.registry import Registry
 from smtpguard.store import Store
 
 from conftest import make_config, replace
-from rbldnsd import Dataset, Rbldnsd
+from smtpguard.rbldnsd import Dataset, Rbldnsd
 
 DELIST = "https://dnsbl.test/remove"
 FLAKY_DELIST = "https://flaky.dnsbl.test/remove"
 MAIN = Zone("audit-bl", "audit.dnsbl.test", {"127.0.0.2": Code("spam source")}, delist_url=DELIST)
 FLAKY = Zone("audit-flaky", "flaky.dnsbl.test", {"127.0.0.2": Code("trap hit")}, delist_url=FLAKY_DELIST)
-
-
-@pytest.fixture
-def silent():
-    """A loopback UDP port that receives queries and never answers them."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    yield f"127.0.0.1:{s.getsockname()[1]}"
-    s.close()
 
 
 @pytest.fixture

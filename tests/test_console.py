@@ -8,6 +8,7 @@ test builds its own app over it (an app is cheap; its login limiter and flash me
 
 from __future__ import annotations
 
+import json
 import datetime as dt
 import re
 import time
@@ -16,7 +17,7 @@ import pytest
 from markupsafe import escape
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from rbldnsd import Dataset, Rbldnsd
+from smtpguard.rbldnsd import Dataset, Rbldnsd
 
 from conftest import make_config, replace
 from console_data import Filled, fill
@@ -507,3 +508,40 @@ def test_console_listens_on_loopback_by_default_and_needs_a_user_first(tmp_path,
     empty = make_config(tmp_path, "", f"chdb://{chdb_dir}")
     r = CliRunner().invoke(console_cmd, [], obj=empty)
     assert isinstance(r.exception, ConfigError) and "smtpguard users add NAME --role admin" in str(r.exception)
+
+
+def test_every_alert_action_has_a_cli_command_with_json(env, bl_server):
+    """CLI parity: `smtpguard alerts ack|confirm|dismiss|dnsbl` do what the console's buttons do."""
+    from smtpguard.cli_console import ALERT_ACTION_COMMANDS
+    from smtpguard.console import queries
+
+    api = env.api(env.app(), "viewer")
+    untouched = [a for a in env.filled.alerts
+                 if a.src_ip and api.get(f"/api/alerts/{a.alert_id}").json()["alert"]["status"] == "new"]
+    ack, confirm, dismiss = untouched[-3:]
+    runner = CliRunner()
+    by_name = {c.name: c for c in ALERT_ACTION_COMMANDS}
+    assert set(by_name) == {"ack", "confirm", "dismiss", "dnsbl"}
+
+    def invoke(name, *args):
+        r = runner.invoke(by_name[name], [*args, "--json", "--actor", "cli-tester"], obj=env.cfg)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    out = invoke("ack", ack.alert_id, "--note", "on it")
+    assert (out["action"], out["actor"], out["status"]) == ("acknowledge", "cli-tester", "acknowledged")
+    out = invoke("dismiss", dismiss.alert_id)
+    assert out["status"] == "dismissed"
+    assert queries.label_of(env.store, dismiss.alert_id)["label"] == "false_positive"
+    out = invoke("confirm", confirm.alert_id, "--note", "abuse")
+    assert out["status"] == "confirmed" and queries.label_of(env.store, confirm.alert_id)["label"] == "confirmed"
+    out = invoke("dnsbl", ack.alert_id)
+    assert out["action"] == "recheck_dnsbl" and [r["zone"] for r in out["detail"]["results"]] == ["test-bl"]
+    detail = api.get(f"/api/alerts/{ack.alert_id}").json()
+    assert sorted((a["action"], a["actor"]) for a in detail["actions"]) == [("acknowledge", "cli-tester"),
+                                                                            ("recheck_dnsbl", "cli-tester")]
+    # a refused action and an unknown alert are errors the caller can see, and change nothing
+    r = runner.invoke(by_name["ack"], [ack.alert_id], obj=env.cfg)
+    assert r.exit_code != 0 and "only new alerts" in str(r.exception)
+    r = runner.invoke(by_name["dismiss"], ["0123456789abcdef01234567"], obj=env.cfg)
+    assert r.exit_code != 0 and "no alert" in str(r.exception)

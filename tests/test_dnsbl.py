@@ -1,4 +1,4 @@
-"""DNSBL checks against a real rbldnsd on loopback (tests/rbldnsd.py), plus small loopback UDP
+"""DNSBL checks against a real rbldnsd on loopback (smtpguard/rbldnsd.py), plus small loopback UDP
 servers for what rbldnsd never does (stay silent, SERVFAIL, answer for another name).
 
 Every query goes to 127.0.0.1: each config names the local server as its resolver.
@@ -25,7 +25,7 @@ from smtpguard.dnsbl import (Cache, Checker, DnsblConfig, Error, Listed, NotList
                              check, check_sync, summary)
 from smtpguard.errors import ConfigError, InputError
 
-from rbldnsd import Dataset, Rbldnsd
+from smtpguard.rbldnsd import Dataset, Rbldnsd
 
 CATALOGUE = {z.name: z for z in dnsbl.CATALOGUE}
 # The catalogue's Spamhaus ZEN codes, served from a local test zone.

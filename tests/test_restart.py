@@ -42,6 +42,8 @@ database = "{cfg.store.database}"
 idle_flush_ms = 1500
 checkpoint_interval_ms = 500
 exemptions_csv = "{exemptions}"
+[metrics]
+listen = ""  # the default metrics port may be taken by another run
 """)
     return path
 

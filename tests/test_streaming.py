@@ -160,7 +160,8 @@ def test_collect_netflow_over_udp_into_kafka(cfg, shared_data):
     t = cfg.kafka.topics
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGUARD_")}
     env.update({"SMTPGUARD_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers, "SMTPGUARD_KAFKA__TOPICS__FLOWS": t.flows,
-                "SMTPGUARD_KAFKA__TOPICS__DLQ": t.dlq, "SMTPGUARD_INGEST__SMTP_PORTS": "[25, 123]"})
+                "SMTPGUARD_KAFKA__TOPICS__DLQ": t.dlq, "SMTPGUARD_INGEST__SMTP_PORTS": "[25, 123]",
+                "SMTPGUARD_METRICS__LISTEN": ""})  # the default metrics port may be taken by another run
     exe = str(Path(sys.executable).with_name("smtpguard"))
     proc = subprocess.Popen([exe, "collect", "netflow", "--listen", f"127.0.0.1:{port}"], env=env,
                             stderr=subprocess.PIPE, text=True)

@@ -46,6 +46,7 @@ from smtpguard.dnsbl import Checker, check_sync, summary
 from smtpguard.errors import BrokerError, InputError, SmtpguardError
 from smtpguard.response.config import ResponseConfig
 from smtpguard.response.enforce import Outputs, PublishReport, messages_for
+from smtpguard.response.lookups import store_results
 from smtpguard.response.policy import Decision, DecisionLog, Executor
 from smtpguard.response.registry import ExemptionEvent, Registry, parse_key
 from smtpguard.store import Store
@@ -261,17 +262,7 @@ def recheck_dnsbl(c: Console, alert_id: str, actor: str) -> ActionResult:
     if not ip:
         raise Refused(f"alert {alert_id} is about tenant {alert['tenant']}, not one address: nothing to look up")
     results = check_sync([ip], checker=c.checker)
-    at = _now()
-    if results:
-        c.store.insert_arrow(schema.DNSBL_CHECKS, pa.table({
-            "checked_at": pa.array([at] * len(results), pa.timestamp("ms", tz="UTC")),
-            "ip": [r.ip for r in results], "zone": [r.zone for r in results], "status": [r.status for r in results],
-            "codes": pa.array([list(r.codes) for r in results], pa.list_(pa.string())),
-            "meaning": [r.meaning for r in results], "txt": [r.txt for r in results],
-            "error": [r.error or "" for r in results], "delist_url": [r.delist_url for r in results],
-            "weight": pa.array([r.weight for r in results], pa.float64()),
-            "actor": [actor] * len(results), "alert_id": [alert_id] * len(results),
-        }))
+    store_results(c.store, results, actor=actor, alert_id=alert_id)
     s = summary(results).get(ip)
     if s is None:
         message = f"no configured DNSBL zone answers for {ip}"

@@ -4,7 +4,8 @@
 the process that owns an embedded store can serve the console beside its other work.
 
 Pages: ``/alerts`` (the queue), ``/alerts/{id}`` (evidence and actions), ``/exemptions``,
-``/exemptions/show?key=IP``, ``/health``, ``/users`` (admin), ``/login``.
+``/exemptions/show?key=IP``, ``/health``, ``/users`` (admin), ``/login``; ``/metrics`` for Prometheus
+(docs/METRICS.md; without a login unless ``metrics.console_public`` is false).
 
 API (``Authorization: Bearer sgc_...`` from ``smtpguard users token NAME``, or the session
 cookie plus an ``X-CSRF-Token`` header)::
@@ -39,6 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
+from smtpguard import metrics
 from smtpguard.config import Config, mask_dsn
 from smtpguard.detectors.alerts import SEVERITIES
 from smtpguard.detectors.features import FEATURES
@@ -184,6 +186,18 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
         if not request.url.path.startswith("/static/"):
             h.setdefault("Cache-Control", "no-store")
         return response
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            # the route template (/alerts/{alert_id}), never the path: one series per route
+            route = getattr(request.scope.get("route"), "path", "other")
+            metrics.CONSOLE_REQUESTS.labels(request.method, route, str(status)).inc()
 
     def is_api(request: Request) -> bool:
         return request.url.path.startswith("/api/")
@@ -453,6 +467,16 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
         except (RegistryError, InputError) as e:
             return done(p, "/exemptions", str(e), "error")
         return done(p, f"/exemptions/show?{urlencode({'key': result.detail['event']['ip']})}", result)
+
+    # -- metrics ----------------------------------------------------------------------------------------
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_page(request: Request):
+        """Prometheus metrics of this process; without a login unless metrics.console_public is false."""
+        if not cfg.metrics.console_public and principal(request) is None:
+            raise Problem(401, "metrics need a login: send Authorization: Bearer TOKEN (from `smtpguard users token "
+                               "NAME`)", {"WWW-Authenticate": "Bearer"})
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     # -- health -----------------------------------------------------------------------------------------
     @app.get("/health")

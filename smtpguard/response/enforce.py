@@ -27,6 +27,7 @@ from pathlib import Path
 
 import msgspec
 
+from smtpguard import metrics
 from smtpguard.config import Config
 from smtpguard.errors import BrokerError, SmtpguardError
 from smtpguard.store import Store
@@ -128,6 +129,7 @@ class KafkaOutput:
         for e in events:
             self.producer.produce(self.topic, encode(e), key=e.ip.encode(), headers=JSON_HEADERS, on_delivery=on_delivery)
         left = self.producer.flush(timeout_s)
+        metrics.ENFORCEMENT_EVENTS.labels("kafka").inc(len(events) - left - len(errors))
         if left or errors:
             raise BrokerError(f"{left + len(errors)} of {len(events)} enforcement events were not delivered to "
                               f"{self.topic}: {errors[0] if errors else 'timed out'}")

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from smtpguard import metrics
 from smtpguard.config import mask_dsn
 from smtpguard.store import Store
 
@@ -106,6 +107,7 @@ class WebhookSender:
         for attempt in range(1, self.cfg.max_attempts + 1):
             retry, error = self._try(payload, event_id, attempt)
             if not error:
+                metrics.ENFORCEMENT_EVENTS.labels("webhook").inc()
                 return Delivery(True, attempt)
             log.warning("webhook %s attempt %d for %s %s failed: %s", mask_dsn(self.cfg.url), attempt, ip, event_id, error)
             if not retry or attempt == self.cfg.max_attempts:
@@ -138,6 +140,7 @@ class WebhookSender:
             return True, f"{type(e).__name__}: {getattr(e, 'reason', e)}"
 
     def _dead_letter(self, payload: bytes, event_id: str, ip: str, attempts: int, error: str) -> None:
+        metrics.WEBHOOK_DEAD_LETTERS.inc()
         self.store.insert_arrow(DEAD_LETTER_TABLE, pa.table({
             "failed_at": pa.array([int(time.time() * 1000)], pa.timestamp("ms", tz="UTC")),
             "url": pa.array([mask_dsn(self.cfg.url)], pa.string()),
