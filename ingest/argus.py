@@ -132,10 +132,10 @@ IP_PROTOCOLS: dict[str, int] = {
 NON_IP_PROTOCOLS = frozenset({"arp", "rarp", "ipx/spx", "llc"})
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-_START_RE = r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,9})?$"
-_EPOCH_RE = r"^\d{1,11}(\.\d{1,9})?$"
-_DUR_RE = r"^\d{1,10}(\.\d{1,9})?$"
-_PORT_RE = r"^(\d{1,5}|0x[0-9a-fA-F]{1,4})?$"
+_START_RE = r"^[0-9]{4}/[0-9]{2}/[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?$"
+_EPOCH_RE = r"^[0-9]{1,11}(\.[0-9]{1,9})?$"
+_DUR_RE = r"^[0-9]{1,10}(\.[0-9]{1,9})?$"
+_PORT_RE = r"^([0-9]{1,5}|0x[0-9a-fA-F]{1,4})?$"
 _TCP_STATE_RE = r"^([FSRPAUEC]*)_([FSRPAUEC]*)$"
 _FLAG_BITS = {"F": 1, "S": 2, "R": 4, "P": 8, "A": 16, "U": 32, "E": 64, "C": 128}
 #: Argus's word states for TCP (without per-side flags).
@@ -186,7 +186,7 @@ def _parse_port(tok: str) -> int | None:
         return 0
     if re.fullmatch(r"0x[0-9a-fA-F]{1,4}", tok):
         return int(tok, 16)
-    if re.fullmatch(r"\d{1,5}", tok) and int(tok) <= 65535:
+    if re.fullmatch(r"[0-9]{1,5}", tok) and int(tok) <= 65535:
         return int(tok)
     return None
 
@@ -351,7 +351,7 @@ class ArgusParser:
         # nested expression that repeats its parts)
         stage1 = dict(parts)
         stage1["_proto"] = (
-            pl.when(proto_name.str.contains(r"^\d{1,3}$"))
+            pl.when(proto_name.str.contains(r"^[0-9]{1,3}$"))
             .then(proto_name.cast(pl.Int32, strict=False))
             .otherwise(proto_name.replace_strict(IP_PROTOCOLS, default=None, return_dtype=pl.Int32))
         )

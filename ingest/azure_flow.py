@@ -367,7 +367,7 @@ class AzureFlowParser:
 
         def digits(s: pl.Series, max_digits: int = 20) -> tuple[np.ndarray, np.ndarray]:
             v = s.cast(pl.UInt64, strict=False)
-            good = np_(s.str.contains(rf"^\d{{1,{max_digits}}}$").fill_null(False)).astype(bool) & np_(
+            good = np_(s.str.contains(rf"^[0-9]{{1,{max_digits}}}$").fill_null(False)).astype(bool) & np_(
                 v.is_not_null()
             ).astype(bool)
             return np.where(good, np_(v.fill_null(0)), 0).astype(np.uint64), good

@@ -64,7 +64,7 @@ NAME = "gcp-vpc"
 MAX_LINE_CHARS = 65536
 #: Which report of a flow is kept when several ends reported it (lower first).
 REPORTER_RANK = {"SRC": 0, "SRC_GATEWAY": 1, "DEST": 2, "DEST_GATEWAY": 3}
-_RFC3339_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
+_RFC3339_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$"
 
 
 class _Connection(msgspec.Struct, gc=False):
@@ -230,7 +230,7 @@ class GcpVpcParser:
                 read += 1
                 continue
             text = line if isinstance(line, str) else arr[i].as_py()
-            if not text or text.isspace():
+            if not text.strip(" \t\n\v\f\r"):  # blank as in the other formats: other whitespace is input
                 continue
             read += 1
             if len(text) > MAX_LINE_CHARS:

@@ -112,8 +112,8 @@ CONN_STATES: dict[str, str] = {
 }
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1}
 
-_TIME_RE = r"^\d{1,11}(\.\d{1,9})?$"
-_INTERVAL_RE = r"^\d{1,11}(\.\d{1,9})?$"
+_TIME_RE = r"^[0-9]{1,11}(\.[0-9]{1,9})?$"
+_INTERVAL_RE = r"^[0-9]{1,11}(\.[0-9]{1,9})?$"
 _ESCAPE_RE = re.compile(r"\\x([0-9a-fA-F]{2})")
 _DOMAIN_RE = r"@([^@<>\s]*)>?\s*$"
 
@@ -553,7 +553,7 @@ class ZeekParser:
 
         def port(f: str) -> tuple[pl.Expr, pl.Expr]:
             stage[f"_{f}"] = c(f).cast(pl.Int64, strict=False)
-            stage[f"_{f}_fmt"] = c(f).str.contains(r"^\d{1,5}$")
+            stage[f"_{f}_fmt"] = c(f).str.contains(r"^[0-9]{1,5}$")
             v = c(f"_{f}")
             return v.fill_null(0).clip(0, 65535), c(f"_{f}_fmt") & (v <= 65535)
 
@@ -570,7 +570,7 @@ class ZeekParser:
             proto = c("_proto")
             if "ip_proto" in df.columns:
                 stage["_ipp"] = c("ip_proto").cast(pl.Int64, strict=False)
-                stage["_ipp_fmt"] = c("ip_proto").str.contains(r"^\d{1,3}$")
+                stage["_ipp_fmt"] = c("ip_proto").str.contains(r"^[0-9]{1,3}$")
                 ipp = c("_ipp")
                 ipp_ok = c("_ipp_fmt") & (ipp <= 255)
                 ok = ok & (~is_set("ip_proto") | ipp_ok)
@@ -683,7 +683,7 @@ class ZeekParser:
         else:
             rcpt = pl.Series([None] * n, dtype=pl.UInt32)
         if "last_reply" in df.columns:
-            code = df["last_reply"].str.extract(r"^([2-5]\d\d)", 1).cast(pl.UInt16, strict=False)
+            code = df["last_reply"].str.extract(r"^([2-5][0-9][0-9])", 1).cast(pl.UInt16, strict=False)
         else:
             code = pl.Series([None] * n, dtype=pl.UInt16)
         if "tls" in df.columns:

@@ -1,0 +1,91 @@
+"""Hostile values and the invariant every parser keeps, shared by the fuzz tests and the
+atheris harnesses.
+
+The invariant: a parser never raises anything but the project's errors
+(:class:`smtpguard.errors.SmtpguardError`); every unit of input is a kept record, a
+skipped one or a dead letter (``read == rows + skipped + rejects``); a kept record
+obeys the record's rules as the detector checks them on the wire
+(:func:`smtpguard.wire.check_records`); a dead letter has a reason and a place, and can
+be published as JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+from smtpguard import record, wire
+from smtpguard.ingest.base import MAX_RAW_CHARS, Batch
+
+#: Failures hypothesis finds are kept in the project's (git-ignored) .hypothesis directory
+#: and replayed first on the next run.
+DB = DirectoryBasedExampleDatabase(str(Path(__file__).resolve().parents[2] / ".hypothesis" / "examples"))
+
+
+def fuzz(n: int) -> settings:
+    """Every fuzz test: ``n`` examples at most, no deadline (the first example imports polars)."""
+    return settings(max_examples=n, deadline=None, database=DB,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.large_base_example])
+
+
+HUGE = "A" * 1_000_000
+"""a 1 MB field"""
+
+#: Numbers as text: NaN and infinities, negatives, overflows, other spellings.
+NUMBERS = ["NaN", "nan", "Infinity", "-Infinity", "inf", "-1", "-0", "1e308", "1e3", "0x19", "25.5", "+25", "",
+           "9" * 25, str(2**63), str(2**63 - 1), str(2**64), str(2**64 - 1), "\u0662\u0665", "\uff12\uff15"]
+#: Epoch seconds of 1900, 2200, 0, 2^63, the last second of 9999 and the one after, -1.
+EPOCHS = ["-2208988800", "7258118400", "0", str(2**63), str(2**63 // 1000), "253402300799", "253402300800", "-1",
+          "4102444800.5", "1e10"]
+#: Odd and forged addresses: v4-mapped, scoped, malformed, non-canonical, non-ASCII digits.
+IPS = ["::ffff:10.0.0.1", "::ffff:0a00:0001", "fe80::1%eth0", "fe80::1%25eth0", "[::1]", "::", "0.0.0.0",
+       "255.255.255.255", "1.2.3", "1.2.3.4.5", "01.2.3.4", "1.2.3.04", "256.1.1.1", "1::2::3", ":::1",
+       "2001:db8::" + "1" * 50, "\uff11.\uff12.\uff13.\uff14", "2001:DB8::1", "1:2:3:4:5:6:7:8:9", "10.0.0.1/32",
+       " 10.0.0.1", "10.0.0.1\x00", "\u0661.1.1.1", "::ffff:1.2.3.4%1", "64:ff9b::192.0.2.1"]
+#: Text values: empty, binary, control characters, non-ASCII, 1 MB.
+TEXTS = ["", "-", "\x00", "\x00\x01\x02", "\ufffd", "\u00e9t\u00e9", "\u202e", "a\tb", "a,b", "a b", '"', "\\x41",
+         "\r", HUGE]
+
+#: Every hostile token, for fields of any type.
+TOKENS = NUMBERS + EPOCHS + IPS + TEXTS
+#: Hostile JSON values: wrong types, NaN and infinities (as Python floats: json.dumps
+#: writes them as NaN/Infinity, which JSON does not allow), huge numbers and strings.
+JSON_VALUES = [None, True, False, [], {}, [1, 2], {"a": 1}, 1.5, -1, 0, 2**63, 2**64, 2**70, -(2**63) - 1,
+               float("nan"), float("inf"), float("-inf"), 1e308, HUGE, *TOKENS]
+
+
+class Accounted:
+    """What a run of batches added up to."""
+
+    def __init__(self) -> None:
+        self.read = self.kept = self.skipped = self.rejected = 0
+        self.reasons: list[str] = []
+
+    def add(self, b: Batch) -> Batch:
+        self.read += b.read
+        self.kept += b.records.num_rows
+        self.skipped += b.skipped
+        self.rejected += len(b.rejects)
+        self.reasons.extend(r.reason for r in b.rejects)
+        return b
+
+
+def check_batch(b: Batch, fmt: str = "") -> Batch:
+    """The invariant for one batch (see the module docstring)."""
+    assert b.records.schema == record.SCHEMA, b.records.schema
+    assert b.read == b.records.num_rows + b.skipped + len(b.rejects), (b.read, b.records.num_rows, b.skipped,
+                                                                        len(b.rejects))
+    problems = wire.check_records(b.records)
+    assert not problems, (fmt, problems[:3], wire._rows_json(b.records.take([problems[0][0]])))
+    for r in b.rejects:
+        assert isinstance(r.reason, str) and r.reason.strip(), r
+        assert not r.reason.startswith("internal error"), r.reason
+        assert isinstance(r.location, str) and r.location, r
+        assert isinstance(r.raw, str) and len(r.raw) <= MAX_RAW_CHARS + 40, len(r.raw)
+        back = msgspec.json.decode(wire.encode_json(r))  # it can go to the dead-letter topic as it is
+        assert back["reason"] == r.reason
+    return b

@@ -1,0 +1,52 @@
+"""Coverage-guided fuzzing (atheris, libFuzzer) of the binary decoders for a bounded number
+of runs, seeded with the shared captures: NetFlow v5/v9/IPFIX datagrams, and pcap/pcapng
+files through the SMTP capture parser and the NetFlow capture shell. The harness is
+``tests/fuzz/atheris_decoders.py``; a failure leaves the input that caused it in the test's
+temporary directory (``crash-*``) and prints it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_netflow import payloads_of
+
+pytest.importorskip("atheris", reason="atheris (coverage-guided fuzzing) is not installed; "
+                                      "the hypothesis fuzz tests still cover the decoders")
+
+HARNESS = Path(__file__).resolve().parent / "fuzz" / "atheris_decoders.py"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: runs per target: a few seconds each on one core
+RUNS = {"netflow": 4000, "pcap": 1500}
+
+
+def _seeds(target: str, corpus: Path) -> int:
+    corpus.mkdir()
+    if target == "netflow":
+        seeds = [p for f in sorted((DATA / "netflow").rglob("*")) if f.suffix in (".dat", ".pcap")
+                 for p in payloads_of(f)]
+    else:
+        seeds = [f.read_bytes() for f in sorted((DATA / "smtp" / "zeek" / "Traces").rglob("*.pcap"))]
+        seeds += [f.read_bytes() for f in sorted((DATA / "netflow" / "akvorado").glob("*.pcap"))]
+    for i, s in enumerate(seeds):
+        (corpus / f"seed-{i:03d}").write_bytes(s)
+    return len(seeds)
+
+
+@pytest.mark.parametrize("target", sorted(RUNS))
+def test_atheris_runs_find_no_crash(target: str, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    assert _seeds(target, corpus) >= 10
+    cmd = [sys.executable, str(HARNESS), target, str(corpus), f"-atheris_runs={RUNS[target]}",
+           "-max_len=65536", f"-artifact_prefix={tmp_path}/", "-seed=1", "-print_final_stats=1"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    crashes = sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("timeout-*")) + sorted(tmp_path.glob("oom-*"))
+    assert proc.returncode == 0 and not crashes, out[-6000:] + "".join(f"\n{c.name}: {c.read_bytes()[:512]!r}"
+                                                                         for c in crashes)
+    assert f"Done {RUNS[target]} " in out, out[-3000:]
