@@ -88,6 +88,12 @@ class AlertGate:
         self._incidents[scope] = cur
         return cur[0]
 
+    def prune(self, closed_upto_ms: int) -> None:
+        """Forget cooldowns and incidents that no window starting at or after ``closed_upto_ms``
+        (every window still to come) can meet: the gate stays small and decides exactly as before."""
+        self._last = {k: v for k, v in self._last.items() if v[0] + self.cooldown_ms > closed_upto_ms}
+        self._incidents = {k: v for k, v in self._incidents.items() if v[1] + self.incident_gap_ms >= closed_upto_ms}
+
     def admit(self, findings: Sequence[Finding]) -> list[Alert]:
         out = []
         for f in sorted(findings, key=lambda f: (f.window_start_ms, f.src_ip or "", f.detector)):

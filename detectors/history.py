@@ -4,20 +4,34 @@ Per source IP: exponentially weighted averages of connections and fan-out per ac
 a slowly decaying peak fan-out, how many active minutes it has been seen, and its familiar
 destinations as a 4096-bit set (a one-hash Bloom filter: a destination never seen before is
 *new*; a false "familiar" happens only once a source has talked to thousands of servers).
-Arrays are preallocated to ``max_sources``; when full, the least recently seen tenth is
-evicted and counted. The state serialises to bytes for the store (:meth:`snapshot`).
+
+The set is held in two tiers with the same bits: up to :data:`SMALL` bit positions inline per
+source (16 bytes), and a full 512-byte row only for the sources that go past that (mail
+servers, spam runs). A flood of sources that each touch a few servers costs about 70 bytes of
+arrays per source, not 560. At most ``max_sources`` sources are remembered; when full, the
+least recently seen tenth is evicted and counted (``evicted``). Full rows are bounded by
+``max_wide``: beyond it the least recently seen source holding one is evicted. Sources of one
+window that cannot all be held even after eviction are judged without history (every
+destination new, no baseline) and counted (``unremembered``): the detector degrades, it does
+not fail. The state serialises to bytes for the store (:meth:`snapshot`).
 """
 
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import polars as pl
 
 BITS = 4096
 WORDS = BITS // 64
+#: familiar-destination bits held inline per source before it gets a full row
+SMALL = 8
+_EMPTY = np.uint16(0xFFFF)
+_SCALARS = ("ewma_conns", "ewma_distinct", "peak_distinct", "peak_conns", "minutes", "last_seen_ms")
 
 
 @dataclass
@@ -28,6 +42,12 @@ class HistoryParams:
     """per active minute; the peak fan-out halves in about 350 active minutes"""
     max_sources: int = 200_000
     """sources remembered per stream; the least recently seen are evicted beyond this"""
+    max_wide: int | None = None
+    """sources with a full 4096-bit destination row; None = max_sources // 8 (at least 1024)"""
+
+    @property
+    def wide_limit(self) -> int:
+        return self.max_wide if self.max_wide is not None else max(1024, self.max_sources // 8)
 
 
 class SourceHistory:
@@ -42,64 +62,203 @@ class SourceHistory:
         self.peak_conns = np.zeros(cap)
         self.minutes = np.zeros(cap, dtype=np.int64)
         self.last_seen_ms = np.zeros(cap, dtype=np.int64)
-        self.familiar = np.zeros((cap, WORDS), dtype=np.uint64)
+        self.small = np.full((cap, SMALL), _EMPTY, dtype=np.uint16)
+        """inline familiar bits (positions, unused = 0xFFFF) of sources without a full row"""
+        self.nsmall = np.zeros(cap, dtype=np.uint8)
+        self.wide_of = np.full(cap, -1, dtype=np.int32)
+        """row in ``wide`` of each source that has one, else -1"""
+        self.wide = np.zeros((0, WORDS), dtype=np.uint64)
+        self.wide_owner = np.zeros(0, dtype=np.int64)
+        self.wide_free: list[int] = []
         self.free: list[int] = []
         self.evicted = 0
+        """sources forgotten to make room (kept in checkpoints: all evictions of the stream)"""
+        self.unremembered = 0
+        """sources judged without history because a window held more new sources than fit"""
+        self.saturated = 0
+        """times a source outgrew its inline bits while no full row could be had (its new bits are lost)"""
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def wide_rows(self) -> int:
+        return len(self.wide) - len(self.wide_free)
+
+    def nbytes(self) -> int:
+        """Approximate memory held: arrays, plus the address index (dict, list, strings)."""
+        arrays = sum(getattr(self, n).nbytes for n in _SCALARS) + self.small.nbytes + self.nsmall.nbytes
+        arrays += self.wide_of.nbytes + self.wide.nbytes + self.wide_owner.nbytes
+        index = sys.getsizeof(self.index) + sys.getsizeof(self.ips) + 60 * len(self.index)
+        return arrays + index
 
     # -- slots ----------------------------------------------------------------------------
     def _grow(self, need: int) -> None:
         cap = len(self.ewma_conns)
         if need <= cap:
             return
-        new = min(max(need, cap * 2), self.p.max_sources)
-        for name in ("ewma_conns", "ewma_distinct", "peak_distinct", "peak_conns", "minutes", "last_seen_ms"):
+        new = cap
+        while new < need:  # the capacity that growing one slot at a time would reach
+            new = max(new + 1, min(new * 2, self.p.max_sources))
+        for name in _SCALARS + ("nsmall", "wide_of", "small"):
             a = getattr(self, name)
-            b = np.zeros(new, dtype=a.dtype)
+            fill = _EMPTY if name == "small" else (-1 if name == "wide_of" else 0)
+            b = np.full((new,) + a.shape[1:], fill, dtype=a.dtype)
             b[:cap] = a
             setattr(self, name, b)
-        f = np.zeros((new, WORDS), dtype=np.uint64)
-        f[:cap] = self.familiar
-        self.familiar = f
 
     def _evict(self, n: int, keep: set[str]) -> None:
         live = np.array([i for i, ip in enumerate(self.ips) if ip is not None and ip not in keep], dtype=np.int64)
         n = min(n, len(live))
         if n <= 0:
             return
-        oldest = live[np.argpartition(self.last_seen_ms[live], n - 1)[:n]]
-        for i in oldest:
+        self._drop(live[np.argpartition(self.last_seen_ms[live], n - 1)[:n]])
+
+    def _drop(self, slots: np.ndarray) -> None:
+        for i in slots.tolist():
             del self.index[self.ips[i]]
             self.ips[i] = None
-            self._clear(i)
-            self.free.append(int(i))
-        self.evicted += n
+            self.free.append(i)
+        self._clear(slots)
+        self.evicted += len(slots)
 
-    def _clear(self, i: int) -> None:
-        self.ewma_conns[i] = self.ewma_distinct[i] = self.peak_distinct[i] = self.peak_conns[i] = 0
-        self.minutes[i] = self.last_seen_ms[i] = 0
-        self.familiar[i] = 0
+    def _clear(self, slots: np.ndarray) -> None:
+        for name in _SCALARS + ("nsmall",):
+            getattr(self, name)[slots] = 0
+        self.small[slots] = _EMPTY
+        rows = self.wide_of[slots]
+        rows = rows[rows >= 0]
+        if len(rows):
+            self.wide[rows] = 0
+            self.wide_owner[rows] = -1
+            self.wide_free.extend(rows.tolist())
+        self.wide_of[slots] = -1
 
     def slots(self, ips: list[str]) -> np.ndarray:
-        out = np.empty(len(ips), dtype=np.int64)
-        new = [ip for ip in dict.fromkeys(ips) if ip not in self.index]
-        if new:
+        """Slot of each address (new ones are added, evicting the least recently seen when full);
+        -1 for addresses that found no room (more new sources in one call than the history holds)."""
+        get = self.index.get
+        idx = np.fromiter(map(get, ips, repeat(-1)), dtype=np.int64, count=len(ips))
+        missing = np.flatnonzero(idx < 0)
+        new = list(dict.fromkeys([ips[j] for j in missing.tolist()])) if len(missing) else []
+        if new or len(self.index) > self.p.max_sources:
             room = self.p.max_sources - len(self.index)
             if len(new) > room:
                 self._evict(max(len(new) - room, self.p.max_sources // 10), set(ips))
-            for ip in new:
-                if self.free:
-                    i = self.free.pop()
-                    self.ips[i] = ip
-                else:
-                    i = len(self.ips)
-                    self._grow(i + 1)
-                    self.ips.append(ip)
-                self.index[ip] = i
-        for k, ip in enumerate(ips):
-            out[k] = self.index[ip]
+                room = self.p.max_sources - len(self.index)
+                if len(new) > room:
+                    self.unremembered += len(new) - max(room, 0)
+                    new = new[:max(room, 0)]
+            # freed slots first (in the order ``free.pop()`` yields them), then fresh ones at the end
+            nf = min(len(new), len(self.free))
+            reuse = self.free[len(self.free) - nf:][::-1]
+            del self.free[len(self.free) - nf:]
+            for i, ip in zip(reuse, new):
+                self.ips[i] = ip
+            start, fresh = len(self.ips), new[nf:]
+            if fresh:
+                self._grow(start + len(fresh))
+                self.ips.extend(fresh)
+            self.index.update(zip(new, reuse + list(range(start, start + len(fresh)))))
+            if len(missing):
+                idx[missing] = np.fromiter(map(get, [ips[j] for j in missing.tolist()], repeat(-1)), dtype=np.int64,
+                                           count=len(missing))
+        return idx
+
+    # -- familiar destinations ------------------------------------------------------------
+    def familiar(self, slots: np.ndarray, bits: np.ndarray) -> np.ndarray:
+        """Whether each (slot, bit) is set; slot -1 (a source without history) is never familiar."""
+        seen = np.zeros(len(slots), dtype=bool)
+        ok = slots >= 0
+        rows = np.full(len(slots), -1, dtype=np.int64)
+        rows[ok] = self.wide_of[slots[ok]]
+        wide = rows >= 0
+        if wide.any():
+            b = bits[wide].astype(np.uint64)
+            seen[wide] = ((self.wide[rows[wide], (b >> np.uint64(6)).astype(np.int64)] >> (b & np.uint64(63)))
+                          & np.uint64(1)) != 0
+        inline = ok & ~wide
+        if inline.any():
+            seen[inline] = (self.small[slots[inline]] == bits[inline].astype(np.uint16)[:, None]).any(axis=1)
+        return seen
+
+    def _set_wide(self, rows: np.ndarray, bits: np.ndarray) -> None:
+        b = bits.astype(np.uint64)
+        np.bitwise_or.at(self.wide, (rows, (b >> np.uint64(6)).astype(np.int64)),
+                         np.left_shift(np.uint64(1), b & np.uint64(63)))
+
+    def learn(self, slots: np.ndarray, bits: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """Set the bits (slots >= 0); sources that outgrow the inline tier get a full row.
+        ``keep``: slots that must not be evicted to make a full row (the current window's)."""
+        ok = slots >= 0
+        if not ok.any():
+            return
+        pb = np.unique(slots[ok] * BITS + bits[ok].astype(np.int64))
+        slot, bit = pb // BITS, pb % BITS
+        rows = self.wide_of[slot]
+        wide = rows >= 0
+        if wide.any():
+            self._set_wide(rows[wide].astype(np.int64), bit[wide])
+        slot, bit = slot[~wide], bit[~wide]
+        if not len(slot):
+            return
+        present = (self.small[slot] == bit.astype(np.uint16)[:, None]).any(axis=1)
+        slot, bit = slot[~present], bit[~present]
+        if not len(slot):
+            return
+        starts = np.flatnonzero(np.r_[True, np.diff(slot) != 0])
+        counts = np.diff(np.r_[starts, len(slot)])
+        rank = np.arange(len(slot)) - np.repeat(starts, counts)
+        owners = slot[starts]
+        fits_src = self.nsmall[owners].astype(np.int64) + counts <= SMALL
+        fits = np.repeat(fits_src, counts)
+        pos = self.nsmall[slot].astype(np.int64) + rank
+        self.small[slot[fits], pos[fits]] = bit[fits].astype(np.uint16)
+        self.nsmall[owners[fits_src]] += counts[fits_src].astype(np.uint8)
+        grow = owners[~fits_src]
+        if not len(grow):
+            return
+        got = self._wide_rows(grow, keep)
+        promoted = got >= 0
+        # sources that got no row keep their inline bits; the new ones will count as new again
+        self.saturated += int((~promoted).sum())
+        grow, got = grow[promoted], got[promoted]
+        if not len(grow):
+            return
+        inline = self.small[grow]
+        used = inline != _EMPTY
+        self._set_wide(np.repeat(got, SMALL)[used.ravel()], inline[used])
+        self.small[grow] = _EMPTY
+        self.nsmall[grow] = 0
+        self.wide_of[grow] = got
+        self.wide_owner[got] = grow
+        sel = ~fits & np.isin(slot, grow)
+        self._set_wide(got[np.searchsorted(grow, slot[sel])], bit[sel])
+
+    def _wide_rows(self, owners: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+        """A free full row for each owner (-1 where none could be had), evicting the least recently
+        seen holders of full rows outside ``keep`` once ``max_wide`` rows are in use."""
+        k = len(owners)
+        limit = self.p.wide_limit
+        short = k - len(self.wide_free)
+        if short > 0 and len(self.wide) < limit:
+            add = min(max(short, min(len(self.wide), limit - len(self.wide))), limit - len(self.wide))
+            old = len(self.wide)
+            self.wide = np.concatenate([self.wide, np.zeros((add, WORDS), dtype=np.uint64)])
+            self.wide_owner = np.concatenate([self.wide_owner, np.full(add, -1, dtype=np.int64)])
+            self.wide_free.extend(range(old + add - 1, old - 1, -1))
+            short = k - len(self.wide_free)
+        if short > 0:
+            holders = self.wide_owner[self.wide_owner >= 0]
+            if keep is not None:
+                holders = holders[~np.isin(holders, keep)]
+            n = min(short, len(holders))
+            if n > 0:
+                self._drop(holders[np.argpartition(self.last_seen_ms[holders], n - 1)[:n]])
+        out = np.full(k, -1, dtype=np.int64)
+        n = min(k, len(self.wide_free))
+        for j in range(n):
+            out[j] = self.wide_free.pop()
         return out
 
     # -- per window -----------------------------------------------------------------------
@@ -120,62 +279,103 @@ class SourceHistory:
                 pl.lit(0, pl.Int64).alias("history_minutes"))
         pairs = (rows.select("src_ip", "dst_ip", "window_start").unique()
                  .with_columns(bit=(pl.col("dst_ip").hash(seed=7) % BITS).cast(pl.Int64)))
-        parts = []
-        for ws in sorted(feats["window_start"].unique().to_list()):
-            f = feats.filter(pl.col("window_start") == ws)
-            ws_ms = int(ws.timestamp() * 1000) if hasattr(ws, "timestamp") else int(ws)
-            p = pairs.filter(pl.col("window_start") == ws_ms)
-            ips = f["src_ip"].to_list()
-            idx = self.slots(ips)
-            before = {
-                "base_conns": self.ewma_conns[idx].copy(), "base_distinct": self.ewma_distinct[idx].copy(),
-                "peak_distinct": self.peak_distinct[idx].copy(), "peak_conns": self.peak_conns[idx].copy(),
-                "history_minutes": self.minutes[idx].copy(),
-            }
+        # one pass of polars for the whole batch; the minutes are then walked in time order over
+        # numpy slices (a destination first seen in minute 1 is familiar in minute 2)
+        ws_all = feats["window_start"]
+        ws_all = (ws_all.dt.epoch("ms") if ws_all.dtype.is_temporal() else ws_all.cast(pl.Int64)).to_numpy()
+        order = np.argsort(ws_all, kind="stable")
+        if not np.array_equal(order, np.arange(len(order))):
+            feats = feats[order]
+            ws_all = ws_all[order]
+        keyed = feats.select("src_ip", window_start=pl.Series(ws_all)).with_columns(_row=pl.int_range(pl.len(), dtype=pl.Int64))
+        p = pairs.join(keyed, on=["src_ip", "window_start"], how="inner").select("_row", "bit").sort("_row")
+        prow = p["_row"].to_numpy()
+        pbits = p["bit"].to_numpy()
+        all_ips = feats["src_ip"].to_list()
+        all_conns = feats["connections"].to_numpy().astype(float)
+        all_distinct = feats["distinct_dst"].to_numpy().astype(float)
+        n = feats.height
+        cols = (("base_conns", "ewma_conns"), ("base_distinct", "ewma_distinct"), ("peak_distinct", "peak_distinct"),
+                ("peak_conns", "peak_conns"), ("history_minutes", "minutes"))
+        before = {name: np.zeros(n, dtype=getattr(self, arr).dtype) for name, arr in cols}
+        new_dst = np.zeros(n, dtype=np.uint32)
+        bounds = np.flatnonzero(np.r_[True, ws_all[1:] != ws_all[:-1], True])
+        pbounds = np.searchsorted(prow, bounds)
+        a = self.p.alpha
+        for lo, hi, plo, phi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), pbounds[:-1].tolist(), pbounds[1:].tolist()):
+            ws_ms = int(ws_all[lo])
+            idx = self.slots(all_ips[lo:hi])
+            known = idx >= 0
+            at = np.where(known, idx, 0)
+            for name, arr in cols:
+                before[name][lo:hi] = np.where(known, getattr(self, arr)[at], 0)
             # novelty: which (source, destination) bits were unset before this minute
-            pidx = self.slots(p["src_ip"].to_list())
-            bits = p["bit"].to_numpy()
-            words, masks = bits >> 6, np.left_shift(np.uint64(1), (bits & 63).astype(np.uint64))
-            seen = (self.familiar[pidx, words] & masks) != 0
-            new_per = (pl.DataFrame({"src_ip": p["src_ip"], "new": ~seen})
-                       .group_by("src_ip").agg(new_dst=pl.col("new").sum().cast(pl.UInt32)))
-            np.bitwise_or.at(self.familiar, (pidx, words), masks)
-            # learn the window's values
-            a = self.p.alpha
-            conns = f["connections"].to_numpy().astype(float)
-            distinct = f["distinct_dst"].to_numpy().astype(float)
-            first = self.minutes[idx] == 0
-            self.ewma_conns[idx] = np.where(first, conns, (1 - a) * self.ewma_conns[idx] + a * conns)
-            self.ewma_distinct[idx] = np.where(first, distinct, (1 - a) * self.ewma_distinct[idx] + a * distinct)
-            self.peak_distinct[idx] = np.maximum(self.peak_distinct[idx] * self.p.peak_decay, distinct)
-            self.peak_conns[idx] = np.maximum(self.peak_conns[idx] * self.p.peak_decay, conns)
-            self.minutes[idx] += 1
-            self.last_seen_ms[idx] = np.maximum(self.last_seen_ms[idx], ws_ms)
-            f = f.with_columns(**{k: pl.Series(v) for k, v in before.items()}).join(new_per, on="src_ip", how="left")
-            parts.append(f.with_columns(
-                new_dst=pl.col("new_dst").fill_null(0),
-                new_dst_share=(pl.col("new_dst").fill_null(0) / pl.col("distinct_dst")).fill_nan(0.0),
-            ))
-        return pl.concat(parts)
+            pr = prow[plo:phi] - lo
+            pidx = idx[pr]
+            bits = pbits[plo:phi]
+            seen = self.familiar(pidx, bits)
+            new_dst[lo:hi] = np.bincount(pr[~seen], minlength=hi - lo)
+            self.learn(pidx, bits, keep=idx[known])
+            # learn the window's values (sources with a slot; a slot lost to a full-row eviction
+            # just now is empty again and learns from scratch)
+            kidx = idx[known]
+            conns = all_conns[lo:hi][known]
+            distinct = all_distinct[lo:hi][known]
+            first = self.minutes[kidx] == 0
+            self.ewma_conns[kidx] = np.where(first, conns, (1 - a) * self.ewma_conns[kidx] + a * conns)
+            self.ewma_distinct[kidx] = np.where(first, distinct, (1 - a) * self.ewma_distinct[kidx] + a * distinct)
+            self.peak_distinct[kidx] = np.maximum(self.peak_distinct[kidx] * self.p.peak_decay, distinct)
+            self.peak_conns[kidx] = np.maximum(self.peak_conns[kidx] * self.p.peak_decay, conns)
+            self.minutes[kidx] += 1
+            self.last_seen_ms[kidx] = np.maximum(self.last_seen_ms[kidx], ws_ms)
+        return feats.with_columns(**{k: pl.Series(v) for k, v in before.items()}, new_dst=pl.Series(new_dst)).with_columns(
+            new_dst_share=(pl.col("new_dst") / pl.col("distinct_dst")).fill_nan(0.0))
 
     # -- persistence ----------------------------------------------------------------------
     def snapshot(self) -> bytes:
         live = np.array([i for i, ip in enumerate(self.ips) if ip is not None], dtype=np.int64)
+        rows = self.wide_of[live]
+        has = rows >= 0
         buf = io.BytesIO()
         np.savez_compressed(
             buf, ips=np.array([self.ips[i] for i in live], dtype=object).astype(str),
-            ewma_conns=self.ewma_conns[live], ewma_distinct=self.ewma_distinct[live],
-            peak_distinct=self.peak_distinct[live], peak_conns=self.peak_conns[live], minutes=self.minutes[live],
-            last_seen_ms=self.last_seen_ms[live], familiar=self.familiar[live], evicted=np.array([self.evicted]))
+            **{name: getattr(self, name)[live] for name in _SCALARS},
+            small=self.small[live], wide_at=np.flatnonzero(has), wide=self.wide[rows[has]],
+            evicted=np.array([self.evicted]))
         return buf.getvalue()
 
     @classmethod
     def restore(cls, data: bytes, params: HistoryParams | None = None) -> "SourceHistory":
+        """State from :meth:`snapshot` (also the earlier layout with a full row per source). When
+        it holds more sources than ``params`` allows, the most recently seen are kept."""
         h = cls(params)
         z = np.load(io.BytesIO(data), allow_pickle=False)
-        ips = [str(x) for x in z["ips"]]
+        order = np.argsort(-z["last_seen_ms"], kind="stable")[:h.p.max_sources]
+        ips = [str(x) for x in z["ips"][order]]
         idx = h.slots(ips)
-        for name in ("ewma_conns", "ewma_distinct", "peak_distinct", "peak_conns", "minutes", "last_seen_ms", "familiar"):
-            getattr(h, name)[idx] = z[name]
+        for name in _SCALARS:
+            getattr(h, name)[idx] = z[name][order]
+        if "familiar" in z.files:  # earlier layout: one 4096-bit row per source
+            fam = z["familiar"]
+            for lo in range(0, len(order), 8192):
+                part = order[lo:lo + 8192]
+                bits = np.unpackbits(fam[part].view(np.uint8), axis=1, bitorder="little")
+                r, b = np.nonzero(bits)
+                h.learn(idx[lo:lo + 8192][r], b, keep=idx)
+        else:
+            small = z["small"][order]
+            h.small[idx] = small
+            h.nsmall[idx] = (small != _EMPTY).sum(axis=1).astype(np.uint8)
+            where = np.full(len(z["ips"]), -1, dtype=np.int64)
+            where[order] = np.arange(len(order))
+            wide_at = where[z["wide_at"]]
+            keep = wide_at >= 0
+            wide_rows, wide_at = z["wide"][keep], wide_at[keep]
+            if len(wide_at):
+                got = h._wide_rows(idx[wide_at], idx)
+                ok = got >= 0
+                h.wide[got[ok]] = wide_rows[ok]
+                h.wide_of[idx[wide_at][ok]] = got[ok]
+                h.wide_owner[got[ok]] = idx[wide_at][ok]
         h.evicted = int(z["evicted"][0])
         return h

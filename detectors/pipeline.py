@@ -4,6 +4,10 @@
 One :class:`WindowEngine` and one :class:`AlertGate` per stream: per Kafka partition in the
 consumer, a single one in ``analyze``. Records are keyed by source IP, so every window of
 an IP lives in exactly one stream.
+
+State is bounded per process: ``detect.max_sources`` source histories and ``detect.max_panes``
+horizon panes, shared evenly by the streams the process holds (re-divided when partitions are
+assigned or revoked); what is evicted to stay within them is counted (:meth:`Pipeline.state_stats`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from smtpguard.exemptions import Exemptions
 
 from .alerts import Alert, AlertGate
 from .features import empty_features, window_features
-from .history import SourceHistory
-from .horizons import Panes
+from .history import HistoryParams, SourceHistory
+from .horizons import Panes, pane_types
 from .rules import Detector, build_detectors
 from .tenants import TenantStage
 from .windows import WindowEngine
@@ -59,18 +63,46 @@ class Pipeline:
         self.tenant_gate = AlertGate(cfg.detect.cooldown_ms)
         established = [d.params.established_exemption_days for d in self.tenant_detectors]
         self.tenant_established_days = established[0] if established else 7.0
+        self.evictions: dict[str, int] = {"sources": 0, "sources_unremembered": 0, "familiar_saturated": 0,
+                                          "panes": 0}
+        """what this process evicted to stay within its bounds, since it started (monotonic)"""
 
     def stream(self, key: int) -> Stream:
         s = self.streams.get(key)
         if s is None:
             d = self.cfg.detect
             s = self.streams[key] = Stream(WindowEngine(d.window_ms, d.allowed_lateness_ms), AlertGate(d.cooldown_ms),
-                                           SourceHistory(), Panes(d.window_ms))
+                                           SourceHistory(HistoryParams()), Panes(d.window_ms))
+            self._budget()
         return s
 
     def drop(self, key: int) -> None:
         """Forget a stream's state (its partition was revoked; the new owner replays from the safe offset)."""
-        self.streams.pop(key, None)
+        if self.streams.pop(key, None) is not None:
+            self._budget()
+
+    def _budget(self) -> None:
+        """Share the process's bounds evenly among its streams (enforced at their next window close)."""
+        n = max(1, len(self.streams))
+        for s in self.streams.values():
+            s.history.p.max_sources = max(1, self.cfg.detect.max_sources // n)
+            s.panes.max_rows = max(1, self.cfg.detect.max_panes // n)
+
+    def state_stats(self) -> dict[str, int]:
+        """Sizes of the state held now (all streams) and the process's eviction counters."""
+        st = list(self.streams.values())
+        out = {
+            "sources": sum(len(s.history) for s in st),
+            "familiar_rows": sum(s.history.wide_rows for s in st),
+            "panes": sum(len(s.panes) for s in st),
+            "open_rows": sum(s.engine.open_rows for s in st),
+            "tenant_rows": self.tenants.instances.height + self.tenants.registers.height,
+            "gate_entries": sum(len(s.gate._last) + len(s.gate._incidents) for s in st)
+            + len(self.tenant_gate._last) + len(self.tenant_gate._incidents),
+            "history_bytes": sum(s.history.nbytes() for s in st),
+        }
+        out.update({f"evicted_{k}": v for k, v in self.evictions.items()})
+        return out
 
     def process(self, records: pa.Table, key: int = 0, offset: int = -1, offsets: pa.Array | None = None) -> Output:
         s = self.stream(key)
@@ -92,8 +124,12 @@ class Pipeline:
         if rows is None or rows.height == 0:
             return Output()
         feats = window_features(rows, self.cfg.detect.window_ms)
-        feats = s.history.observe(rows, feats)
+        h, counted = s.history, (s.history.evicted, s.history.unremembered, s.history.saturated, s.panes.evicted)
+        feats = h.observe(rows, feats)
         feats = s.panes.add(feats)
+        for k, before, now in zip(("sources", "sources_unremembered", "familiar_saturated", "panes"), counted,
+                                  (h.evicted, h.unremembered, h.saturated, s.panes.evicted)):
+            self.evictions[k] += now - before
         annotated = self.exemptions.annotate(feats)
         findings = [f for d in self.detectors for f in d.evaluate(annotated)]
         skip = annotated.filter(pl.col("exempted") & (pl.col("exemption_age_days") >= self.tenant_established_days))
@@ -104,6 +140,7 @@ class Pipeline:
             due = f.window_end_ms + lateness
             f.evidence["emitted_at_ms"] = min(due, s.engine.max_event_ms) if force else due
         alerts = s.gate.admit(findings)
+        s.gate.prune(s.engine.closed_upto_ms)
         if not force:
             alerts.extend(self._close_tenants(force=False))
         return Output(annotated, alerts)
@@ -124,7 +161,10 @@ class Pipeline:
         findings = [f for d in self.tenant_detectors for f in d.evaluate(feats)]
         for f in findings:
             f.evidence["emitted_at_ms"] = f.window_end_ms + self.cfg.detect.allowed_lateness_ms
-        return self.tenant_gate.admit(findings)
+        admitted = self.tenant_gate.admit(findings)
+        if self.tenants.closed_upto_ms is not None:
+            self.tenant_gate.prune(self.tenants.closed_upto_ms)
+        return admitted
 
     def checkpoint(self, key: int) -> dict | None:
         """A stream's state for the store: watermark, source history, panes, cooldowns."""
@@ -151,9 +191,10 @@ class Pipeline:
         s = self.stream(key)
         if state["closed_upto_ms"] >= 0:
             s.engine.closed_upto_ms = state["closed_upto_ms"]
-        s.history = SourceHistory.restore(state["history"])
+        s.history = SourceHistory.restore(state["history"], s.history.p)
         if state["panes"]:
-            s.panes.panes = pl.read_ipc(io.BytesIO(state["panes"]))
+            s.panes.panes = pane_types(pl.read_ipc(io.BytesIO(state["panes"])))
+            s.panes.bound()
         s.gate._last = {tuple(k.split("|", 1)): tuple(v) for k, v in state["gate"].get("last", {}).items()}
         s.gate._incidents = {k: tuple(v) for k, v in state["gate"].get("incidents", {}).items()}
 

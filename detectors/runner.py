@@ -15,14 +15,14 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from smtpguard import metrics, wire
 from smtpguard.config import Config
-from smtpguard.errors import SmtpguardError, StoreError
+from smtpguard.errors import BrokerError, SmtpguardError, StoreError
 from smtpguard.exemptions import Exemptions
 from smtpguard.ingest.base import Reject
 from smtpguard.store import Store
@@ -47,6 +47,9 @@ class RunnerStats:
     alerts_suppressed: int = 0
     alerts_republished_skipped: int = 0
     store_errors: int = 0
+    offset_resets: int = 0
+    commit_failures: int = 0
+    """times a partition's log went back (the broker lost it); see DetectorRunner._log_went_back"""
     commits: int = 0
     restored: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
@@ -84,8 +87,12 @@ class DetectorRunner:
         self.producer = Producer(producer_settings(cfg))
         self.stats = RunnerStats()
         self._next_offset: dict[int, int] = {}
+        self._committed: dict[int, int] = {}
+        """the last offset this process committed per partition (kept across rebalances): offsets only
+        grow, so a partition handed back that starts below it lost its log"""
         self._last_seen: dict[int, float] = {}
-        self._delivery_errors: list[str] = []
+        self._dlq_retry: list[tuple[bytes, bytes]] = []
+        self._producer_failed = False
         self._checkpoint_s = cfg.detect.checkpoint_interval_ms / 1000
         self._last_checkpoint = 0.0
         self._dirty = False
@@ -131,7 +138,7 @@ class DetectorRunner:
             except Exception as e:  # noqa: BLE001
                 log.warning("final commit failed: %s", e)
             self.consumer.close()
-            self.producer.flush(10)
+            self._flush(10)
             if self.lookups is not None:
                 self.lookups.close(timeout_s=10)
             metrics.forget_partitions(self.topics.flows, self.stats.assigned)
@@ -149,6 +156,9 @@ class DetectorRunner:
                 log.warning("consumer error: %s", m.error())
                 continue
             p, off = m.partition(), m.offset()
+            floor = self._next_offset.get(p, self._committed.get(p, -1))
+            if off < floor:
+                self._log_went_back(p, floor, off)
             self.stats.messages += 1
             touched.add(p)
             self._next_offset[p] = off + 1
@@ -190,9 +200,38 @@ class DetectorRunner:
         if touched or out.features.height:
             self._dirty = True
         if self._dirty and time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
-            self._commit(sorted(set(self._next_offset)))
+            self._commit_or_wait(sorted(set(self._next_offset)))
         if time.monotonic() - self._last_lag >= self._lag_s:
             self._export_lag()
+
+    def _commit_or_wait(self, partitions: list[int]) -> None:
+        """A commit the broker refuses is not fatal: everything consumed is written, so at worst the
+        next owner of a partition replays from the last commit (ids and stored positions make the
+        replay harmless). Typical: the group moved on while the broker was unreachable (unknown
+        member, illegal generation); the consumer rejoins by itself and the next commit covers it."""
+        from confluent_kafka import KafkaException
+
+        try:
+            self._commit(partitions)
+        except (KafkaException, BrokerError) as e:
+            self.stats.commit_failures += 1
+            self._last_checkpoint = time.monotonic()  # retry at the next interval, not at every poll
+            log.warning("offset commit failed, retrying at the next checkpoint: %s", e.args[0] if e.args else e)
+
+    def _log_went_back(self, p: int, expected: int, got: int) -> None:
+        """Offsets only grow within a partition's log: a smaller one means the broker lost the log
+        (a broker restarted without its data, a topic deleted and created again) and the consumer
+        was reset to the start of the new one. Reported; detection goes on with the new records."""
+        self.stats.offset_resets += 1
+        self._committed[p] = got
+        metrics.OFFSET_RESETS.labels(self.topics.flows, str(p)).inc()
+        log.error("partition %d of %s went back from offset %d to %d: the broker lost the partition's log "
+                  "(restarted without its data?); consuming the new log from there. Records sent while the "
+                  "log was lost are gone from the broker: collectors report what they could not deliver "
+                  "(smtpguard spool resend)", p, self.topics.flows, expected, got)
+        stream = self.pipeline.streams.get(p)
+        if stream is not None:
+            stream.engine.rebase_offsets(got)
 
     def _export_lag(self) -> None:
         """Window lag and consumer lag (high watermark - next offset to read) of the assigned partitions.
@@ -201,6 +240,7 @@ class DetectorRunner:
         from confluent_kafka import KafkaException, TopicPartition
 
         self._last_lag = time.monotonic()
+        metrics.set_detector_state(self.pipeline.state_stats())
         topic, parts = self.topics.flows, list(self.stats.assigned)
         wall_ms = time.time() * 1000
         for p in parts:
@@ -251,35 +291,114 @@ class DetectorRunner:
         metrics.DETECTOR_WINDOWS.inc(out.features.height)
 
     def _publish_alerts(self, alerts: list[Alert]) -> None:
+        """Store the alerts, then publish the raised ones the topic does not have yet.
+
+        Order and bookkeeping make each alert appear once in the store and once on the topic,
+        across retries and crashes: the store write is idempotent (alert id), and the ids the
+        broker acknowledged are recorded (``alert_publications``) before the offsets that produced
+        them are committed. A retry or a replay publishes only what is not recorded; an alert is
+        published twice only if the detector dies between the broker's acknowledgement and that
+        record (the consumers' dedupe by ``alert_id`` covers it)."""
         if not alerts:
             return
+        topic = self.topics.alerts
         known = self.store.existing_alert_ids([a.alert_id for a in alerts])
         self.store.insert_alerts([a for a in alerts if a.alert_id not in known])
+        raised = [a for a in alerts if not a.suppressed]
+        published = self.store.published_alert_ids(topic, [a.alert_id for a in raised])
+        todo = [a for a in raised if a.alert_id not in published]
+        delivered: list[str] = []
+        errors: list[str] = []
+
+        def on_delivery(alert_id: str) -> Callable[[Any, Any], None]:
+            def report(err: Any, _msg: Any) -> None:
+                if err is None:
+                    delivered.append(alert_id)
+                else:
+                    errors.append(str(err))
+                    if err.fatal():
+                        self._producer_failed = True
+            return report
+
+        for a in todo:
+            key = (a.src_ip or f"tenant:{a.tenant}").encode()
+            self._produce(topic, to_json(a), key, on_delivery(a.alert_id))
+        unsent = self._flush(30)
+        if unsent:
+            # An idempotent producer whose broker came back without its data retries for ever
+            # (message.timeout.ms) without a fatal error: drop its queue and start afresh; what is
+            # not recorded as published is sent again by the retry.
+            self._replace_producer()
+        self.store.mark_published(topic, delivered)  # even when some failed: those are not sent again
+        if self._producer_failed:
+            self._new_producer()
+        if unsent or errors:
+            raise StoreError(f"{unsent + len(errors)} of {len(todo)} alerts were not delivered to {topic}"
+                             + (f": {errors[0]}" if errors else " within 30 s"))
         counted: Counter[tuple[str, str]] = Counter()
         for a in alerts:
             if a.suppressed:
                 self.stats.alerts_suppressed += 1
                 if a.alert_id not in known:
                     counted[a.severity, "suppressed"] += 1
-                continue
-            if a.alert_id in known:
+            elif a.alert_id in published:
                 self.stats.alerts_republished_skipped += 1
-                continue
-            self.stats.alerts_raised += 1
-            counted[a.severity, "raised"] += 1
-            key = (a.src_ip or f"tenant:{a.tenant}").encode()
-            self.producer.produce(self.topics.alerts, to_json(a), key=key, on_delivery=self._on_delivery)
+            else:
+                self.stats.alerts_raised += 1
+                counted[a.severity, "raised"] += 1
         for (severity, outcome), n in counted.items():
             metrics.ALERTS.labels(severity, outcome).inc(n)
-        if self.producer.flush(30):
-            raise StoreError("alerts could not be delivered to the alerts topic within 30 s")
-        if self._delivery_errors:
-            errs, self._delivery_errors = self._delivery_errors, []
-            raise StoreError(f"alerts topic delivery failed: {errs[0]}")
-        new = [a for a in alerts if not a.suppressed and a.alert_id not in known]
+        new = [a for a in raised if a.alert_id not in published]
         self._respond(new)
         if self.lookups is not None:
             self.lookups.submit(new)
+
+    def _produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+        from confluent_kafka import KafkaException
+
+        try:
+            self.producer.produce(topic, value, key=key, on_delivery=on_delivery)
+        except KafkaException as e:
+            if not (e.args and e.args[0].fatal()):
+                raise
+            self._new_producer()
+            self.producer.produce(topic, value, key=key, on_delivery=on_delivery)
+        except BufferError:
+            self.producer.poll(1)
+            self.producer.produce(topic, value, key=key, on_delivery=on_delivery)
+
+    def _flush(self, timeout_s: float) -> int:
+        """Messages still undelivered after ``timeout_s``; a producer in a fatal state counts as
+        having delivered none of them (it is replaced by the caller)."""
+        from confluent_kafka import KafkaException
+
+        try:
+            return self.producer.flush(timeout_s)
+        except KafkaException as e:
+            log.error("producer: %s", e.args[0] if e.args else e)
+            self._producer_failed = True
+            return max(len(self.producer), 1)
+
+    def _replace_producer(self) -> None:
+        from confluent_kafka import KafkaException
+
+        try:
+            self.producer.purge()  # undelivered messages report an error (dead letters queue for a resend)
+            self.producer.poll(0)
+        except KafkaException:
+            pass  # a producer in a fatal state: nothing more to get from it
+        self._new_producer()
+
+    def _new_producer(self) -> None:
+        """A producer with a fatal error (e.g. its idempotence state refused by a broker that lost its
+        data) takes no more messages: replace it. Its undelivered messages were reported as errors."""
+        from confluent_kafka import Producer
+
+        from smtpguard.kafka import producer_settings
+
+        log.error("the producer cannot deliver (fatal error, or a broker that lost its data); starting a new one")
+        self.producer = Producer(producer_settings(self.cfg))
+        self._producer_failed = False
 
     def _respond(self, alerts: list[Alert]) -> None:
         """The revocation policy on new alerts; a revocation changes the exemptions at once."""
@@ -302,12 +421,35 @@ class DetectorRunner:
         if revoked and self._registry_exemptions:
             self.pipeline.exemptions = self.registry.current()
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._delivery_errors.append(str(err))
-
     def _dead_letter(self, r: Reject) -> None:
-        self.producer.produce(self.topics.dlq, wire.encode_json(r), key=r.source.encode())
+        self._send_dead_letter(wire.encode_json(r), r.source.encode())
+
+    def _send_dead_letter(self, value: bytes, key: bytes) -> None:
+        def report(err: Any, _msg: Any) -> None:
+            if err is not None:  # sent again before the next commit; the commit waits for it
+                self._dlq_retry.append((value, key))
+                if err.fatal():
+                    self._producer_failed = True
+
+        self._produce(self.topics.dlq, value, key, report)
+
+    def _settle_dead_letters(self) -> None:
+        """Every dead letter of the consumed messages is on the DLQ topic before their offsets are
+        committed; BrokerError (and no commit) when some still are not."""
+        if self._flush(30):
+            self._replace_producer()
+        for _attempt in range(2):
+            if not self._dlq_retry:
+                return
+            if self._producer_failed:
+                self._new_producer()
+            again, self._dlq_retry = self._dlq_retry, []
+            for value, key in again:
+                self._send_dead_letter(value, key)
+            if self._flush(30):
+                self._replace_producer()
+        if self._dlq_retry:
+            raise BrokerError(f"{len(self._dlq_retry)} dead letters are not delivered to {self.topics.dlq} yet")
         metrics.DEAD_LETTERS.labels(r.format).inc()
 
     def _commit(self, partitions: list[int]) -> None:
@@ -325,9 +467,11 @@ class DetectorRunner:
             if state is not None:
                 states[p] = state
         if offsets:
+            self._settle_dead_letters()
             # state first: offsets never run ahead of the checkpoint that covers them
             self.store.save_state(self.cfg.kafka.group_id, self.topics.flows, states)
             self.consumer.commit(offsets=offsets, asynchronous=False)
+            self._committed.update((tp.partition, tp.offset) for tp in offsets)
             self.stats.commits += 1
             metrics.DETECTOR_COMMITS.inc()
         self._last_checkpoint = time.monotonic()

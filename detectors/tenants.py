@@ -85,7 +85,7 @@ class TenantStage:
             conns25=pl.col("conns").sum(),
             rejected25=pl.col("rejected").sum(),
             max_instance_conns=pl.col("conns").max(),
-            top_instances=pl.col("src_ip").sort_by("conns", descending=True).head(5).str.join(","),
+            top_instances=pl.col("src_ip").sort_by(["conns", "src_ip"], descending=[True, False]).head(5).str.join(","),
         )
         regs = regs.group_by("tenant", "window_start", "bucket").agg(pl.col("rank").max())
         feats = feats.join(hll_estimate(regs), on=["tenant", "window_start"], how="left")

@@ -112,3 +112,9 @@ class WindowEngine:
         if not self._open:
             return None
         return min(int(df["offset"].min()) for df in self._open)
+
+    def rebase_offsets(self, offset: int) -> None:
+        """The partition's log started again (a broker that lost its data): the open rows' offsets
+        belong to the old log, so they are all set to ``offset``, the first offset of the new one.
+        The rows stay: their windows close as usual, but they cannot be replayed after a crash."""
+        self._open = [df.with_columns(pl.lit(offset, pl.Int64).alias("offset")) for df in self._open]

@@ -173,4 +173,13 @@ class Progress:
         self.bar.close()
 
 
+def step_bar(desc: str, total: int | None, unit: str, enabled: bool | None = None):
+    """A tqdm bar for jobs counted in steps (scenarios, model stages): rate and ETA on a terminal,
+    silent when stderr is piped. Use as a context manager; ``update(n)`` per finished step."""
+    from tqdm import tqdm
+
+    on = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, unit=unit, desc=desc, disable=not on, file=sys.stderr, dynamic_ncols=True)
+
+
 from .base import Batch  # noqa: E402  (type used above only in annotations)

@@ -312,6 +312,50 @@ def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, if
         raise SmtpguardError(f"{stats.delivery_errors} messages were not delivered")
 
 
+@cli.group("spool")
+def spool_group() -> None:
+    """Messages the collector could not deliver within the delivery timeout (DATA_DIR/spool)."""
+
+
+@spool_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per spool file")
+@pass_ctx
+def spool_list(c: Ctx, as_json: bool) -> None:
+    """The spool files and the messages waiting in each, per topic."""
+    from pathlib import Path
+
+    from smtpguard.ingest.collector import Spool
+
+    spool = Spool(Path(c.cfg.data_dir) / "spool")
+    files = spool.files()
+    for f in files:
+        per_topic: dict[str, int] = {}
+        for m in Spool.read(f):
+            per_topic[m.topic] = per_topic.get(m.topic, 0) + 1
+        if as_json:
+            click.echo(json.dumps({"file": str(f), "bytes": f.stat().st_size, "messages": per_topic}))
+        else:
+            click.echo(f"{f}  {f.stat().st_size:,} bytes  " + ", ".join(f"{t}: {n}" for t, n in per_topic.items()))
+    if not as_json:
+        _err(f"{len(files)} spool files in {spool.directory}" + ("; `smtpguard spool resend` delivers them" if files else ""))
+
+
+@spool_group.command("resend")
+@pass_ctx
+def spool_resend(c: Ctx) -> None:
+    """Deliver the spooled messages to their topics and partitions, skipping any the topic already
+    holds (matched by message id); each file is removed once all its messages are settled."""
+    from smtpguard.ingest.collector import resend_spool
+    from smtpguard.kafka import ensure_topics
+
+    ensure_topics(c.cfg)
+    st = resend_spool(c.cfg)
+    _err(f"resent {st.delivered:,} messages, {st.skipped:,} were already on the topic, {st.delivery_errors:,} failed again"
+         + (f" (kept in {st.spool_path})" if st.spooled else ""))
+    if st.delivery_errors:
+        raise SmtpguardError(f"{st.delivery_errors} messages were not delivered; they stay in the spool")
+
+
 @cli.command("detect")
 @click.option("--exemptions", metavar="FILE.csv",
               help="import this CSV into the exemption registry first (config: detect.exemptions_csv)")
@@ -555,9 +599,15 @@ def eval_cmd(c: Ctx, seeds: str, instances: int, hours: float, warmup_min: int, 
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"--seeds must be integers separated by commas, not {seeds!r}") from None
-    res = evaluate.run(c.cfg, seed_list, instances=instances, hours=hours, warmup_min=warmup_min,
-                       late_fraction=late_fraction, labelled_dirs=[Path(d) for d in labelled],
-                       progress=lambda s: _err(f"scenario seed {s} done"))
+    from smtpguard.ingest.reader import step_bar
+
+    with step_bar("eval", len(seed_list), "scenario") as bar:
+        def done(seed: int) -> None:
+            bar.set_postfix(seed=seed, refresh=False)
+            bar.update(1)
+
+        res = evaluate.run(c.cfg, seed_list, instances=instances, hours=hours, warmup_min=warmup_min,
+                           late_fraction=late_fraction, labelled_dirs=[Path(d) for d in labelled], progress=done)
     click.echo(json.dumps(res.to_dict(), default=str) if as_json else evaluate.report(res))
     if not res.meets_targets():
         sys.exit(1)

@@ -68,13 +68,22 @@ def train_cmd(c, since: str | None, until: str | None, out_dir: str | None, seed
     from smtpguard.models.anomaly import save, train
     from smtpguard.store import Store
 
+    from smtpguard.ingest.reader import step_bar
+
     cfg = c.cfg
     s, u = _when(since), _when(until)
-    with Store(cfg.store_dsn, cfg.store.database) as store:
-        feats = load_features(store, s, u)
-    model = train(feats, window=(since, until), seed=seed)
-    out = Path(out_dir) if out_dir else Path(cfg.data_dir) / "models" / f"anomaly-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
-    save(model, out)
+    with step_bar("model train", 3, "step") as bar:
+        bar.set_postfix_str("reading window features", refresh=True)
+        with Store(cfg.store_dsn, cfg.store.database) as store:
+            feats = load_features(store, s, u)
+        bar.update(1)
+        bar.set_postfix_str(f"fitting on {len(feats):,} windows", refresh=True)
+        model = train(feats, window=(since, until), seed=seed)
+        bar.update(1)
+        out = Path(out_dir) if out_dir else Path(cfg.data_dir) / "models" / f"anomaly-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+        bar.set_postfix_str("writing the artifact", refresh=True)
+        save(model, out)
+        bar.update(1)
     click.echo(str(out))
     click.echo(f"trained on {model.card.rows:,} windows; score p50 {model.card.metrics['train_score_p50']:.3f}, "
                f"p99 {model.card.metrics['train_score_p99']:.3f}. Use it with\n"

@@ -92,6 +92,12 @@ class Detect(msgspec.Struct, forbid_unknown_fields=True):
     """after an alert for an IP and detector, further findings within this time are stored as suppressed, not raised"""
     exemptions_csv: str = ""
     """CSV with header ip,tenant,granted_at,reason (IP or CIDR) of instances allowed to send on port 25"""
+    max_sources: int = 1_000_000
+    """source IPs whose history (baselines, familiar destinations) one detector process keeps, shared by its
+    partitions; beyond it the least recently seen are evicted (counted in smtpguard_detector_state_evictions_total)"""
+    max_panes: int = 4_000_000
+    """one-minute panes (source x minute) one detector process keeps for the 10- and 60-minute horizons; beyond
+    it the panes of the sources with the fewest active minutes go first, oldest first (counted)"""
     detectors: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     """per-detector parameters, e.g. [detect.detectors.spam_fanout] min_distinct_dst = 25 (see docs/DETECTION.md)"""
 
@@ -215,6 +221,8 @@ def validate(cfg: Config) -> None:
         bad("detect.allowed_lateness_ms and detect.idle_flush_ms must be >= 0")
     if 3_600_000 % cfg.detect.window_ms:
         bad("detect.window_ms must divide one hour evenly")
+    if cfg.detect.max_sources < 1 or cfg.detect.max_panes < 1:
+        bad("detect.max_sources and detect.max_panes must be >= 1")
     if cfg.kafka.partitions < 1 or cfg.kafka.records_per_message < 1:
         bad("kafka.partitions and kafka.records_per_message must be >= 1")
     if cfg.ingest.chunk_lines < 1:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from smtpguard.config import Config
 from smtpguard.errors import BrokerError
@@ -160,3 +160,39 @@ def partitions_of(cfg: Config, topic: str, timeout_s: float = 10.0) -> int:
     if t is None or t.error is not None or not t.partitions:
         raise BrokerError(f"topic {topic} does not exist on {cfg.kafka.bootstrap_servers}; run `smtpguard topics create`")
     return len(t.partitions)
+
+
+def read_partitions(consumer: Any, starts: list[Any], handle: Callable[[Any], None], *, timeout_s: float = 30.0,
+                    idle_s: float = 1.0, what: str = "the topic") -> int:
+    """Read the assigned partitions from ``starts`` (TopicPartitions with offsets) to their end,
+    calling ``handle`` with every message; returns how many were read.
+
+    The end is the partition's high watermark, then one quiet poll of ``idle_s``: some brokers
+    (Tansu, for one) report the first offset of the last record batch as the high watermark, so
+    the watermark alone can stop a reader before the batch's other messages.
+    """
+    from confluent_kafka import TopicPartition
+
+    ends = {(tp.topic, tp.partition): consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
+                                                                     timeout=timeout_s)[1] for tp in starts}
+    assign = [tp for tp in starts if ends[tp.topic, tp.partition] > 0]
+    if not assign:
+        return 0
+    consumer.assign(assign)
+    pending = {(tp.topic, tp.partition) for tp in assign}
+    deadline = time.monotonic() + timeout_s
+    n = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise BrokerError(f"reading {what} did not reach its end within {timeout_s:.0f} s")
+        msgs = consumer.consume(1000, idle_s if not pending else 0.5)
+        if not msgs and not pending:
+            return n
+        for m in msgs:
+            if m.error():
+                continue
+            n += 1
+            handle(m)
+            key = (m.topic(), m.partition())
+            if m.offset() + 1 >= ends.get(key, 0):
+                pending.discard(key)

@@ -80,12 +80,41 @@ ALERTS = Counter("smtpguard_alerts_total",
                  ["severity", "outcome"], registry=REGISTRY)
 DETECTOR_COMMITS = Counter("smtpguard_detector_commits_total", "offset commits (each after a checkpoint)",
                            registry=REGISTRY)
+OFFSET_RESETS = Counter("smtpguard_detector_offset_resets_total",
+                        "times a partition's log went back: the broker lost it (e.g. restarted without its data)",
+                        ["topic", "partition"], registry=REGISTRY)
+COLLECTOR_SPOOLED = Counter("smtpguard_collector_spooled_messages_total",
+                            "messages not delivered within the delivery timeout, kept in the spool for resend",
+                            ["topic"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("smtpguard_consumer_lag_messages",
                      "messages on an assigned partition not consumed yet: high watermark - position",
                      ["topic", "partition"], registry=REGISTRY)
 WINDOW_LAG = Gauge("smtpguard_window_lag_seconds",
                    "wall clock - event-time watermark of an assigned partition (newest event time - allowed lateness)",
                    ["topic", "partition"], registry=REGISTRY)
+DETECTOR_STATE = Gauge("smtpguard_detector_state_entries",
+                       "detection state held now over the assigned partitions: sources (source histories), "
+                       "familiar_rows (full 4096-bit destination rows), panes (horizon panes), open_rows (records "
+                       "of open windows)", ["structure"], registry=REGISTRY)
+DETECTOR_EVICTIONS = Counter("smtpguard_detector_state_evictions_total",
+                             "state given up to stay within detect.max_sources and detect.max_panes: sources "
+                             "(histories evicted), sources_unremembered (sources of a window judged without history), "
+                             "familiar_saturated (sources that could not get a full destination row), panes",
+                             ["structure"], registry=REGISTRY)
+_evictions_seen: dict[str, int] = {}
+
+
+def set_detector_state(stats: dict[str, int]) -> None:
+    """Export :meth:`Pipeline.state_stats` (sizes as gauges, the process's eviction counts as counters)."""
+    for k in ("sources", "familiar_rows", "panes", "open_rows"):
+        DETECTOR_STATE.labels(k).set(stats.get(k, 0))
+    for k, v in stats.items():
+        if k.startswith("evicted_"):
+            name = k[len("evicted_"):]
+            delta = v - _evictions_seen.get(name, 0)
+            if delta > 0:
+                DETECTOR_EVICTIONS.labels(name).inc(delta)
+            _evictions_seen[name] = max(v, _evictions_seen.get(name, 0))
 
 # -- store -------------------------------------------------------------------------------------------
 STORE_WRITE_SECONDS = Histogram("smtpguard_store_write_seconds", "time of one insert into a store table",

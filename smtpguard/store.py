@@ -94,6 +94,13 @@ ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)""",
     {_columns(ALERT_COLUMNS)}
 ) ENGINE = ReplacingMergeTree(`created_at`) ORDER BY (`alert_id`)""",
         ]),
+        # which alerts the broker acknowledged on the alerts topic: a detector that stored an alert
+        # and died before publishing it publishes it on replay; one that published it does not again
+        ("core-2", [
+            f"""CREATE TABLE IF NOT EXISTS {db}.alert_publications (
+    `alert_id` String, `topic` String, `published_at` DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(`published_at`) ORDER BY (`topic`, `alert_id`)""",
+        ]),
     ]
 
 
@@ -241,6 +248,23 @@ class Store:
         rows = self.query(f"SELECT DISTINCT alert_id FROM {self.database}.alerts WHERE alert_id IN {{ids:Array(String)}}",
                           {"ids": list(ids)})
         return {r[0] for r in rows}
+
+    def published_alert_ids(self, topic: str, ids: Sequence[str]) -> set[str]:
+        """Of ``ids``, the alerts already acknowledged on ``topic``."""
+        if not ids:
+            return set()
+        rows = self.query(f"SELECT DISTINCT alert_id FROM {self.database}.alert_publications "
+                          "WHERE topic = {topic:String} AND alert_id IN {ids:Array(String)}",
+                          {"topic": topic, "ids": list(ids)})
+        return {r[0] for r in rows}
+
+    def mark_published(self, topic: str, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        self.insert_arrow("alert_publications", pa.table({
+            "alert_id": list(ids), "topic": [topic] * len(ids),
+            "published_at": pa.array([now] * len(ids), pa.timestamp("ms", tz="UTC"))}))
 
     # -- reads ----------------------------------------------------------------------------
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:

@@ -35,6 +35,22 @@ ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 JSON_CONTENT_TYPE = "application/json"
 HEADERS = [("content-type", ARROW_CONTENT_TYPE.encode()),
            ("smtpguard-record-version", str(record.RECORD_VERSION).encode())]
+#: Header with a message's unique id (32 hex digits), set by the collector on every message it
+#: produces, so that a resent message that did reach the topic after all is recognised.
+MESSAGE_ID = "smtpguard-message-id"
+
+
+def message_id_header() -> tuple[str, bytes]:
+    import os
+
+    return (MESSAGE_ID, os.urandom(16).hex().encode())
+
+
+def message_id(headers: list[tuple[str, bytes]] | None) -> bytes | None:
+    for k, v in headers or ():
+        if k == MESSAGE_ID:
+            return v
+    return None
 
 
 #: 9999-12-31T23:59:59.999Z: the last millisecond a record can hold (the parsers' bound too).

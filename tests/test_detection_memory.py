@@ -139,3 +139,80 @@ def test_eval_scoring_counts_recall_precision_delay_and_false_positives():
     assert res.kinds["spam_burst"].delays_s == [120.0]
     assert res.precision == 0.5 and [fp["ip"] for fp in res.false_positives] == ["10.0.0.3"]
     assert not res.meets_targets()
+
+
+def test_familiar_tiers_answer_like_one_full_bitmap_per_source():
+    """The inline tier and the full rows hold the same bits as a 4096-bit set per source would,
+    through promotions, a snapshot and a restore (also from the earlier one-row-per-source layout)."""
+    import io
+
+    from smtpguard.detectors.history import BITS, WORDS
+
+    rng = np.random.default_rng(3)
+    h = SourceHistory(HistoryParams(max_sources=500, max_wide=64))
+    ref: dict[int, set[int]] = {}
+    ips = [f"10.9.{i // 250}.{i % 250}" for i in range(300)]
+    for _ in range(12):
+        who = rng.choice(300, size=200)
+        slots = h.slots([ips[i] for i in who])
+        # most sources touch 1-3 destinations, a few many (they outgrow the inline tier)
+        bits = np.where(who < 20, rng.integers(0, BITS, len(who)), rng.integers(0, 5, len(who)))
+        want = np.array([b in ref.get(s, set()) for s, b in zip(slots.tolist(), bits.tolist())])
+        assert (h.familiar(slots, bits) == want).all()
+        h.learn(slots, bits, keep=slots)
+        for s, b in zip(slots.tolist(), bits.tolist()):
+            ref.setdefault(s, set()).add(b)
+    assert 0 < h.wide_rows <= 64 and h.evicted == 0
+    back = SourceHistory.restore(h.snapshot(), HistoryParams(max_sources=500, max_wide=64))
+    probe = np.arange(BITS)
+    for ip in ips[:40]:
+        s, t = h.index[ip], back.index[ip]
+        assert set(probe[back.familiar(np.full(BITS, t), probe)].tolist()) == ref[s]
+    # the earlier layout: one full row per source
+    live = np.array(sorted(h.index.values()))
+    fam = np.zeros((len(live), WORDS), np.uint64)
+    for k, s in enumerate(live.tolist()):
+        for b in ref.get(s, ()):
+            fam[k, b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, ips=np.array([h.ips[s] for s in live]), ewma_conns=h.ewma_conns[live],
+                        ewma_distinct=h.ewma_distinct[live], peak_distinct=h.peak_distinct[live],
+                        peak_conns=h.peak_conns[live], minutes=h.minutes[live], last_seen_ms=h.last_seen_ms[live],
+                        familiar=fam, evicted=np.array([0]))
+    old = SourceHistory.restore(buf.getvalue(), HistoryParams(max_sources=500, max_wide=64))
+    for ip in ips[:40]:
+        t = old.index[ip]
+        assert set(probe[old.familiar(np.full(BITS, t), probe)].tolist()) == ref[h.index[ip]]
+
+
+def test_more_new_sources_in_one_window_than_the_history_holds_degrades_and_counts(offline_cfg):
+    from conftest import replace
+
+    pipe = Pipeline(replace(offline_cfg, detect={"max_sources": 50, "max_panes": 80}))
+    rows = [r for k in range(120) for r in flows(f"10.7.0.{k}", 1, dsts=1)]
+    rows += flows("10.0.0.9", 40, dsts=40)
+    out = _alerts(pipe, rows)
+    assert out.features.height == 121  # every source judged, with or without history
+    stats = pipe.state_stats()
+    assert stats["sources"] <= 50 and stats["evicted_sources_unremembered"] == 121 - 50
+    assert stats["panes"] <= 80 and stats["evicted_panes"] == 121 - 80
+    assert [a.src_ip for a in out.alerts if a.detector == "spam_fanout"] == ["10.0.0.9"]
+
+
+def test_alert_gate_forgets_only_what_no_later_window_can_meet():
+    from smtpguard.detectors.alerts import AlertGate
+    from smtpguard.detectors.rules import Finding
+
+    def finding(ip, minute):
+        ws = int(T0.timestamp() * 1000) + minute * 60_000
+        return Finding(detector="d", src_ip=ip, tenant="t", window_start_ms=ws, window_end_ms=ws + 60_000,
+                       score=0.6, reasons=["r"], evidence={})
+
+    gate = AlertGate(cooldown_ms=600_000, incident_gap_ms=1_800_000)
+    gate.admit([finding("10.0.0.1", 0), finding("10.0.0.2", 25)])
+    gate.prune(int(T0.timestamp() * 1000) + 26 * 60_000)
+    assert set(gate._last) == {("10.0.0.2", "d")} and set(gate._incidents) == {"10.0.0.1", "10.0.0.2"}
+    gate.prune(int(T0.timestamp() * 1000) + 31 * 60_000)
+    assert set(gate._incidents) == {"10.0.0.2"}
+    later = gate.admit([finding("10.0.0.2", 33), finding("10.0.0.1", 32)])
+    assert {a.src_ip: a.suppressed for a in later} == {"10.0.0.2": "cooldown", "10.0.0.1": ""}

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fuzz.hostile import SOAK
 from test_netflow import payloads_of
 
 pytest.importorskip("atheris", reason="atheris (coverage-guided fuzzing) is not installed; "
@@ -20,8 +21,8 @@ pytest.importorskip("atheris", reason="atheris (coverage-guided fuzzing) is not 
 HARNESS = Path(__file__).resolve().parent / "fuzz" / "atheris_decoders.py"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-#: runs per target: a few seconds each on one core
-RUNS = {"netflow": 4000, "pcap": 1500}
+#: runs per target: a few seconds each on one core (times SMTPGUARD_SOAK for the long variant)
+RUNS = {"netflow": 4000 * SOAK, "pcap": 1500 * SOAK}
 
 
 def _seeds(target: str, corpus: Path) -> int:

@@ -397,9 +397,9 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
 
     @app.post("/alerts/{alert_id}/{action}")
     def alert_action(request: Request, alert_id: str, action: str, csrf_token: str = Form(""), note: str = Form("")):
+        p = who(request, "analyst", csrf_token)  # credentials first: nothing is told to a stranger
         if action not in ALERT_ACTIONS:
             raise Problem(404, f"no action {action}")
-        p = who(request, "analyst", csrf_token)
         back = f"/alerts/{quote(alert_id, safe='')}"
         try:
             return done(p, back, ALERT_ACTIONS[action](p, alert_id, note))
@@ -435,7 +435,9 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
         return page(request, p, "exemptions.html", rows=rows, state=state, tenant=tenant, events=events)
 
     @app.get("/exemptions/show")
-    def exemption_page(request: Request, key: str):
+    def exemption_page(request: Request, key: str = ""):
+        # parameters default to empty and are checked after the credentials: FastAPI would answer
+        # a missing one with 422 before any handler ran, telling a stranger what the route takes
         p = who(request)
         try:
             key = parse_key(key)[0]
@@ -562,9 +564,9 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
 
     @app.post("/api/alerts/{alert_id}/{action}")
     def api_alert_action(request: Request, alert_id: str, action: str, payload: dict[str, Any] | None = Body(None)):
+        p = who(request, "analyst")
         if action not in ALERT_ACTIONS:
             raise Problem(404, f"no action {action}; use ack, confirm, dismiss or dnsbl")
-        p = who(request, "analyst")
         note = str((payload or {}).get("note") or "")
         return ALERT_ACTIONS[action](p, alert_id, note).to_dict()
 
@@ -574,16 +576,22 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
         return {"exemptions": [s.to_dict() for s in c.registry.list(state_param(state), tenant=tenant or None)]}
 
     @app.get("/api/exemptions/show")
-    def api_exemption(request: Request, key: str):
+    def api_exemption(request: Request, key: str = ""):
         who(request)
+        try:
+            key = parse_key(key)[0]
+        except InputError as e:
+            raise Problem(400, str(e)) from None
         ex = exemption_view(key)
         return {"key": ex["key"], "allowed": ex["allowed"], "state": ex["state"].to_dict() if ex["state"] else None,
                 "decided_by": ex["decided_by"].key if ex["decided_by"] else None,
                 "history": [e.to_dict() for e in ex["history"]]}
 
     @app.post("/api/exemptions/{change}")
-    def api_exemption_change(request: Request, change: str, payload: dict[str, Any] = Body(...)):
+    def api_exemption_change(request: Request, change: str, payload: dict[str, Any] | None = Body(None)):
         p = who(request, "admin")
+        if payload is None:
+            raise Problem(400, 'a JSON body is required: {"key": ..., "reason": ..., "tenant": ..., "expires": ...}')
         key, reason = str(payload.get("key") or ""), str(payload.get("reason") or "")
         alert_id = payload.get("alert_id") or None
         if change == "grant":

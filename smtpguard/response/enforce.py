@@ -142,7 +142,7 @@ def read_state(cfg: Config, timeout_s: float = 30.0) -> dict[str, EnforcementEve
     """
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    from smtpguard.kafka import consumer_settings
+    from smtpguard.kafka import consumer_settings, read_partitions
 
     topic = cfg.kafka.topics.enforcement
     consumer = Consumer(consumer_settings(cfg, group_id=f"smtpguard-enforcement-reader-{uuid.uuid4().hex[:8]}"))
@@ -151,24 +151,17 @@ def read_state(cfg: Config, timeout_s: float = 30.0) -> dict[str, EnforcementEve
         if md is None or md.error is not None:
             raise BrokerError(f"topic {topic} does not exist on {cfg.kafka.bootstrap_servers}; "
                               "run `smtpguard topics create`")
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1] for p in md.partitions}
-        pending = {p for p, end in ends.items() if end > 0}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
         state: dict[str, EnforcementEvent] = {}
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"reading {topic} did not reach its end within {timeout_s:.0f} s")
-            for m in consumer.consume(500, 0.5):
-                if m.error():
-                    continue
-                key = m.key().decode()
-                if m.value() is None:
-                    state.pop(key, None)
-                else:
-                    state[key] = decode(m.value())
-                if m.offset() + 1 >= ends[m.partition()]:
-                    pending.discard(m.partition())
+
+        def handle(m: Any) -> None:
+            key = m.key().decode()
+            if m.value() is None:
+                state.pop(key, None)
+            else:
+                state[key] = decode(m.value())
+
+        read_partitions(consumer, [TopicPartition(topic, p, OFFSET_BEGINNING) for p in md.partitions], handle,
+                        timeout_s=timeout_s, what=topic)
         return state
     finally:
         consumer.close()

@@ -11,6 +11,7 @@ be published as JSON.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import msgspec
@@ -25,9 +26,14 @@ from smtpguard.ingest.base import MAX_RAW_CHARS, Batch
 DB = DirectoryBasedExampleDatabase(str(Path(__file__).resolve().parents[2] / ".hypothesis" / "examples"))
 
 
+#: The long ("soak") variants: ``SMTPGUARD_SOAK=N make test`` multiplies every bounded fault
+#: count by N (fuzz examples, atheris runs, detector kills); 1 (the default) = the quick run.
+SOAK = max(1, int(os.environ.get("SMTPGUARD_SOAK", "1") or 1))
+
+
 def fuzz(n: int) -> settings:
-    """Every fuzz test: ``n`` examples at most, no deadline (the first example imports polars)."""
-    return settings(max_examples=n, deadline=None, database=DB,
+    """Every fuzz test: ``n`` examples at most (times SOAK), no deadline (the first example imports polars)."""
+    return settings(max_examples=n * SOAK, deadline=None, database=DB,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.large_base_example])
 
