@@ -1,0 +1,73 @@
+"""Store writes: flows into the embedded ClickHouse engine (chdb) through ``Store.insert_flows``.
+
+Parses a generated flow-log file once, then writes its SMTP records with their topic positions
+in batches of ``--batch`` rows, as the detector does per poll, and prints rows per second, peak
+memory and the machine. Baseline in the same run: the same Arrow batches through
+clickhouse-connect's ``insert_arrow`` directly (no smtpguard code in between), and the ratio.
+
+    .venv/bin/python bench/bench_store.py --lines 2000000 --batch 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from common import cpu_seconds, flow_file, machine, peak_rss_mb
+
+
+def records(path, smtp_ports) -> pa.Table:
+    from smtpguard.ingest.reader import read_batches
+
+    tables = [b.records for _src, b in read_batches([str(path)], "aws-vpc", smtp_ports, 200_000, None)]
+    t = pa.concat_tables(tables)
+    n = t.num_rows
+    return (t.append_column("kafka_partition", pa.array(np.zeros(n, np.uint32)))
+             .append_column("kafka_offset", pa.array(np.arange(n, dtype=np.int64) // 2000))
+             .append_column("kafka_row", pa.array(np.arange(n, dtype=np.uint32) % 2000)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lines", type=int, default=2_000_000, help="generated flow-log lines to parse first")
+    ap.add_argument("--batch", type=int, default=50_000, help="rows per insert")
+    ap.add_argument("--repeat", type=int, default=5, help="write the records this many times (new databases)")
+    args = ap.parse_args()
+
+    from smtpguard.config import Config
+    from smtpguard.store import Store
+
+    table = records(flow_file(args.lines), Config().ingest.smtp_ports)
+    batches = [table.slice(i, args.batch) for i in range(0, table.num_rows, args.batch)]
+    rows = table.num_rows * args.repeat
+    print(machine())
+    print(f"{table.num_rows:,} SMTP records from {args.lines:,} lines, {len(batches)} inserts of up to "
+          f"{args.batch:,} rows, written {args.repeat} times")
+    with tempfile.TemporaryDirectory(prefix="smtpguard-bench-store-") as tmp:
+        results = {}
+        for label in ("Store.insert_flows", "clickhouse-connect insert_arrow (baseline)"):
+            wall = cpu = 0.0
+            for r in range(args.repeat):
+                db = f"bench_{'s' if label.startswith('Store') else 'b'}{r}"
+                with Store(f"chdb://{tmp}/store", db) as store:
+                    t0, c0 = time.perf_counter(), cpu_seconds()
+                    for b in batches:
+                        if label.startswith("Store"):
+                            store.insert_flows(b)
+                        else:
+                            store.client.insert_arrow(f"{db}.flows", b)
+                    wall += time.perf_counter() - t0
+                    cpu += cpu_seconds() - c0
+                    assert store.count("flows") == table.num_rows
+            results[label] = (rows / wall, rows / cpu)
+            print(f"{label:44} {rows / wall:>12,.0f} rows/s  {rows / cpu:>12,.0f} rows per CPU-second")
+        ours, base = results["Store.insert_flows"][0], results["clickhouse-connect insert_arrow (baseline)"][0]
+        print(f"ratio Store / baseline: {ours / base:.2f}; peak RSS {peak_rss_mb():,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
