@@ -59,7 +59,7 @@ class RunnerStats:
 
 class DetectorRunner:
     def __init__(self, cfg: Config, store: Store, exemptions: Exemptions | None = None,
-                 stop: threading.Event | None = None, poll_batch: int = 500, respond: bool = True,
+                 stop: threading.Event | None = None, poll_batch: int | None = None, respond: bool = True,
                  lookups: bool = True):
         """``exemptions`` None: the exemption registry in the store is the source (and revocations
         by the response policy take effect at once); given: a fixed set (tests, CSV-only setups).
@@ -81,7 +81,7 @@ class DetectorRunner:
         self.executor = Executor(self.registry, cfg.response, Outputs(cfg, cfg.response, store, self.stop_event)) \
             if respond else None
         self.lookups = AlertLookups(cfg, store) if lookups else None
-        self.poll_batch = poll_batch
+        self.poll_batch = poll_batch or cfg.detect.poll_messages
         self.topics = cfg.kafka.topics
         self.consumer = Consumer(consumer_settings(cfg))
         self.producer = Producer(producer_settings(cfg))

@@ -85,6 +85,9 @@ class Detect(msgspec.Struct, forbid_unknown_fields=True):
     """how far behind the newest event time a record may arrive and still count; later ones are counted as late and dropped"""
     idle_flush_ms: int = 10_000
     """wall-clock time without new records after which a partition's open windows are closed"""
+    poll_messages: int = 500
+    """Kafka messages a detector takes per poll at most (one pipeline pass per partition and poll);
+    fewer = smaller steps and earlier alerts near the head of the log, more = higher throughput"""
     checkpoint_interval_ms: int = 5_000
     """how often a detector commits offsets and saves its windows' watermark, source history and cooldowns;
     a restarted or rebalanced detector resumes from the last checkpoint"""
@@ -223,6 +226,8 @@ def validate(cfg: Config) -> None:
         bad("detect.window_ms must divide one hour evenly")
     if cfg.detect.max_sources < 1 or cfg.detect.max_panes < 1:
         bad("detect.max_sources and detect.max_panes must be >= 1")
+    if cfg.detect.poll_messages < 1:
+        bad("detect.poll_messages must be >= 1")
     if cfg.kafka.partitions < 1 or cfg.kafka.records_per_message < 1:
         bad("kafka.partitions and kafka.records_per_message must be >= 1")
     if cfg.ingest.chunk_lines < 1:

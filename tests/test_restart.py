@@ -48,6 +48,7 @@ database = "{cfg.store.database}"
 [detect]
 idle_flush_ms = 1500
 checkpoint_interval_ms = 500
+poll_messages = 4
 exemptions_csv = "{exemptions}"
 [metrics]
 listen = ""  # the default metrics port may be taken by another run
