@@ -378,7 +378,7 @@ def detect_cmd(c: Ctx, exemptions: str | None, metrics_listen: str | None) -> No
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Store(cfg.store_dsn, cfg.store.database) as store:
-        import_exemptions(store, exemptions or cfg.detect.exemptions_csv)
+        import_exemptions(store, exemptions or cfg.detect.exemptions_csv, cfg)
         runner = DetectorRunner(cfg, store, None, stop=stop)
         try:
             runner.run()

@@ -48,7 +48,7 @@ class LocalStack:
             self.store = Store(self.cfg.store_dsn, self.cfg.store.database)
             from smtpguard.detectors.runner import DetectorRunner
 
-            import_exemptions(self.store, self.exemptions_csv)
+            import_exemptions(self.store, self.exemptions_csv, self.cfg)
             self.runner = DetectorRunner(self.cfg, self.store, None, stop=self.stop_event)
             self.thread = threading.Thread(target=self._run_detector, name="detector", daemon=True)
             self.thread.start()
@@ -87,14 +87,22 @@ class LocalStack:
             self.broker.stop()
 
 
-def import_exemptions(store: Store, csv_path: str | None) -> None:
-    """Grant the rows of an exemptions CSV the registry has not seen (idempotent)."""
+def import_exemptions(store: Store, csv_path: str | None, cfg: Config | None = None) -> None:
+    """Grant the rows of an exemptions CSV the registry has not seen (idempotent), and, given
+    ``cfg``, publish the new grants to the enforcement outputs as ``smtpguard exemptions import`` does."""
     if not csv_path:
         return
     from smtpguard.response.registry import Registry
 
-    res = Registry(store).import_csv(csv_path, actor="import")
+    registry = Registry(store)
+    res = registry.import_csv(csv_path, actor="import")
     log.info("exemptions from %s: %s", csv_path, res)
+    if cfg is not None and res.events:
+        from smtpguard.response.enforce import Outputs, messages_for
+
+        states = registry.states()
+        report = Outputs(cfg, cfg.response, store).publish([m for e in res.events for m in messages_for(e, states)])
+        log.info("published %d imported exemptions: %s", len(res.events), report)
 
 
 def collect_into(cfg: Config, paths: Sequence[str], fmt: str, progress=None):

@@ -35,6 +35,10 @@ def test_demo_closes_the_loop(tmp_path):
 
     revoked = re.findall(r"exemption of (\S+) revoked by smtpguard-policy", out)
     assert revoked, out
+    # the topic's state agrees with the nftables set: the imported grants were published too
+    allowed, denied = map(int, re.search(r"(\d+) allowed, (\d+) denied", out).groups())
+    in_set = int(re.search(r"\((\d+) IPv4 and", out).group(1))
+    assert denied == len(revoked) and allowed == in_set > 0
     store = ["--data-dir", str(demo)]
     for ip in revoked:
         assert ip in truth
