@@ -4,10 +4,21 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests use: rbldnsd serves DNSBL zones, nftables checks enforcement sets,
-# chromium runs the console's browser tests (Playwright drives it; no browser download).
-DEB_PACKAGES = rbldnsd nftables chromium fonts-dejavu-core
+# Debian packages: rbldnsd serves DNSBL zones (the demo's blocklist, the tests' zones), nftables
+# checks enforcement sets; the tests add chromium for the console's browser tests (Playwright
+# drives it; no browser download).
+DEMO_DEB_PACKAGES = rbldnsd nftables
+DEB_PACKAGES = $(DEMO_DEB_PACKAGES) chromium fonts-dejavu-core
 DEB_STAMP = $(VENV)/.debian-packages
+DEMO_DEB_STAMP = $(VENV)/.debian-packages-demo
+# install the Debian packages named in $(1) that are missing
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+endef
 
 .PHONY: demo test test-fast bench install system-packages clean help
 
@@ -25,16 +36,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 $(DEB_STAMP): Makefile | $(STAMP)
-	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages: $$missing"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
-	fi
+	$(call apt_install,$(DEB_PACKAGES))
 	touch $(DEB_STAMP)
+
+$(DEMO_DEB_STAMP): Makefile | $(STAMP)
+	$(call apt_install,$(DEMO_DEB_PACKAGES))
+	touch $(DEMO_DEB_STAMP)
 
 system-packages: $(DEB_STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) $(DEMO_DEB_STAMP)
 	$(BIN)/smtpguard demo
 
 test: $(STAMP) $(DEB_STAMP)
