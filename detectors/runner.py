@@ -302,9 +302,11 @@ class DetectorRunner:
         if not alerts:
             return
         topic = self.topics.alerts
-        known = self.store.existing_alert_ids([a.alert_id for a in alerts])
+        known = self.store.existing_alerts([a.alert_id for a in alerts])
         self.store.insert_alerts([a for a in alerts if a.alert_id not in known])
-        raised = [a for a in alerts if not a.suppressed]
+        # the stored decision stands: a replay after a restart may judge a repeat under cooldown
+        # differently, but the store and the topic must agree on what was raised
+        raised = [a for a in alerts if (known[a.alert_id] == "" if a.alert_id in known else not a.suppressed)]
         published = self.store.published_alert_ids(topic, [a.alert_id for a in raised])
         todo = [a for a in raised if a.alert_id not in published]
         delivered: list[str] = []
@@ -336,8 +338,9 @@ class DetectorRunner:
             raise StoreError(f"{unsent + len(errors)} of {len(todo)} alerts were not delivered to {topic}"
                              + (f": {errors[0]}" if errors else " within 30 s"))
         counted: Counter[tuple[str, str]] = Counter()
+        raised_ids = {a.alert_id for a in raised}
         for a in alerts:
-            if a.suppressed:
+            if a.alert_id not in raised_ids:
                 self.stats.alerts_suppressed += 1
                 if a.alert_id not in known:
                     counted[a.severity, "suppressed"] += 1

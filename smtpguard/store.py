@@ -242,12 +242,13 @@ class Store:
 
         self.insert_arrow("alerts", alerts_to_arrow(alerts))
 
-    def existing_alert_ids(self, ids: Sequence[str]) -> set[str]:
+    def existing_alerts(self, ids: Sequence[str]) -> dict[str, str]:
+        """Of ``ids``, the alerts already stored, with their ``suppressed`` reason ('' = raised)."""
         if not ids:
-            return set()
-        rows = self.query(f"SELECT DISTINCT alert_id FROM {self.database}.alerts WHERE alert_id IN {{ids:Array(String)}}",
-                          {"ids": list(ids)})
-        return {r[0] for r in rows}
+            return {}
+        rows = self.query(f"SELECT alert_id, argMax(suppressed, created_at) FROM {self.database}.alerts "
+                          "WHERE alert_id IN {ids:Array(String)} GROUP BY alert_id", {"ids": list(ids)})
+        return {r[0]: r[1] for r in rows}
 
     def published_alert_ids(self, topic: str, ids: Sequence[str]) -> set[str]:
         """Of ``ids``, the alerts already acknowledged on ``topic``."""
