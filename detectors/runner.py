@@ -273,12 +273,17 @@ class DetectorRunner:
     # -- output -----------------------------------------------------------------------------
     def _write(self, flows: list[pa.Table], out: Output) -> None:
         delay = 0.5
+        features = to_store(out.features) if out.features.height else None
+        flows_table = pa.concat_tables(flows) if flows else None
         while True:
             try:
-                if flows:
-                    self.store.insert_flows(pa.concat_tables(flows))
-                if out.features.height:
-                    self.store.insert_features(to_store(out.features))
+                # each part is written once: a retry after a later part failed does not repeat it
+                if flows_table is not None:
+                    self.store.insert_flows(flows_table)
+                    flows_table = None
+                if features is not None:
+                    self.store.insert_features(features)
+                    features = None
                 self._publish_alerts(out.alerts)
                 break
             except StoreError as e:

@@ -33,6 +33,13 @@ class Ctx:
         self.overrides = overrides
         self._cfg: config_mod.Config | None = None
 
+    @classmethod
+    def of(cls, cfg: config_mod.Config) -> "Ctx":
+        """A context around an already loaded config (for running commands from Python)."""
+        c = cls(None, {})
+        c._cfg = cfg
+        return c
+
     @property
     def cfg(self) -> config_mod.Config:
         if self._cfg is None:

@@ -190,73 +190,35 @@ def users_list(ctx: click.Context, with_tokens: bool, as_json: bool) -> None:
 
 
 # -- console actions on alerts, for scripts (the same functions the console's buttons call) --------
-def _alert_action(ctx: click.Context, act, alert_id: str, as_json: bool) -> None:
-    from smtpguard.console import actions
+def _alert_command(name: str, action: str, help_text: str, *, with_note: bool = True) -> click.Command:
+    """``smtpguard alerts NAME ALERT_ID``: the console action ``actions.<action>`` with the actor
+    (and note) from the command line; NotFound and Refused are one line on stderr and exit status 1."""
 
-    cfg = _cfg(ctx)
-    c = actions.Console(cfg, _store(ctx))
-    result = act(c, alert_id)  # NotFound and Refused are one line on stderr and exit status 1
-    if as_json:
-        click.echo(json.dumps(result.to_dict()))
-    else:
-        click.echo(result.message)
+    @click.command(name, help=help_text)
+    @click.argument("alert_id")
+    @click.option("--actor", default=os_user, show_default="the OS user", help="who acts (recorded)")
+    @click.option("--json", "as_json", is_flag=True, help="the action's result as one JSON object")
+    @click.pass_context
+    def command(ctx: click.Context, alert_id: str, actor: str, as_json: bool, note: str = "") -> None:
+        from smtpguard.console import actions
 
+        c = actions.Console(_cfg(ctx), _store(ctx))
+        extra = (note,) if with_note else ()
+        result = getattr(actions, action)(c, alert_id, actor, *extra)
+        click.echo(json.dumps(result.to_dict()) if as_json else result.message)
 
-_note_opt = click.option("--note", default="", help="why (recorded with the action, shown on the alert page)")
-_actor_opt = click.option("--actor", default=os_user, show_default="the OS user", help="who acts (recorded)")
-_json_opt = click.option("--json", "as_json", is_flag=True, help="the action's result as one JSON object")
-
-
-@click.command("ack")
-@click.argument("alert_id")
-@_note_opt
-@_actor_opt
-@_json_opt
-@click.pass_context
-def alerts_ack(ctx: click.Context, alert_id: str, note: str, actor: str, as_json: bool) -> None:
-    """Acknowledge an alert: someone is looking at it (status new -> acknowledged)."""
-    from smtpguard.console import actions
-
-    _alert_action(ctx, lambda c, aid: actions.acknowledge(c, aid, actor, note), alert_id, as_json)
+    if with_note:
+        command = click.option("--note", default="", help="why (recorded with the action, shown on the alert page)")(
+            command)
+    return command
 
 
-@click.command("confirm")
-@click.argument("alert_id")
-@_note_opt
-@_actor_opt
-@_json_opt
-@click.pass_context
-def alerts_confirm(ctx: click.Context, alert_id: str, note: str, actor: str, as_json: bool) -> None:
-    """Confirm an alert as abuse: label it for training and apply the revocation policy to it
-    (notify, warn, propose or revoke the source's exemption, published to the enforcement outputs)."""
-    from smtpguard.console import actions
-
-    _alert_action(ctx, lambda c, aid: actions.confirm(c, aid, actor, note), alert_id, as_json)
-
-
-@click.command("dismiss")
-@click.argument("alert_id")
-@_note_opt
-@_actor_opt
-@_json_opt
-@click.pass_context
-def alerts_dismiss(ctx: click.Context, alert_id: str, note: str, actor: str, as_json: bool) -> None:
-    """Dismiss an alert as a false positive (stored as a training label)."""
-    from smtpguard.console import actions
-
-    _alert_action(ctx, lambda c, aid: actions.dismiss(c, aid, actor, note), alert_id, as_json)
-
-
-@click.command("dnsbl")
-@click.argument("alert_id")
-@_actor_opt
-@_json_opt
-@click.pass_context
-def alerts_dnsbl(ctx: click.Context, alert_id: str, actor: str, as_json: bool) -> None:
-    """Look the alert's source up in the DNSBLs (dnsbl.default_zones) again and store the answers with it."""
-    from smtpguard.console import actions
-
-    _alert_action(ctx, lambda c, aid: actions.recheck_dnsbl(c, aid, actor), alert_id, as_json)
-
-
-ALERT_ACTION_COMMANDS = (alerts_ack, alerts_confirm, alerts_dismiss, alerts_dnsbl)
+ALERT_ACTION_COMMANDS = (
+    _alert_command("ack", "acknowledge", "Acknowledge an alert: someone is looking at it (status new -> acknowledged)."),
+    _alert_command("confirm", "confirm", "Confirm an alert as abuse: label it for training and apply the revocation "
+                   "policy to it (notify, warn, propose or revoke the source's exemption, published to the "
+                   "enforcement outputs)."),
+    _alert_command("dismiss", "dismiss", "Dismiss an alert as a false positive (stored as a training label)."),
+    _alert_command("dnsbl", "recheck_dnsbl", "Look the alert's source up in the DNSBLs (dnsbl.default_zones) again "
+                   "and store the answers with it.", with_note=False),
+)

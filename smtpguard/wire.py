@@ -20,6 +20,7 @@ be read at all raises :class:`WireError`.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import zlib
 from typing import Any, Iterator, NamedTuple
 
@@ -41,8 +42,6 @@ MESSAGE_ID = "smtpguard-message-id"
 
 
 def message_id_header() -> tuple[str, bytes]:
-    import os
-
     return (MESSAGE_ID, os.urandom(16).hex().encode())
 
 

@@ -27,12 +27,6 @@ ZONE = Zone("evidence-bl", "evidence.dnsbl.test",
             delist_url="https://evidence.dnsbl.test/remove")
 
 
-def _ctx(cfg) -> Ctx:
-    c = Ctx(None, {})
-    c._cfg = cfg
-    return c
-
-
 @pytest.fixture(scope="module")
 def scen(tmp_path_factory):
     out = tmp_path_factory.mktemp("scen")
@@ -59,7 +53,7 @@ def test_medium_alerts_carry_their_dnsbl_answers(cfg, scen, tmp_path):
             listed_evidence = stored_dnsbl(store, listed)
             listed_alerts = {a["alert_id"] for a in alerts if a["src_ip"] == listed
                              and SEVERITIES.index(a["severity"]) >= SEVERITIES.index("medium")}
-            shown = CliRunner().invoke(alerts_show, [min(listed_alerts), "--json"], obj=_ctx(cfg))
+            shown = CliRunner().invoke(alerts_show, [min(listed_alerts), "--json"], obj=Ctx.of(cfg))
         queried = {q.name for q in srv.queries()}
 
     medium = [a for a in alerts if a["src_ip"] and SEVERITIES.index(a["severity"]) >= SEVERITIES.index("medium")]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from fuzz.hostile import HUGE, JSON_VALUES, TOKENS, Accounted, check_batch, fuzz
+from fuzz.hostile import BYTE_EDITS, HUGE, JSON_VALUES, TOKENS, Accounted, check_batch, fuzz, mutate
 from hypothesis import example, given
 from hypothesis import strategies as st
 from test_netflow import (FLOW4, ipfix_message, ipfix_options_template, ipfix_set,
@@ -353,7 +353,7 @@ NETFLOW_SAMPLES = _datagrams_of("netflow9_test_valid01.dat", "ipfix.dat", "netfl
 
 @fuzz(150)
 @given(picks=st.lists(st.tuples(st.integers(0, len(NETFLOW_SAMPLES) - 1),
-                                st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "u16", "u32", "u64"]),
+                                st.lists(st.tuples(st.sampled_from(BYTE_EDITS),
                                                    st.integers(0, 1 << 16), st.integers(0, 2**64 - 1)), max_size=5),
                                 st.sampled_from(["a:1", "b:2", "[fe80::1%eth0]:9"])), min_size=1, max_size=10))
 def test_netflow_mutated_samples(picks) -> None:
@@ -361,21 +361,7 @@ def test_netflow_mutated_samples(picks) -> None:
     counters overwritten by hostile values (huge lengths, 0xFFFF, 2^63), cut or grown."""
     dgs = []
     for i, edits, exporter in picks:
-        data = bytearray(NETFLOW_SAMPLES[i])
-        for kind, at, v in edits:
-            if not data:
-                break
-            at %= len(data)
-            if kind == "flip":
-                data[at] ^= 1 << (v % 8)
-            elif kind == "cut":
-                del data[at:]
-            elif kind == "insert":
-                data[at:at] = v.to_bytes(8, "big")[: v % 9]
-            else:
-                n = {"u16": 2, "u32": 4, "u64": 8}[kind]
-                data[at:at + n] = (v % (1 << (8 * n))).to_bytes(n, "big")
-        dgs.append(Datagram(bytes(data), exporter, None))
+        dgs.append(Datagram(mutate(NETFLOW_SAMPLES[i], edits, "big"), exporter, None))
     dec = NetflowDecoder(None, pending_limit=8, max_templates_per_exporter=16)
     dec.decode_many(Datagram(p, "a:1") for p in NETFLOW_SAMPLES)
     feed(dec, dgs)

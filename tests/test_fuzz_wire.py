@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 import pytest
-from fuzz.hostile import EPOCHS, HUGE, IPS, JSON_VALUES, NUMBERS, TEXTS, fuzz
+from fuzz.hostile import BYTE_EDITS, EPOCHS, HUGE, IPS, JSON_VALUES, NUMBERS, TEXTS, fuzz, mutate
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -85,27 +85,13 @@ GOOD_MESSAGE = wire.encode_table(GOOD_TABLE)
 
 
 @fuzz(300)
-@given(edits=st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "u32", "u64"]),
+@given(edits=st.lists(st.tuples(st.sampled_from(BYTE_EDITS),
                                 st.integers(0, len(GOOD_MESSAGE) - 1), st.integers(0, 2**64 - 1)),
                       min_size=1, max_size=6))
 def test_mutated_arrow_messages(edits: list) -> None:
     """Bit flips, cuts and overwritten lengths in a valid Arrow IPC message: a wire error, or
     records that are checked like any others (never a crash of the reader)."""
-    data = bytearray(GOOD_MESSAGE)
-    for kind, at, v in edits:
-        if not data:
-            break
-        at %= len(data)
-        if kind == "flip":
-            data[at] ^= 1 << (v % 8)
-        elif kind == "cut":
-            del data[at:]
-        elif kind == "insert":
-            data[at:at] = v.to_bytes(8, "little")[: 1 + v % 8]
-        else:
-            n = 4 if kind == "u32" else 8
-            data[at:at + n] = (v % (1 << (8 * n))).to_bytes(n, "little")
-    decode(bytes(data), wire.HEADERS, None)
+    decode(mutate(GOOD_MESSAGE, edits, "little"), wire.HEADERS, None)
 
 
 # ------------------------------------------------------------------ JSON records

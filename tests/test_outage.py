@@ -229,9 +229,8 @@ def test_a_broker_that_comes_back_empty_is_reported_not_crashed_on(tmp_path, chd
             finally:
                 stop.set()
                 th.join(60)
-            # a write retried after the alerts' delivery failed stores the same rows again: one row
-            # each once ClickHouse folds them (FINAL), as after any replay
-            assert store.query(f"SELECT count() FROM {db}.flows FINAL") == [(a.kept + b.kept,)]
+            # a retry after the alerts' delivery failed does not write the step's flows again
+            assert store.count("flows") == a.kept + b.kept
     finally:
         broker.stop()
 

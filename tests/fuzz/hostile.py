@@ -95,3 +95,27 @@ def check_batch(b: Batch, fmt: str = "") -> Batch:
         back = msgspec.json.decode(wire.encode_json(r))  # it can go to the dead-letter topic as it is
         assert back["reason"] == r.reason
     return b
+
+
+#: Byte edits for :func:`mutate`: a bit flip, a cut, an insert, or an integer field overwritten.
+BYTE_EDITS = ("flip", "cut", "insert", "u16", "u32", "u64")
+
+
+def mutate(data: bytes, edits: list[tuple[str, int, int]], byteorder: str) -> bytes:
+    """``data`` with each ``(kind, position, value)`` edit applied in turn (positions wrap):
+    flip a bit, cut the rest, insert up to 8 bytes of ``value``, or overwrite 2/4/8 bytes with it."""
+    out = bytearray(data)
+    for kind, at, v in edits:
+        if not out:
+            break
+        at %= len(out)
+        if kind == "flip":
+            out[at] ^= 1 << (v % 8)
+        elif kind == "cut":
+            del out[at:]
+        elif kind == "insert":
+            out[at:at] = v.to_bytes(8, byteorder)[: 1 + v % 8]
+        else:
+            n = {"u16": 2, "u32": 4, "u64": 8}[kind]
+            out[at:at + n] = (v % (1 << (8 * n))).to_bytes(n, byteorder)
+    return bytes(out)
