@@ -62,6 +62,8 @@ class Alert(msgspec.Struct, omit_defaults=False):
     created_at: str = ""
     incident_id: str = ""
     """alerts of one source (or tenant) with gaps under the incident gap share an incident"""
+    next_step: str = ""
+    """what the person who acts should do (docs/DETECTION.md, severity table)"""
 
     @property
     def window_start_ms(self) -> int:
@@ -112,6 +114,7 @@ class AlertGate:
                 window_start=iso(f.window_start_ms), window_end=iso(f.window_end_ms),
                 reasons=f.reasons, evidence=f.evidence, exempted=f.exempted, suppressed=suppressed,
                 created_at=iso(int(time.time() * 1000)), incident_id=self._incident(scope, f.window_start_ms),
+                next_step=f.next_step,
             ))
         return out
 
@@ -151,4 +154,5 @@ def alerts_to_arrow(alerts: Sequence[Alert]) -> pa.Table:
         "status": pa.array([a.status for a in alerts], pa.string()),
         "created_at": pa.array([_ts(a.created_at) for a in alerts], ts),
         "incident_id": pa.array([a.incident_id for a in alerts], pa.string()),
+        "next_step": pa.array([a.next_step for a in alerts], pa.string()),
     })

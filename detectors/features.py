@@ -23,7 +23,10 @@ FEATURES: tuple[Feature, ...] = (
     Feature("window_start", "DateTime64(3, 'UTC')", "window start (UTC)"),
     Feature("window_end", "DateTime64(3, 'UTC')", "window end, exclusive (UTC)"),
     Feature("window_ms", "UInt32", "window length"),
-    Feature("src_ip", "String", "source (client) address"),
+    Feature("src_ip", "String", "source key: the client address (IPv4), or the IPv6 prefix it is judged by "
+                                "(the inventory's, else its /64)"),
+    Feature("addresses", "UInt32", "distinct source addresses of the key in the window (IPv6 rotation shows here)"),
+    Feature("top_address", "String", "the source address with the most connections"),
     Feature("tenant", "String", "tenant of the source (most frequent non-empty value)"),
     Feature("instance_id", "String", "instance id of the source where known"),
     Feature("connections", "UInt64", "SMTP connections started in the window (sampling applied)"),
@@ -39,6 +42,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("mean_duration_ms", "Float64", "mean flow duration"),
     Feature("low_byte_conns", "UInt64", "connections with at most 3 packets and 300 bytes (handshake only, no mail)"),
     Feature("rejected_port25", "UInt64", "port-25 connections the network rejected (blocked attempts)"),
+    Feature("rejected_dst25", "UInt32", "distinct servers of the rejected port-25 connections"),
     Feature("unanswered", "UInt64", "accepted connections with no reply seen (only meaningful where reverse flows exist)"),
     Feature("port25", "UInt64", "connections to port 25"),
     Feature("port465", "UInt64", "connections to port 465"),
@@ -62,14 +66,25 @@ HISTORY_FEATURES: tuple[Feature, ...] = (
     Feature("peak_distinct", "Float64", "the source's slowly decaying peak of distinct destinations per minute"),
     Feature("peak_conns", "Float64", "the source's slowly decaying peak of connections per minute"),
     Feature("history_minutes", "Int64", "active minutes the source has been seen before this window"),
+    Feature("seen_minutes", "Int64", "minutes since the source was first seen (0: first seen in this window)"),
+    Feature("learning", "Bool", "its history covers less than detect.learning_minutes: no judgement against its own past"),
+    Feature("base_new", "Float64", "the source's usual never-seen destinations per active minute (EWMA, not learned "
+                                   "from elevated minutes)"),
+    Feature("new_excess", "Float64", "new_dst minus base_new"),
+    Feature("elevated", "UInt8", "1 when new_dst is well above base_new (base_new + max(4, 2 sqrt(base_new)))"),
+    Feature("rejected_new_dst25", "UInt32", "servers of rejected port-25 connections the source never tried before"),
 )
 
 #: Sums over the last 10 and 60 minutes, from the one-minute panes (detectors/horizons.py).
 HORIZON_FEATURES: tuple[Feature, ...] = tuple(
-    Feature(f"{name}_{h}m", "UInt64", f"{doc} over the last {h} minutes")
+    Feature(f"{name}_{h}m", ch, f"{doc} over the last {h} minutes")
     for h in (10, 60)
-    for name, doc in (("conns", "connections"), ("new_dst", "new destinations"),
-                      ("rejected_port25", "rejected port-25 connections"), ("active_minutes", "minutes with SMTP activity"))
+    for name, ch, doc in (("conns", "UInt64", "connections"), ("new_dst", "UInt64", "new destinations"),
+                          ("rejected_port25", "UInt64", "rejected port-25 connections"),
+                          ("rejected_new_dst25", "UInt64", "new servers of rejected port-25 connections"),
+                          ("new_excess", "Float64", "new destinations above the source's usual (sum of new_excess)"),
+                          ("elevated_minutes", "UInt64", "minutes with elevated novelty"),
+                          ("active_minutes", "UInt64", "minutes with SMTP activity"))
 )
 
 BASE_FEATURES = FEATURES
@@ -78,7 +93,7 @@ FEATURES = BASE_FEATURES + HISTORY_FEATURES + HORIZON_FEATURES
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
 
 #: Record columns the window engine keeps for feature computation.
-NEEDED_COLUMNS = ("start", "end", "src_ip", "dst_ip", "dst_port", "action", "packets", "bytes",
+NEEDED_COLUMNS = ("start", "end", "src_ip", "src_addr", "dst_ip", "dst_port", "action", "packets", "bytes",
                   "rev_packets", "rev_bytes", "tenant", "instance_id", "sampling_rate", "reply_first",
                   "replies_5xx", "rcpt_count")
 
@@ -110,6 +125,12 @@ def window_features(rows: pl.DataFrame, window_ms: int) -> pl.DataFrame:
         .group_by(keys, maintain_order=True)
         .agg(top_dst=pl.col("dst_ip").first(), top_dst_conns=pl.col("n").first(), top3_dst_conns=pl.col("n").head(3).sum())
     )
+    per_addr = (
+        rows.group_by(keys + ["src_addr"]).agg(n=pl.col("w").sum())
+        .sort(["n", "src_addr"], descending=[True, False])
+        .group_by(keys, maintain_order=True)
+        .agg(top_address=pl.col("src_addr").first(), addresses=pl.len().cast(pl.UInt32))
+    )
     tenant_mode = (
         rows.filter(pl.col("tenant") != "")
         .group_by(keys + ["tenant"]).agg(n=pl.len())
@@ -130,6 +151,8 @@ def window_features(rows: pl.DataFrame, window_ms: int) -> pl.DataFrame:
         mean_duration_ms=pl.col("dur").mean().cast(pl.Float64),
         low_byte_conns=w.filter((pl.col("packets") <= 3) & (pl.col("bytes") <= 300)).sum(),
         rejected_port25=w.filter((pl.col("action") == "reject") & (pl.col("dst_port") == 25)).sum(),
+        rejected_dst25=pl.col("dst_ip").filter((pl.col("action") == "reject") & (pl.col("dst_port") == 25))
+        .n_unique().cast(pl.UInt32),
         unanswered=w.filter((pl.col("action") == "accept") & (pl.col("rev_packets") == 0)).sum(),
         port25=w.filter(pl.col("dst_port") == 25).sum(),
         port465=w.filter(pl.col("dst_port") == 465).sum(),
@@ -141,6 +164,7 @@ def window_features(rows: pl.DataFrame, window_ms: int) -> pl.DataFrame:
     )
     out = (
         agg.join(per_dst, on=keys, how="left")
+        .join(per_addr, on=keys, how="left")
         .join(tenant_mode, on=keys, how="left")
         .with_columns(
             tenant=pl.col("tenant").fill_null(""),
@@ -161,6 +185,8 @@ _POLARS_TYPES = {
     "Float64": pl.Float64,
     "String": pl.String,
     "Int64": pl.Int64,
+    "UInt8": pl.UInt8,
+    "Bool": pl.Boolean,
 }
 
 
@@ -174,7 +200,7 @@ def _typed(df: pl.DataFrame, features: tuple[Feature, ...]) -> pl.DataFrame:
         col = pl.col(f.name)
         if isinstance(t, pl.Datetime) and df.schema[f.name] != t:
             col = col.cast(pl.Int64).cast(t)
-        exprs.append(col.fill_null(0).cast(t) if t in (pl.UInt32, pl.UInt64) else col.cast(t))
+        exprs.append(col.fill_null(0).cast(t) if t in (pl.UInt8, pl.UInt32, pl.UInt64) else col.cast(t))
     return df.select(exprs)
 
 

@@ -2,13 +2,15 @@
 
 Per source IP: exponentially weighted averages of connections and fan-out per active minute,
 a slowly decaying peak fan-out, how many active minutes it has been seen, and its familiar
-destinations as a 4096-bit set (a one-hash Bloom filter: a destination never seen before is
-*new*; a false "familiar" happens only once a source has talked to thousands of servers).
+destinations as a 16384-bit set (a one-hash Bloom filter: a destination never seen before is
+*new*; a false "familiar" happens with the share of bits set: 6 % for a sender with a thousand
+correspondents, 12 % with two thousand), the time it was first seen, and its usual rate of
+never-seen destinations (novelty), which elevated minutes barely move.
 
 The set is held in two tiers with the same bits: up to :data:`SMALL` bit positions inline per
-source (16 bytes), and a full 512-byte row only for the sources that go past that (mail
-servers, spam runs). A flood of sources that each touch a few servers costs about 70 bytes of
-arrays per source, not 560. At most ``max_sources`` sources are remembered; when full, the
+source (16 bytes), and a full 2 KB row only for the sources that go past that (mail
+servers, spam runs). A flood of sources that each touch a few servers costs about 90 bytes of
+arrays per source. At most ``max_sources`` sources are remembered; when full, the
 least recently seen tenth is evicted and counted (``evicted``). Full rows are bounded by
 ``max_wide``: beyond it the least recently seen source holding one is evicted. Sources of one
 window that cannot all be held even after eviction are judged without history (every
@@ -26,12 +28,13 @@ from itertools import repeat
 import numpy as np
 import polars as pl
 
-BITS = 4096
+BITS = 16384
 WORDS = BITS // 64
 #: familiar-destination bits held inline per source before it gets a full row
 SMALL = 8
 _EMPTY = np.uint16(0xFFFF)
-_SCALARS = ("ewma_conns", "ewma_distinct", "peak_distinct", "peak_conns", "minutes", "last_seen_ms")
+_SCALARS = ("ewma_conns", "ewma_distinct", "peak_distinct", "peak_conns", "minutes", "last_seen_ms", "first_seen_ms",
+            "ewma_new")
 
 
 @dataclass
@@ -43,11 +46,19 @@ class HistoryParams:
     max_sources: int = 200_000
     """sources remembered per stream; the least recently seen are evicted beyond this"""
     max_wide: int | None = None
-    """sources with a full 4096-bit destination row; None = max_sources // 8 (at least 1024)"""
+    """sources with a full destination row (BITS bits); None = max_sources // 16 (at least 1024)"""
+    learning_minutes: int = 60
+    """a source is *learning* until it has been seen for this long (detect.learning_minutes)"""
+    novelty_margin: float = 4.0
+    """a minute's novelty is *elevated* when new_dst >= base_new + max(novelty_margin, novelty_sd * sqrt(base_new))"""
+    novelty_sd: float = 2.0
+    novelty_slow: float = 0.1
+    """elevated minutes update base_new with this fraction of alpha only: a burst does not become the baseline,
+    a lasting change of regime does, slowly"""
 
     @property
     def wide_limit(self) -> int:
-        return self.max_wide if self.max_wide is not None else max(1024, self.max_sources // 8)
+        return self.max_wide if self.max_wide is not None else max(1024, self.max_sources // 16)
 
 
 class SourceHistory:
@@ -62,6 +73,8 @@ class SourceHistory:
         self.peak_conns = np.zeros(cap)
         self.minutes = np.zeros(cap, dtype=np.int64)
         self.last_seen_ms = np.zeros(cap, dtype=np.int64)
+        self.first_seen_ms = np.zeros(cap, dtype=np.int64)
+        self.ewma_new = np.zeros(cap)
         self.small = np.full((cap, SMALL), _EMPTY, dtype=np.uint16)
         """inline familiar bits (positions, unused = 0xFFFF) of sources without a full row"""
         self.nsmall = np.zeros(cap, dtype=np.uint8)
@@ -266,18 +279,23 @@ class SourceHistory:
         """Add history columns to one closing batch of window features and learn from it.
 
         ``rows`` are the raw records of the closing windows (``src_ip``, ``dst_ip``,
-        ``window_start``); windows are taken in time order, so a destination first seen in
-        minute 1 is familiar in minute 2. Columns added (values *before* this window):
-        ``new_dst`` (destinations not seen before), ``new_dst_share``, ``base_conns``,
-        ``base_distinct``, ``peak_distinct``, ``history_minutes``.
+        ``window_start``, ``action``, ``dst_port``); windows are taken in time order, so a
+        destination first seen in minute 1 is familiar in minute 2. Columns added (values
+        *before* this window): ``new_dst`` (destinations not seen before), ``new_dst_share``,
+        ``base_conns``, ``base_distinct``, ``peak_distinct``, ``peak_conns``, ``history_minutes``,
+        ``seen_minutes``, ``learning``, ``base_new``, ``new_excess``, ``elevated`` and
+        ``rejected_new_dst25``.
         """
         if feats.height == 0:
             return feats.with_columns(
                 pl.lit(0, pl.UInt32).alias("new_dst"), pl.lit(0.0).alias("new_dst_share"),
                 pl.lit(0.0).alias("base_conns"), pl.lit(0.0).alias("base_distinct"),
                 pl.lit(0.0).alias("peak_distinct"), pl.lit(0.0).alias("peak_conns"),
-                pl.lit(0, pl.Int64).alias("history_minutes"))
-        pairs = (rows.select("src_ip", "dst_ip", "window_start").unique()
+                pl.lit(0, pl.Int64).alias("history_minutes"), pl.lit(0, pl.Int64).alias("seen_minutes"),
+                pl.lit(True).alias("learning"), pl.lit(0.0).alias("base_new"), pl.lit(0.0).alias("new_excess"),
+                pl.lit(0, pl.UInt8).alias("elevated"), pl.lit(0, pl.UInt32).alias("rejected_new_dst25"))
+        pairs = (rows.group_by("src_ip", "dst_ip", "window_start")
+                 .agg(rej=((pl.col("action") == "reject") & (pl.col("dst_port") == 25)).any())
                  .with_columns(bit=(pl.col("dst_ip").hash(seed=7) % BITS).cast(pl.Int64)))
         # one pass of polars for the whole batch; the minutes are then walked in time order over
         # numpy slices (a destination first seen in minute 1 is familiar in minute 2)
@@ -288,20 +306,25 @@ class SourceHistory:
             feats = feats[order]
             ws_all = ws_all[order]
         keyed = feats.select("src_ip", window_start=pl.Series(ws_all)).with_columns(_row=pl.int_range(pl.len(), dtype=pl.Int64))
-        p = pairs.join(keyed, on=["src_ip", "window_start"], how="inner").select("_row", "bit").sort("_row")
+        p = pairs.join(keyed, on=["src_ip", "window_start"], how="inner").select("_row", "bit", "rej").sort("_row")
         prow = p["_row"].to_numpy()
         pbits = p["bit"].to_numpy()
+        prej = p["rej"].to_numpy()
         all_ips = feats["src_ip"].to_list()
         all_conns = feats["connections"].to_numpy().astype(float)
         all_distinct = feats["distinct_dst"].to_numpy().astype(float)
         n = feats.height
         cols = (("base_conns", "ewma_conns"), ("base_distinct", "ewma_distinct"), ("peak_distinct", "peak_distinct"),
-                ("peak_conns", "peak_conns"), ("history_minutes", "minutes"))
+                ("peak_conns", "peak_conns"), ("history_minutes", "minutes"), ("base_new", "ewma_new"),
+                ("_first_seen", "first_seen_ms"))
         before = {name: np.zeros(n, dtype=getattr(self, arr).dtype) for name, arr in cols}
         new_dst = np.zeros(n, dtype=np.uint32)
+        rej_new = np.zeros(n, dtype=np.uint32)
+        elevated = np.zeros(n, dtype=np.uint8)
         bounds = np.flatnonzero(np.r_[True, ws_all[1:] != ws_all[:-1], True])
         pbounds = np.searchsorted(prow, bounds)
-        a = self.p.alpha
+        P = self.p
+        a = P.alpha
         for lo, hi, plo, phi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), pbounds[:-1].tolist(), pbounds[1:].tolist()):
             ws_ms = int(ws_all[lo])
             idx = self.slots(all_ips[lo:hi])
@@ -314,22 +337,39 @@ class SourceHistory:
             pidx = idx[pr]
             bits = pbits[plo:phi]
             seen = self.familiar(pidx, bits)
-            new_dst[lo:hi] = np.bincount(pr[~seen], minlength=hi - lo)
+            fresh = np.bincount(pr[~seen], minlength=hi - lo)
+            new_dst[lo:hi] = fresh
+            rej_new[lo:hi] = np.bincount(pr[~seen & prej[plo:phi]], minlength=hi - lo)
             self.learn(pidx, bits, keep=idx[known])
             # learn the window's values (sources with a slot; a slot lost to a full-row eviction
             # just now is empty again and learns from scratch)
             kidx = idx[known]
             conns = all_conns[lo:hi][known]
             distinct = all_distinct[lo:hi][known]
+            novel = fresh[known].astype(float)
             first = self.minutes[kidx] == 0
+            base = self.ewma_new[kidx]
+            up = novel >= base + np.maximum(P.novelty_margin, P.novelty_sd * np.sqrt(base))
+            elevated[lo:hi][known] = up
+            elevated[lo:hi][~known] = fresh[~known] >= P.novelty_margin
+            w = np.where(up, a * P.novelty_slow, a)
+            self.ewma_new[kidx] = np.where(first, novel, (1 - w) * base + w * novel)
             self.ewma_conns[kidx] = np.where(first, conns, (1 - a) * self.ewma_conns[kidx] + a * conns)
             self.ewma_distinct[kidx] = np.where(first, distinct, (1 - a) * self.ewma_distinct[kidx] + a * distinct)
             self.peak_distinct[kidx] = np.maximum(self.peak_distinct[kidx] * self.p.peak_decay, distinct)
             self.peak_conns[kidx] = np.maximum(self.peak_conns[kidx] * self.p.peak_decay, conns)
+            self.first_seen_ms[kidx] = np.where(first, ws_ms, self.first_seen_ms[kidx])
             self.minutes[kidx] += 1
             self.last_seen_ms[kidx] = np.maximum(self.last_seen_ms[kidx], ws_ms)
-        return feats.with_columns(**{k: pl.Series(v) for k, v in before.items()}, new_dst=pl.Series(new_dst)).with_columns(
-            new_dst_share=(pl.col("new_dst") / pl.col("distinct_dst")).fill_nan(0.0))
+        first_seen = before.pop("_first_seen")
+        seen_minutes = np.where(before["history_minutes"] > 0, (ws_all - first_seen) // 60_000, 0).astype(np.int64)
+        base_new = before["base_new"]
+        return feats.with_columns(
+            **{k: pl.Series(v) for k, v in before.items()}, new_dst=pl.Series(new_dst),
+            seen_minutes=pl.Series(seen_minutes), learning=pl.Series(seen_minutes < P.learning_minutes),
+            new_excess=pl.Series(new_dst.astype(float) - base_new), elevated=pl.Series(elevated),
+            rejected_new_dst25=pl.Series(rej_new),
+        ).with_columns(new_dst_share=(pl.col("new_dst") / pl.col("distinct_dst")).fill_nan(0.0))
 
     # -- persistence ----------------------------------------------------------------------
     def snapshot(self) -> bytes:
@@ -341,41 +381,51 @@ class SourceHistory:
             buf, ips=np.array([self.ips[i] for i in live], dtype=object).astype(str),
             **{name: getattr(self, name)[live] for name in _SCALARS},
             small=self.small[live], wide_at=np.flatnonzero(has), wide=self.wide[rows[has]],
-            evicted=np.array([self.evicted]))
+            evicted=np.array([self.evicted]), bits=np.array([BITS]))
         return buf.getvalue()
 
     @classmethod
     def restore(cls, data: bytes, params: HistoryParams | None = None) -> "SourceHistory":
-        """State from :meth:`snapshot` (also the earlier layout with a full row per source). When
-        it holds more sources than ``params`` allows, the most recently seen are kept."""
+        """State from :meth:`snapshot`. When it holds more sources than ``params`` allows, the most
+        recently seen are kept. A snapshot with a narrower destination set (earlier releases) is
+        widened: each of its bits sets every position it may stand for, so nothing familiar
+        becomes new; a source's first-seen time defaults to its active minutes before its last."""
         h = cls(params)
         z = np.load(io.BytesIO(data), allow_pickle=False)
         order = np.argsort(-z["last_seen_ms"], kind="stable")[:h.p.max_sources]
         ips = [str(x) for x in z["ips"][order]]
         idx = h.slots(ips)
         for name in _SCALARS:
-            getattr(h, name)[idx] = z[name][order]
-        if "familiar" in z.files:  # earlier layout: one 4096-bit row per source
-            fam = z["familiar"]
-            for lo in range(0, len(order), 8192):
-                part = order[lo:lo + 8192]
-                bits = np.unpackbits(fam[part].view(np.uint8), axis=1, bitorder="little")
-                r, b = np.nonzero(bits)
-                h.learn(idx[lo:lo + 8192][r], b, keep=idx)
-        else:
-            small = z["small"][order]
+            if name in z.files:
+                getattr(h, name)[idx] = z[name][order]
+            elif name == "first_seen_ms":
+                h.first_seen_ms[idx] = z["last_seen_ms"][order] - z["minutes"][order] * 60_000
+        old_bits = int(z["bits"][0]) if "bits" in z.files else 4096
+        small = z["small"][order]
+        where = np.full(len(z["ips"]), -1, dtype=np.int64)
+        where[order] = np.arange(len(order))
+        wide_at = where[z["wide_at"]]
+        keep = wide_at >= 0
+        wide_rows, wide_at = z["wide"][keep], wide_at[keep]
+        if old_bits == BITS:
             h.small[idx] = small
             h.nsmall[idx] = (small != _EMPTY).sum(axis=1).astype(np.uint8)
-            where = np.full(len(z["ips"]), -1, dtype=np.int64)
-            where[order] = np.arange(len(order))
-            wide_at = where[z["wide_at"]]
-            keep = wide_at >= 0
-            wide_rows, wide_at = z["wide"][keep], wide_at[keep]
             if len(wide_at):
                 got = h._wide_rows(idx[wide_at], idx)
                 ok = got >= 0
                 h.wide[got[ok]] = wide_rows[ok]
                 h.wide_of[idx[wide_at][ok]] = got[ok]
                 h.wide_owner[got[ok]] = idx[wide_at][ok]
+        else:
+            r, c = np.nonzero(small != _EMPTY)
+            slots, bits = [idx[r]], [small[r, c].astype(np.int64)]
+            if len(wide_at):
+                un = np.unpackbits(wide_rows.view(np.uint8), axis=1, bitorder="little")
+                wr, wb = np.nonzero(un)
+                slots.append(idx[wide_at][wr])
+                bits.append(wb.astype(np.int64))
+            sl, bi = np.concatenate(slots), np.concatenate(bits)
+            copies = BITS // old_bits
+            h.learn(np.repeat(sl, copies), (bi[:, None] + old_bits * np.arange(copies)[None, :]).ravel(), keep=idx)
         h.evicted = int(z["evicted"][0])
         return h

@@ -16,12 +16,14 @@ from __future__ import annotations
 import polars as pl
 
 HORIZONS_MIN = (10, 60)
-PANE_COLUMNS = ("src_ip", "window_start", "connections", "new_dst", "rejected_port25")
+PANE_COLUMNS = ("src_ip", "window_start", "connections", "new_dst", "rejected_port25", "rejected_new_dst25",
+                "new_excess", "elevated")
 
 
 def pane_types(panes: pl.DataFrame) -> pl.DataFrame:
     """Panes with 32-bit counts (12 bytes less per pane than the features' 64-bit ones)."""
-    return panes.with_columns(pl.col("connections", "new_dst", "rejected_port25").cast(pl.UInt32))
+    return panes.with_columns(pl.col("connections", "new_dst", "rejected_port25", "rejected_new_dst25").cast(pl.UInt32),
+                              pl.col("new_excess").cast(pl.Float32), pl.col("elevated").cast(pl.UInt8))
 
 
 class Panes:
@@ -54,6 +56,9 @@ class Panes:
                     pl.col("connections").cast(pl.UInt64).sum().alias(f"conns_{h}m"),
                     pl.col("new_dst").cast(pl.UInt64).sum().alias(f"new_dst_{h}m"),
                     pl.col("rejected_port25").cast(pl.UInt64).sum().alias(f"rejected_port25_{h}m"),
+                    pl.col("rejected_new_dst25").cast(pl.UInt64).sum().alias(f"rejected_new_dst25_{h}m"),
+                    pl.col("new_excess").cast(pl.Float64).sum().alias(f"new_excess_{h}m"),
+                    pl.col("elevated").cast(pl.UInt64).sum().alias(f"elevated_minutes_{h}m"),
                     pl.len().cast(pl.UInt64).alias(f"active_minutes_{h}m"),
                 ))
         out = feats

@@ -20,9 +20,10 @@ import pyarrow as pa
 
 from smtpguard.config import Config
 from smtpguard.exemptions import Exemptions
+from smtpguard.inventory import Inventory, SourceKeys
 
 from .alerts import Alert, AlertGate
-from .features import empty_features, window_features
+from .features import NEEDED_COLUMNS, empty_features, window_features
 from .history import HistoryParams, SourceHistory
 from .horizons import Panes, pane_types
 from .rules import Detector, build_detectors
@@ -52,9 +53,11 @@ class Stream:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, exemptions: Exemptions | None = None, detectors: list[Detector] | None = None):
+    def __init__(self, cfg: Config, exemptions: Exemptions | None = None, detectors: list[Detector] | None = None,
+                 inventory: Inventory | None = None):
         self.cfg = cfg
         self.exemptions = exemptions or Exemptions()
+        self.keys = SourceKeys(inventory, cfg.detect.ipv6_prefix_len)
         detectors = detectors if detectors is not None else build_detectors(cfg.detect.detectors)
         self.detectors = [d for d in detectors if d.scope == "source"]
         self.tenant_detectors = [d for d in detectors if d.scope == "tenant"]
@@ -72,7 +75,8 @@ class Pipeline:
         if s is None:
             d = self.cfg.detect
             s = self.streams[key] = Stream(WindowEngine(d.window_ms, d.allowed_lateness_ms), AlertGate(d.cooldown_ms),
-                                           SourceHistory(HistoryParams()), Panes(d.window_ms))
+                                           SourceHistory(HistoryParams(learning_minutes=d.learning_minutes)),
+                                           Panes(d.window_ms))
             self._budget()
         return s
 
@@ -106,7 +110,8 @@ class Pipeline:
 
     def process(self, records: pa.Table, key: int = 0, offset: int = -1, offsets: pa.Array | None = None) -> Output:
         s = self.stream(key)
-        s.engine.add(records, offset=offset, offsets=offsets)
+        rows = pl.from_arrow(records.select([c for c in NEEDED_COLUMNS if c != "src_addr"]))
+        s.engine.add(self.keys.apply(rows) if rows.height else rows, offset=offset, offsets=offsets)
         return self._close(s, force=False)
 
     def flush(self, key: int | None = None) -> Output:

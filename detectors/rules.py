@@ -4,9 +4,24 @@ Policy only: thresholds and scores. Every parameter is declared in the detector'
 ``Params`` with its default and meaning; ``[detect.detectors.NAME]`` in the config
 overrides them and is checked against these declarations at start-up.
 
-Each detector sees one row per (source IP, window) with the columns of
-:data:`features.FEATURES` plus ``exempted`` (the IP holds a port-25 exemption) and
-``exemption_age_days`` (how long it has held it; null when not exempted).
+Each detector sees one row per (source, window) with the columns of :data:`features.FEATURES`
+plus ``exempted`` (the source holds a port-25 exemption), ``exemption_age_days`` (how long it
+has held it; null when not exempted) and ``declared_conns_per_min`` (the sending volume the
+exemption was granted for; null when none was declared).
+
+Three kinds of source, and what may raise them to medium or higher (docs/DETECTION.md):
+
+- **no exemption, or a fresh one** (younger than ``established_exemption_days``): judged from
+  its first minute on what needs no history: fan-out, floods, blocked attempts to many servers;
+- **established exempted senders**: a real mail server talks to many servers and bursts, so
+  volume and fan-out are judged against its own history, and only once that history covers
+  ``detect.learning_minutes`` (before that, at most ``low``, marked *learning*); what can raise
+  them is persistence: many never-seen servers minute after minute (``volume_spike``,
+  ``low_and_slow``), and floods;
+- **declared senders** (an exemption with ``declared_conns_per_min``): judged against the
+  declared volume from their first minute, whatever their history.
+
+Every finding carries its recommended next step (``next_step``), in the terms of the person who acts.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ class Finding:
     reasons: list[str]
     evidence: dict[str, Any] = field(default_factory=dict)
     exempted: bool = False
+    next_step: str = ""
 
 
 def ramp(x: pl.Expr, lo: float | pl.Expr, hi: float | pl.Expr, s_lo: float = 0.5, s_hi: float = 1.0) -> pl.Expr:
@@ -42,6 +58,52 @@ def ramp(x: pl.Expr, lo: float | pl.Expr, hi: float | pl.Expr, s_lo: float = 0.5
 def _established(p: Any) -> pl.Expr:
     """Exempted long enough to have earned the higher exempted-sender thresholds."""
     return pl.col("exempted") & (pl.col("exemption_age_days").fill_null(0) >= p.established_exemption_days)
+
+
+def _declared() -> pl.Expr:
+    return pl.col("declared_conns_per_min").is_not_null()
+
+
+#: what the person who acts should do, per kind of finding (docs/DETECTION.md, severity table)
+NEXT_STEPS = {
+    "spam": "Check the instance now: confirm to apply the revocation policy (the exemption is revoked, port 25 "
+            "closed) or dismiss; contact the tenant about a compromised host or account.",
+    "spam_learning": "No action yet: an established sender judged without its own history. Review if it repeats "
+                     "once the history is learned, or declare its volume on the exemption.",
+    "flood": "Stop the flood now: confirm to revoke the exemption (or block 465/587 for the instance) and contact "
+             "the tenant; the target is another provider's mail server.",
+    "blocked_spam": "Investigate the instance: it tries many mail servers although port 25 is closed (a spam tool "
+                    "or malware). Contact the tenant; no exemption to revoke.",
+    "blocked_app": "Advise the customer: an application keeps trying port 25, which is closed. Send mail through "
+                   "port 587 or 465 with a mail provider or the provider's relay. No security action.",
+    "over_declared": "Ask the customer about the traffic above the volume its exemption was granted for; confirm "
+                     "to apply the revocation policy if it is not theirs.",
+    "tenant": "Review the tenant's instances together: several of them reach many mail servers; contact the tenant.",
+    "reject_storm": "Check the instance: receiving servers refuse its mail. Look it up in the DNSBLs (the alert "
+                    "shows the answers) and contact the tenant.",
+    "anomaly": "Evidence for a reviewer: unusual, not necessarily abusive. Look at the features named.",
+}
+
+
+def _history_note(r: dict[str, Any]) -> str:
+    """The source's history state, as every reason list shows it."""
+    seen = int(r.get("seen_minutes") or 0)
+    if r.get("learning", True):
+        return f"learning: seen for {seen} minutes ({int(r.get('history_minutes') or 0)} active), not yet judged " \
+               f"against its own history"
+    return f"history: seen for {seen} minutes, usually {r.get('base_conns', 0):.1f} connections and " \
+           f"{r.get('base_new', 0):.1f} never-seen servers per active minute"
+
+
+def _source_note(r: dict[str, Any]) -> str:
+    """Names the address behind a prefix key, or how many addresses shared the window."""
+    key = r.get("src_ip") or ""
+    if "/" not in key:
+        return ""
+    n = int(r.get("addresses") or 1)
+    if n == 1:
+        return f"one address of {key}: {r.get('top_address')}"
+    return f"{n} addresses of {key} in the window (busiest {r.get('top_address')}): judged as one source"
 
 
 class Detector:
@@ -57,16 +119,22 @@ class Detector:
         raise NotImplementedError
 
     @staticmethod
-    def _findings(name: str, rows: pl.DataFrame, reasons_of) -> list[Finding]:
+    def _findings(name: str, rows: pl.DataFrame, reasons_of, next_step_of=None) -> list[Finding]:
         out = []
         for r in rows.iter_rows(named=True):
             evidence = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
                         if k not in ("score",) and not k.startswith("_")}
+            reasons = [x for x in reasons_of(r) if x]
+            if r.get("src_ip") is not None and "learning" in r:
+                reasons.append(_history_note(r))
+            step = next_step_of(r) if next_step_of else ""
+            evidence["next_step"] = step
             out.append(Finding(
                 detector=name, src_ip=r.get("src_ip"), tenant=r["tenant"],
                 window_start_ms=int(r["window_start"].timestamp() * 1000),
                 window_end_ms=int(r["window_end"].timestamp() * 1000),
-                score=float(r["score"]), reasons=reasons_of(r), evidence=evidence, exempted=bool(r.get("exempted")),
+                score=float(r["score"]), reasons=reasons, evidence=evidence, exempted=bool(r.get("exempted")),
+                next_step=step,
             ))
         return out
 
@@ -74,11 +142,20 @@ class Detector:
 def _exempt_note(r: dict[str, Any]) -> str:
     if not r["exempted"]:
         return "no port-25 exemption"
-    return f"exempted for {r['exemption_age_days']:.1f} days"
+    declared = r.get("declared_conns_per_min")
+    return f"exempted for {r['exemption_age_days']:.1f} days" + (
+        f", declared volume {declared:g} connections a minute" if declared is not None else ", no declared volume")
 
 
 class SpamFanout(Detector):
-    """Many distinct mail servers in one window: the shape of bulk spam delivery."""
+    """Many distinct mail servers in one window: the shape of bulk spam delivery.
+
+    Sources without an established exemption are judged from their first minute. An
+    established exempted sender bursts to many servers as part of its job (newsletters,
+    lists): its fan-out alone is at most ``low``, evidence for a reviewer, while it is learning
+    and after; persistence raises it (``volume_spike``, ``low_and_slow``). A declared sender is
+    judged against its declared volume.
+    """
 
     name = "spam_fanout"
 
@@ -90,44 +167,74 @@ class SpamFanout(Detector):
         saturation_distinct_dst: int = 150
         """fan-out at which the score reaches 1.0"""
         exempt_factor: float = 4.0
-        """established exempted senders need this many times the fan-out (a real mail server talks to many MX)"""
+        """established exempted senders need this many times the fan-out even for a low finding"""
         established_exemption_days: float = 7.0
         """an exemption younger than this earns no relief: the same volume from a new instance is suspect"""
         peak_factor: float = 1.5
-        """established exempted senders also need this many times their own peak fan-out"""
+        """established exempted senders (history learned) also need this many times their own peak fan-out"""
         min_new_share: float = 0.5
         """established exempted senders also need this share of destinations they never used before"""
+        declared_tolerance: float = 1.25
+        """a declared sender is raised when its fan-out passes this many times its declared volume"""
+        max_established_score: float = 0.45
+        """the highest score a burst of an established exempted sender gets (0.45 = low)"""
 
     def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
         p = self.params
         est = _established(p)
-        factor = pl.when(est).then(pl.lit(p.exempt_factor)).otherwise(pl.lit(1.0))
-        base_t = pl.lit(p.min_distinct_dst) * factor
+        dec = _declared()
+        declared_t = pl.col("declared_conns_per_min") * p.declared_tolerance
+        base_t = pl.lit(float(p.min_distinct_dst))
+        est_t = pl.lit(p.min_distinct_dst * p.exempt_factor)
         rows = feats.with_columns(
-            _t=pl.when(est).then(pl.max_horizontal(base_t, pl.col("peak_distinct") * p.peak_factor)).otherwise(base_t),
-            _t24=pl.lit(p.min_distinct_dst24) * factor,
+            _mode=pl.when(dec).then(pl.lit("declared")).when(est).then(pl.lit("established")).otherwise(pl.lit("open")),
+        ).with_columns(
+            _t=pl.when(pl.col("_mode") == "declared").then(pl.max_horizontal(base_t, declared_t))
+            .when(pl.col("_mode") == "established").then(
+                pl.when(pl.col("learning")).then(est_t).otherwise(pl.max_horizontal(est_t, pl.col("peak_distinct") * p.peak_factor)))
+            .otherwise(base_t),
+            _t24=pl.when(pl.col("_mode") == "established").then(pl.lit(p.min_distinct_dst24 * p.exempt_factor))
+            .otherwise(pl.lit(float(p.min_distinct_dst24))),
         ).with_columns(
             _sat=pl.col("_t") * (p.saturation_distinct_dst / p.min_distinct_dst),
         ).filter((pl.col("distinct_dst") >= pl.col("_t")) & (pl.col("distinct_dst24") >= pl.col("_t24"))
-                 & (~est | (pl.col("new_dst_share") >= p.min_new_share)))
-        rows = rows.with_columns(score=ramp(pl.col("distinct_dst"), pl.col("_t"), pl.col("_sat")))
+                 & ((pl.col("_mode") != "established") | (pl.col("new_dst_share") >= p.min_new_share)))
+        rows = rows.with_columns(score=pl.when(pl.col("_mode") == "established")
+                                 .then(ramp(pl.col("distinct_dst"), pl.col("_t"), pl.col("_sat"), 0.3, p.max_established_score))
+                                 .otherwise(ramp(pl.col("distinct_dst"), pl.col("_t"), pl.col("_sat"))))
 
         def reasons(r: dict[str, Any]) -> list[str]:
+            why = {"declared": f"over {p.declared_tolerance:g} times its declared volume",
+                   "established": "an established sender's burst: at most low on its own (persistence is judged by "
+                                  "volume_spike and low_and_slow)",
+                   "open": "no established exemption: judged from the first minute"}[r["_mode"]]
             return [
                 f"{r['distinct_dst']} distinct mail servers in {r['distinct_dst24']} networks within "
-                f"{r['window_ms'] // 1000} s (threshold {r['_t']:.0f})",
+                f"{r['window_ms'] // 1000} s (threshold {r['_t']:.0f}; {why})",
                 f"{r['new_dst']} of them never contacted before ({r['new_dst_share']:.0%}); usual fan-out "
-                f"{r['base_distinct']:.1f} per active minute over {r['history_minutes']} minutes of history",
+                f"{r['base_distinct']:.1f} per active minute",
                 f"{r['connections']} SMTP connections, {r['rejected']} rejected by the network, "
                 f"{r['bytes_per_conn']:.0f} bytes per connection",
+                _source_note(r),
                 _exempt_note(r),
             ]
 
-        return self._findings(self.name, rows, reasons)
+        def step(r: dict[str, Any]) -> str:
+            if r["_mode"] == "established":
+                return NEXT_STEPS["spam_learning"]
+            if r["_mode"] == "declared":
+                return NEXT_STEPS["over_declared"]
+            return NEXT_STEPS["spam"]
+
+        return self._findings(self.name, rows, reasons, step)
 
 
 class ConnectionFlood(Detector):
-    """Many short connections concentrated on one to three servers: a DoS against mail servers."""
+    """Many short connections concentrated on one to three servers: a DoS against mail servers.
+
+    Only connections that left the network count: a flood the network rejects harms no one
+    (it is reported by ``blocked_attempts``). Needs no history: fires from the first minute.
+    """
 
     name = "connection_flood"
 
@@ -151,9 +258,11 @@ class ConnectionFlood(Detector):
         rows = feats.with_columns(
             _t=pl.lit(p.min_conns_top3) * factor, _sat=pl.lit(p.saturation_conns) * factor,
             _share=pl.col("top3_dst_conns") / pl.col("connections"),
+            _open=pl.col("connections").cast(pl.Int64) - pl.col("rejected").cast(pl.Int64),
             _targets=pl.min_horizontal(pl.col("distinct_dst"), pl.lit(3)),
         ).filter(
             (pl.col("top3_dst_conns") >= pl.col("_t"))
+            & (pl.col("_open") >= pl.col("_t"))
             & (pl.col("_share") >= p.min_top3_share)
             & (pl.col("bytes_per_conn") <= p.max_bytes_per_conn)
         ).with_columns(score=ramp(pl.col("top3_dst_conns"), pl.col("_t"), pl.col("_sat")))
@@ -163,51 +272,85 @@ class ConnectionFlood(Detector):
                 f"{r['top3_dst_conns']} connections to {r['_targets']} server(s) within {r['window_ms'] // 1000} s "
                 f"(threshold {r['_t']:.0f}); top target {r['top_dst']} took {r['top_dst_conns']} ({r['top_dst_share']:.0%})",
                 f"{r['low_byte_conns']} of {r['connections']} connections were handshake-only; "
-                f"{r['bytes_per_conn']:.0f} bytes and {r['packets_per_conn']:.1f} packets per connection",
+                f"{r['bytes_per_conn']:.0f} bytes and {r['packets_per_conn']:.1f} packets per connection; "
+                f"{r['_open']} left the network (ports: 25 {r['port25']}, 465 {r['port465']}, 587 {r['port587']})",
+                _source_note(r),
                 _exempt_note(r),
             ]
 
-        return self._findings(self.name, rows, reasons)
+        return self._findings(self.name, rows, reasons, lambda r: NEXT_STEPS["flood"])
 
 
 class BlockedAttempts(Detector):
-    """Port-25 connections the network rejected, from an instance without an exemption."""
+    """Port-25 connections the network rejected, from an instance without an exemption.
+
+    To one to three servers it is a misconfigured application (``low``, an advisory for the
+    customer); to many distinct servers, in a minute or spread over ten, it is a spam tool
+    behind the block (``medium`` or higher). Needs no history beyond the servers it tried.
+    """
 
     name = "blocked_attempts"
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
         min_rejected: int = 5
-        """rejected port-25 connections per window that start a finding (a misconfigured app retries less)"""
-        saturation_rejected: int = 60
-        """rejected connections at which the score reaches its maximum"""
+        """rejected port-25 connections per window that start a finding"""
+        max_app_servers: int = 3
+        """an application retries this many servers at most: up to here the finding is an advisory (low)"""
+        min_servers: int = 4
+        """distinct servers of rejected port-25 connections in one window that make it spam attempts (medium+)"""
+        min_new_servers_10m: int = 10
+        """servers never tried before, over the last 10 minutes, that make slow attempts spam too (medium+)"""
+        saturation_servers: int = 40
+        """distinct servers at which the score reaches its maximum"""
         max_score: float = 0.85
         """blocked traffic did no harm yet: the score stays below critical"""
+        app_score: float = 0.4
+        """the score of a misconfigured application's finding (0.4 = low)"""
 
     def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
         p = self.params
-        rows = feats.filter(~pl.col("exempted") & (pl.col("rejected_port25") >= p.min_rejected)).with_columns(
-            score=ramp(pl.col("rejected_port25"), p.min_rejected, p.saturation_rejected, 0.5, p.max_score))
+        many = (pl.col("rejected_dst25") >= p.min_servers) & (pl.col("rejected_port25") >= p.min_rejected)
+        slow = pl.col("rejected_new_dst25_10m") >= p.min_new_servers_10m
+        app = (pl.col("rejected_port25") >= p.min_rejected) & (pl.col("rejected_dst25") <= p.max_app_servers)
+        servers = pl.max_horizontal(pl.col("rejected_dst25").cast(pl.Float64),
+                                    pl.col("rejected_new_dst25_10m").cast(pl.Float64) * p.min_servers / p.min_new_servers_10m)
+        rows = feats.filter(~pl.col("exempted") & (pl.col("rejected_port25") > 0) & (many | slow | app)).with_columns(
+            _spam=many | slow,
+        ).with_columns(
+            score=pl.when(pl.col("_spam")).then(ramp(servers, p.min_servers, p.saturation_servers, 0.5, p.max_score))
+            .otherwise(pl.lit(p.app_score)))
 
         def reasons(r: dict[str, Any]) -> list[str]:
-            return [
-                f"{r['rejected_port25']} port-25 connections rejected within {r['window_ms'] // 1000} s "
-                f"(threshold {p.min_rejected}) to {r['distinct_dst']} distinct servers",
-                _exempt_note(r),
-            ]
+            if r["_spam"]:
+                head = (f"{r['rejected_port25']} port-25 connections rejected within {r['window_ms'] // 1000} s to "
+                        f"{r['rejected_dst25']} distinct servers (threshold {p.min_servers}); "
+                        f"{r['rejected_new_dst25_10m']} servers never tried before in 10 minutes "
+                        f"(threshold {p.min_new_servers_10m}): spam attempts")
+            else:
+                head = (f"{r['rejected_port25']} port-25 connections rejected within {r['window_ms'] // 1000} s to "
+                        f"{r['rejected_dst25']} server(s) (at most {p.max_app_servers}): a misconfigured application")
+            return [head, f"{r['rejected_port25_60m']} rejected in the last hour", _source_note(r), _exempt_note(r)]
 
-        return self._findings(self.name, rows, reasons)
+        return self._findings(self.name, rows, reasons,
+                              lambda r: NEXT_STEPS["blocked_spam"] if r["_spam"] else NEXT_STEPS["blocked_app"])
 
 
 class VolumeSpike(Detector):
-    """Far more SMTP connections than the source's own usual rate."""
+    """Far more SMTP than the source's own past, or than it declared.
+
+    - a source without an established exemption, once learned: connections far above its own
+      usual rate (per minute);
+    - an established exempted sender, once learned: minute after minute of never-seen servers
+      (``sustain_minutes`` of the last 10 elevated): a hijacked mail server's spam run. A
+      newsletter's burst of a few minutes is not enough;
+    - a declared sender: connections above the declared volume, from the first minute.
+    """
 
     name = "volume_spike"
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
-        min_history_minutes: int = 30
-        """active minutes of history before a source has a baseline to compare with"""
         min_connections: int = 40
-        """connections per window below which no spike is reported, whatever the ratio"""
+        """connections per window below which no per-minute spike is reported, whatever the ratio"""
         min_ratio: float = 5.0
         """connections / usual connections per active minute that start a finding"""
         saturation_ratio: float = 20.0
@@ -216,71 +359,134 @@ class VolumeSpike(Detector):
         """a spike to one or a few servers is a retrying application or a flood (connection_flood), not mail"""
         max_top_dst_share: float = 0.5
         """likewise when most of the spike goes to one server, however many others share the rest"""
-        peak_factor: float = 1.5
-        """established exempted senders must also exceed their own peak by this factor (newsletters burst)"""
-        min_new_share: float = 0.4
-        """established exempted senders must also send this share to servers they never used: a newsletter
-        goes back to the same providers, a hijacked server's spam does not"""
+        sustain_minutes: int = 8
+        """established senders: minutes of the last 10 with elevated novelty"""
+        min_excess_10m: float = 100.0
+        """established senders: never-seen servers above their usual over the last 10 minutes"""
+        min_new_per_conn_10m: float = 0.25
+        """established senders: never-seen servers per connection over the last 10 minutes (a list server's
+        bursts go back to its members; a spam run does not)"""
+        saturation_excess_10m: float = 1500.0
+        """excess at which the score reaches 1.0"""
+        declared_tolerance: float = 1.25
+        """a declared sender is raised above this many times its declared connections a minute"""
         established_exemption_days: float = 7.0
         """see spam_fanout"""
 
     def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
         p = self.params
-        rows = feats.with_columns(_ratio=pl.col("connections") / pl.col("base_conns").clip(1.0)).filter(
-            (pl.col("history_minutes") >= p.min_history_minutes) & (pl.col("connections") >= p.min_connections)
-            & (pl.col("_ratio") >= p.min_ratio) & (pl.col("distinct_dst") >= p.min_distinct_dst)
-            & (pl.col("top_dst_share") <= p.max_top_dst_share)
-            & (~_established(p) | ((pl.col("connections") >= p.peak_factor * pl.col("peak_conns"))
-                                   & (pl.col("new_dst_share") >= p.min_new_share)))
-        ).with_columns(score=ramp(pl.col("_ratio"), p.min_ratio, p.saturation_ratio))
+        est = _established(p)
+        dec = _declared()
+        ratio = pl.col("connections") / pl.col("base_conns").clip(1.0)
+        per_minute = (~est & ~dec & ~pl.col("learning") & (pl.col("connections") >= p.min_connections)
+                      & (ratio >= p.min_ratio) & (pl.col("distinct_dst") >= p.min_distinct_dst)
+                      & (pl.col("top_dst_share") <= p.max_top_dst_share))
+        sustained = (est & ~pl.col("learning") & (pl.col("elevated_minutes_10m") >= p.sustain_minutes)
+                     & (pl.col("new_excess_10m") >= p.min_excess_10m)
+                     & (pl.col("new_dst_10m") >= p.min_new_per_conn_10m * pl.col("conns_10m")))
+        over = dec & (pl.col("connections") >= pl.col("declared_conns_per_min") * p.declared_tolerance) \
+            & (pl.col("connections") >= p.min_connections)
+        rows = feats.with_columns(
+            _ratio=ratio,
+            _mode=pl.when(over).then(pl.lit("declared")).when(sustained).then(pl.lit("sustained"))
+            .when(per_minute).then(pl.lit("ratio")).otherwise(pl.lit(None, pl.String)),
+        ).filter(pl.col("_mode").is_not_null())
+        dec_ratio = pl.col("connections") / pl.col("declared_conns_per_min").fill_null(1.0)
+        rows = rows.with_columns(score=pl.when(pl.col("_mode") == "declared")
+                                 .then(ramp(dec_ratio, p.declared_tolerance, p.declared_tolerance * 4))
+                                 .when(pl.col("_mode") == "sustained")
+                                 .then(ramp(pl.col("new_excess_10m"), p.min_excess_10m, p.saturation_excess_10m))
+                                 .otherwise(ramp(pl.col("_ratio"), p.min_ratio, p.saturation_ratio)))
 
         def reasons(r: dict[str, Any]) -> list[str]:
-            return [
-                f"{r['connections']} SMTP connections within {r['window_ms'] // 1000} s, {r['_ratio']:.1f} times the "
-                f"usual {r['base_conns']:.1f} per active minute (threshold {p.min_ratio:g}x)",
-                f"{r['distinct_dst']} distinct servers ({r['new_dst']} new); {r['history_minutes']} minutes of history",
-                _exempt_note(r),
-            ]
+            if r["_mode"] == "declared":
+                head = (f"{r['connections']} SMTP connections within {r['window_ms'] // 1000} s, over "
+                        f"{p.declared_tolerance:g} times the declared {r['declared_conns_per_min']:g} a minute")
+            elif r["_mode"] == "sustained":
+                head = (f"never-seen servers well above its usual in {r['elevated_minutes_10m']} of the last 10 minutes "
+                        f"(threshold {p.sustain_minutes}): {r['new_dst_10m']} new of {r['conns_10m']} connections, "
+                        f"{r['new_excess_10m']:.0f} above its usual {r['base_new']:.1f} a minute "
+                        f"(threshold {p.min_excess_10m:g})")
+            else:
+                head = (f"{r['connections']} SMTP connections within {r['window_ms'] // 1000} s, {r['_ratio']:.1f} times "
+                        f"the usual {r['base_conns']:.1f} per active minute (threshold {p.min_ratio:g}x)")
+            return [head, f"{r['distinct_dst']} distinct servers ({r['new_dst']} new) in the last minute",
+                    _source_note(r), _exempt_note(r)]
 
-        return self._findings(self.name, rows, reasons)
+        return self._findings(self.name, rows, reasons,
+                              lambda r: NEXT_STEPS["over_declared"] if r["_mode"] == "declared" else NEXT_STEPS["spam"])
 
 
 class LowAndSlow(Detector):
-    """Spam kept under the per-minute thresholds: a steady stream of new mail servers for an hour."""
+    """Spam kept under the per-minute thresholds: a steady stream of never-seen mail servers.
+
+    - a source without an established exemption or a declared volume: many never-seen servers
+      over the hour, active most of it, mostly one connection per new server;
+    - an established exempted sender, once learned: never-seen servers above its own usual in
+      many minutes of the hour and still now; newsletters burst for a few minutes, which is
+      not enough.
+    """
 
     name = "low_and_slow"
 
     class Params(msgspec.Struct, forbid_unknown_fields=True):
-        min_new_dst_60m: int = 120
+        min_new_dst_60m: int = 60
         """destinations never contacted before, over the last 60 minutes, that start a finding"""
-        min_active_minutes_60m: int = 30
+        min_active_minutes_60m: int = 20
         """minutes with SMTP activity in the last 60 (persistence)"""
+        min_new_dst_10m: int = 10
+        """... and never-seen destinations in the last 10 minutes: it is still going on (an hour's sum alone
+        would keep alerting for an hour after a burst ended)"""
         min_new_share_60m: float = 0.75
         """new destinations per connection over the hour: a new mail server's ordinary mail returns to
         the big providers, a spam run keeps meeting strangers"""
         saturation_new_dst_60m: int = 600
         """new destinations at which the score reaches 1.0"""
+        min_elevated_minutes_60m: int = 15
+        """established senders: minutes of the hour with elevated novelty"""
+        min_elevated_minutes_10m: int = 5
+        """established senders: ... and of the last 10 (it is still going on)"""
+        min_excess_60m: float = 150.0
+        """established senders: never-seen servers above their usual over the hour"""
+        min_new_per_conn_60m: float = 0.1
+        """established senders: never-seen servers per connection over the hour"""
+        saturation_excess_60m: float = 1500.0
+        """excess at which the score reaches 1.0"""
         established_exemption_days: float = 7.0
-        """established exempted mail servers are left to spam_fanout, which compares them with their own peak:
-        a real mail server meets new destinations all day"""
+        """see spam_fanout"""
 
     def evaluate(self, feats: pl.DataFrame) -> list[Finding]:
         p = self.params
-        rows = feats.with_columns(_t=pl.lit(p.min_new_dst_60m), _sat=pl.lit(p.saturation_new_dst_60m)).filter(
-            ~_established(p) & (pl.col("new_dst_60m") >= pl.col("_t"))
-            & (pl.col("active_minutes_60m") >= p.min_active_minutes_60m)
-            & (pl.col("new_dst_60m") >= p.min_new_share_60m * pl.col("conns_60m"))
-        ).with_columns(score=ramp(pl.col("new_dst_60m"), pl.col("_t"), pl.col("_sat")))
+        est = _established(p)
+        dec = _declared()
+        open_ = (~est & ~dec & (pl.col("new_dst_60m") >= p.min_new_dst_60m)
+                 & (pl.col("active_minutes_60m") >= p.min_active_minutes_60m)
+                 & (pl.col("new_dst_10m") >= p.min_new_dst_10m)
+                 & (pl.col("new_dst_60m") >= p.min_new_share_60m * pl.col("conns_60m")))
+        learned = ((est | dec) & ~pl.col("learning") & (pl.col("elevated_minutes_60m") >= p.min_elevated_minutes_60m)
+                   & (pl.col("elevated_minutes_10m") >= p.min_elevated_minutes_10m)
+                   & (pl.col("new_excess_60m") >= p.min_excess_60m)
+                   & (pl.col("new_dst_60m") >= p.min_new_per_conn_60m * pl.col("conns_60m")))
+        rows = feats.with_columns(
+            _mode=pl.when(learned).then(pl.lit("learned")).when(open_).then(pl.lit("open")).otherwise(pl.lit(None, pl.String)),
+        ).filter(pl.col("_mode").is_not_null()).with_columns(
+            score=pl.when(pl.col("_mode") == "learned")
+            .then(ramp(pl.col("new_excess_60m"), p.min_excess_60m, p.saturation_excess_60m))
+            .otherwise(ramp(pl.col("new_dst_60m"), p.min_new_dst_60m, p.saturation_new_dst_60m)))
 
         def reasons(r: dict[str, Any]) -> list[str]:
-            return [
-                f"{r['new_dst_60m']} mail servers never contacted before within 60 minutes (threshold {r['_t']:.0f}), "
-                f"active in {r['active_minutes_60m']} of those minutes",
-                f"{r['conns_60m']} connections in the hour, {r['distinct_dst']} distinct servers in the last minute",
-                _exempt_note(r),
-            ]
+            if r["_mode"] == "learned":
+                head = (f"never-seen servers well above its usual in {r['elevated_minutes_60m']} minutes of the last 60 "
+                        f"(threshold {p.min_elevated_minutes_60m}) and {r['elevated_minutes_10m']} of the last 10: "
+                        f"{r['new_excess_60m']:.0f} above its usual {r['base_new']:.1f} a minute "
+                        f"(threshold {p.min_excess_60m:g})")
+            else:
+                head = (f"{r['new_dst_60m']} mail servers never contacted before within 60 minutes "
+                        f"(threshold {p.min_new_dst_60m}), active in {r['active_minutes_60m']} of those minutes")
+            return [head, f"{r['conns_60m']} connections in the hour, {r['distinct_dst']} distinct servers in the last "
+                          f"minute", _source_note(r), _exempt_note(r)]
 
-        return self._findings(self.name, rows, reasons)
+        return self._findings(self.name, rows, reasons, lambda r: NEXT_STEPS["spam"])
 
 
 class RejectStorm(Detector):
@@ -311,7 +517,7 @@ class RejectStorm(Detector):
                 _exempt_note(r),
             ]
 
-        return self._findings(self.name, rows, reasons)
+        return self._findings(self.name, rows, reasons, lambda r: NEXT_STEPS["reject_storm"])
 
 
 class TenantSpam(Detector):
@@ -348,7 +554,7 @@ class TenantSpam(Detector):
                 f"instances: {r['top_instances']}",
             ]
 
-        return self._findings(self.name, rows, reasons)
+        return self._findings(self.name, rows, reasons, lambda r: NEXT_STEPS["tenant"])
 
 
 class AnomalyModel(Detector):
@@ -399,7 +605,7 @@ class AnomalyModel(Detector):
                     f"{self.model.card.trained_at} on {self.model.card.rows} windows)",
                     "most unusual: " + "; ".join(self.model.explain(x[r["_row"]]))]
 
-        return self._findings(self.name, rows, reasons)
+        return self._findings(self.name, rows, reasons, lambda r: NEXT_STEPS["anomaly"])
 
 
 REGISTRY: dict[str, type[Detector]] = {d.name: d for d in (SpamFanout, ConnectionFlood, BlockedAttempts, VolumeSpike,

@@ -55,7 +55,9 @@ class WindowEngine:
 
     def add(self, records: pa.Table | pl.DataFrame, offset: int = -1, offsets: pa.Array | None = None) -> int:
         """Add records; returns how many were late (and dropped)."""
-        df = records if isinstance(records, pl.DataFrame) else pl.from_arrow(records.select(list(NEEDED_COLUMNS)))
+        if not isinstance(records, pl.DataFrame):
+            records = pl.from_arrow(records.select([c for c in NEEDED_COLUMNS if c != "src_addr"]))
+        df = records if "src_addr" in records.columns else records.with_columns(src_addr=pl.col("src_ip"))
         if df.height == 0:
             return 0
         start = pl.col("start").cast(pl.Int64)

@@ -12,6 +12,7 @@ from smtpguard.config import Config
 from smtpguard.detectors.alerts import Alert
 from smtpguard.detectors.pipeline import Output, Pipeline
 from smtpguard.exemptions import Exemptions
+from smtpguard.inventory import Inventory
 from smtpguard.ingest.base import Reject
 from smtpguard.ingest.reader import Progress, read_batches
 from smtpguard.record import SEVERITIES
@@ -46,9 +47,9 @@ class AnalyzeResult:
 
 def analyze(cfg: Config, paths: Sequence[str], fmt: str = "auto", exemptions: Exemptions | None = None,
             progress: Progress | None = None, on_reject: Callable[[Reject], None] | None = None,
-            keep_features: bool = False) -> AnalyzeResult:
+            keep_features: bool = False, inventory: Inventory | None = None) -> AnalyzeResult:
     res = AnalyzeResult()
-    pipe = Pipeline(cfg, exemptions)
+    pipe = Pipeline(cfg, exemptions, inventory=inventory)
     t0 = time.perf_counter()
 
     def take(out: Output) -> None:
@@ -74,7 +75,7 @@ def analyze(cfg: Config, paths: Sequence[str], fmt: str = "auto", exemptions: Ex
 
 
 CONTRACT_FIELDS = ("alert_id", "src_ip", "tenant", "detector", "severity", "score", "window_start", "window_end",
-                   "reasons", "exempted", "evidence")
+                   "reasons", "next_step", "exempted", "evidence")
 
 
 def contract_json(a: Alert) -> dict:

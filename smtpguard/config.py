@@ -81,8 +81,11 @@ class Ingest(msgspec.Struct, forbid_unknown_fields=True):
 class Detect(msgspec.Struct, forbid_unknown_fields=True):
     window_ms: int = 60_000
     """tumbling window length"""
-    allowed_lateness_ms: int = 60_000
-    """how far behind the newest event time a record may arrive and still count; later ones are counted as late and dropped"""
+    allowed_lateness_ms: int = 30_000
+    """how far behind the newest event time a record may arrive and still count; later ones are counted as late and
+    dropped. Alerts of a window are due when the watermark passes its end, so this is also part of every alert's
+    delay. Raise it for inputs delivered further out of order (AWS delivers flow-log files minutes apart: see
+    docs/DETECTION.md)"""
     idle_flush_ms: int = 10_000
     """wall-clock time without new records after which a partition's open windows are closed"""
     poll_messages: int = 500
@@ -94,7 +97,19 @@ class Detect(msgspec.Struct, forbid_unknown_fields=True):
     cooldown_ms: int = 600_000
     """after an alert for an IP and detector, further findings within this time are stored as suppressed, not raised"""
     exemptions_csv: str = ""
-    """CSV with header ip,tenant,granted_at,reason (IP or CIDR) of instances allowed to send on port 25"""
+    """CSV with header ip,tenant,granted_at,reason (IP or CIDR) of instances allowed to send on port 25; optional
+    column declared_conns_per_min: the sending volume the exemption was granted for"""
+    inventory_csv: str = ""
+    """CSV with header ip,tenant,instance_id,interface_id (address or prefix): the provider's address plan. Fills
+    tenant and instance where the input has none (NetFlow, sFlow, captures) and names the IPv6 prefix each source
+    is judged by (see smtpguard/inventory.py)"""
+    ipv6_prefix_len: int = 64
+    """IPv6 sources outside the inventory are judged by this prefix (addresses rotating inside it are one
+    source); IPv4 sources by their address"""
+    learning_minutes: int = 60
+    """a source is learning until its history covers this many minutes: until then, an established exempted
+    sender without a declared volume is never raised above low for volume or fan-out that only its own history
+    could judge (docs/DETECTION.md, cold start)"""
     max_sources: int = 1_000_000
     """source IPs whose history (baselines, familiar destinations) one detector process keeps, shared by its
     partitions; beyond it the least recently seen are evicted (counted in smtpguard_detector_state_evictions_total)"""
@@ -226,6 +241,10 @@ def validate(cfg: Config) -> None:
         bad("detect.window_ms must divide one hour evenly")
     if cfg.detect.max_sources < 1 or cfg.detect.max_panes < 1:
         bad("detect.max_sources and detect.max_panes must be >= 1")
+    if not 1 <= cfg.detect.ipv6_prefix_len <= 128:
+        bad("detect.ipv6_prefix_len must be between 1 and 128")
+    if cfg.detect.learning_minutes < 0:
+        bad("detect.learning_minutes must be >= 0")
     if cfg.detect.poll_messages < 1:
         bad("detect.poll_messages must be >= 1")
     if cfg.kafka.partitions < 1 or cfg.kafka.records_per_message < 1:

@@ -67,6 +67,7 @@ ALERT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("status", "LowCardinality(String)"),
     ("created_at", "DateTime64(3, 'UTC')"),
     ("incident_id", "String"),
+    ("next_step", "String"),
 )
 
 
@@ -101,6 +102,10 @@ ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)""",
     `alert_id` String, `topic` String, `published_at` DateTime64(3, 'UTC')
 ) ENGINE = ReplacingMergeTree(`published_at`) ORDER BY (`topic`, `alert_id`)""",
         ]),
+        # alerts carry their recommended next step; window features the source key's addresses,
+        # rejected servers, cold-start state and novelty (stores made before these columns existed)
+        ("core-3", [f"ALTER TABLE {db}.alerts ADD COLUMN IF NOT EXISTS `next_step` String"]
+         + [f"ALTER TABLE {db}.window_features ADD COLUMN IF NOT EXISTS `{name}` {ch}" for name, ch in _feature_columns()]),
     ]
 
 

@@ -183,7 +183,8 @@ def as_alert(row: dict[str, Any]) -> Alert:
                  window_end=iso(to_ms(row["window_end"])), reasons=list(row["reasons"]),
                  evidence=json.loads(evidence) if isinstance(evidence, str) and evidence else {},
                  exempted=bool(row["exempted"]), suppressed=row["suppressed"], status=row["status"],
-                 created_at=iso(to_ms(row["created_at"])))
+                 created_at=iso(to_ms(row["created_at"])), incident_id=row.get("incident_id", ""),
+                 next_step=row.get("next_step", ""))
 
 
 def alert_json(row: dict[str, Any]) -> dict[str, Any]:
