@@ -57,6 +57,8 @@ class Pipeline:
                  inventory: Inventory | None = None):
         self.cfg = cfg
         self.exemptions = exemptions or Exemptions()
+        if inventory is None and cfg.detect.inventory_csv:
+            inventory = Inventory.from_csv(cfg.detect.inventory_csv)
         self.keys = SourceKeys(inventory, cfg.detect.ipv6_prefix_len)
         detectors = detectors if detectors is not None else build_detectors(cfg.detect.detectors)
         self.detectors = [d for d in detectors if d.scope == "source"]
@@ -66,6 +68,8 @@ class Pipeline:
         self.tenant_gate = AlertGate(cfg.detect.cooldown_ms)
         established = [d.params.established_exemption_days for d in self.tenant_detectors]
         self.tenant_established_days = established[0] if established else 7.0
+        self.tenant_features: list[pl.DataFrame] | None = None
+        """when a list, every closed tenant window's features are appended to it (analyze --keep-features)"""
         self.evictions: dict[str, int] = {"sources": 0, "sources_unremembered": 0, "familiar_saturated": 0,
                                           "panes": 0}
         """what this process evicted to stay within its bounds, since it started (monotonic)"""
@@ -163,6 +167,8 @@ class Pipeline:
         feats = self.tenants.close(upto)
         if feats is None or feats.height == 0:
             return []
+        if self.tenant_features is not None:
+            self.tenant_features.append(feats)
         findings = [f for d in self.tenant_detectors for f in d.evaluate(feats)]
         for f in findings:
             f.evidence["emitted_at_ms"] = f.window_end_ms + self.cfg.detect.allowed_lateness_ms

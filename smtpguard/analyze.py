@@ -29,6 +29,7 @@ class AnalyzeResult:
     late: int = 0
     elapsed_s: float = 0.0
     features: list[pl.DataFrame] = field(default_factory=list)
+    tenant_features: list[pl.DataFrame] = field(default_factory=list)
 
     def raised(self) -> list[Alert]:
         return [a for a in self.alerts if not a.suppressed]
@@ -50,6 +51,8 @@ def analyze(cfg: Config, paths: Sequence[str], fmt: str = "auto", exemptions: Ex
             keep_features: bool = False, inventory: Inventory | None = None) -> AnalyzeResult:
     res = AnalyzeResult()
     pipe = Pipeline(cfg, exemptions, inventory=inventory)
+    if keep_features:
+        pipe.tenant_features = res.tenant_features
     t0 = time.perf_counter()
 
     def take(out: Output) -> None:

@@ -144,22 +144,29 @@ def exemptions_group() -> None:
 @click.option("--tenant", required=True, help="cloud account, project or subscription that holds the address")
 @_reason_opt
 @click.option("--expires", metavar="DATE", callback=_expiry_opt, help="ISO 8601 date or time it ends (UTC unless a zone is given)")
+@click.option("--declared", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="the sending volume the exemption is for, in SMTP connections a minute at peak: detectors judge "
+                   "the sender against it from its first minute")
 @_actor_opt
 @click.pass_context
-def grant_cmd(ctx: click.Context, ip: str, tenant: str, reason: str, expires: dt.datetime | None, actor: str) -> None:
+def grant_cmd(ctx: click.Context, ip: str, tenant: str, reason: str, expires: dt.datetime | None,
+              declared: float | None, actor: str) -> None:
     """Exempt an address or block: it may send mail on port 25."""
-    _done(_change(ctx, lambda reg: reg.grant(ip, tenant, reason, actor, expires)))
+    _done(_change(ctx, lambda reg: reg.grant(ip, tenant, reason, actor, expires, declared=declared)))
 
 
 @exemptions_group.command("renew")
 @click.argument("ip", metavar="IP|CIDR", callback=_key_arg)
 @_reason_opt
 @click.option("--expires", metavar="DATE", callback=_expiry_opt, help="new end (default: never)")
+@click.option("--declared", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="a new declared sending volume (SMTP connections a minute); default: keep the current one")
 @_actor_opt
 @click.pass_context
-def renew_cmd(ctx: click.Context, ip: str, reason: str, expires: dt.datetime | None, actor: str) -> None:
-    """Give an active or expired exemption a new expiry."""
-    _done(_change(ctx, lambda reg: reg.renew(ip, reason, actor, expires)))
+def renew_cmd(ctx: click.Context, ip: str, reason: str, expires: dt.datetime | None, declared: float | None,
+              actor: str) -> None:
+    """Give an active or expired exemption a new expiry (and declared volume)."""
+    _done(_change(ctx, lambda reg: reg.renew(ip, reason, actor, expires, declared=declared)))
 
 
 @exemptions_group.command("revoke")

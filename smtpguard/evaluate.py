@@ -259,7 +259,7 @@ def run(cfg: Config, seeds: Sequence[int], *, instances: int = 600, hours: float
             inv = Inventory.from_csv(paths["inventory"])
             for fmt in formats:
                 src = paths["flows"] if fmt == "aws-vpc" else paths["netflow"]
-                res = analyze(cfg, [str(src)], fmt, ex, inventory=inv)
+                res = analyze(cfg, [str(src)], "aws-vpc" if fmt == "aws-vpc" else "netflow-pcap", ex, inventory=inv)
                 name = f"{seed}/{fmt}"
                 score_run(result, name, truth, res.alerts, scen.duration_s / 3600)
                 entry = {"seed": seed, "format": fmt, "records": res.read, "smtp_records": res.kept, "late": res.late,

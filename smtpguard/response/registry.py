@@ -57,7 +57,7 @@ import msgspec
 import pyarrow as pa
 
 from smtpguard.errors import InputError, SmtpguardError
-from smtpguard.exemptions import REQUIRED_COLUMNS, Exemption, Exemptions, parse_time
+from smtpguard.exemptions import DECLARED_COLUMN, REQUIRED_COLUMNS, Exemption, Exemptions, parse_time
 from smtpguard.store import Store
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -79,6 +79,7 @@ EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("actor", "String"),
     ("reason", "String"),
     ("alert_ids", "Array(String)"),
+    ("declared_conns_per_min", "Nullable(Float64)"),
 )
 
 
@@ -86,7 +87,11 @@ def migrations(db: str) -> list[tuple[str, list[str]]]:
     cols = ",\n    ".join(f"`{n}` {t}" for n, t in EVENT_COLUMNS)
     return [("response-registry-1", [
         f"CREATE TABLE IF NOT EXISTS {db}.{TABLE} (\n    {cols}\n) ENGINE = MergeTree ORDER BY (`ip`, `at`, `event_id`)",
-    ])]
+    ]),
+        # a grant or renewal may declare the sending volume the exemption is for (detectors judge by it)
+        ("response-registry-2", [
+            f"ALTER TABLE {db}.{TABLE} ADD COLUMN IF NOT EXISTS `declared_conns_per_min` Nullable(Float64)",
+        ])]
 
 
 class RegistryError(SmtpguardError):
@@ -112,6 +117,8 @@ class ExemptionEvent(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
     alert_ids: list[str] = []
     """the alerts behind the change"""
+    declared_conns_per_min: float | None = None
+    """grants and renewals: the sending volume (SMTP connections a minute) the exemption is for; None = not declared"""
 
     @property
     def at_ms(self) -> int:
@@ -120,7 +127,8 @@ class ExemptionEvent(msgspec.Struct, frozen=True, kw_only=True):
     def to_dict(self) -> dict:
         return {"event_id": self.event_id, "ip": self.ip, "tenant": self.tenant, "kind": self.kind,
                 "at": iso_ms(self.at_ms), "expires_at": iso_ms(to_ms(self.expires_at)) if self.expires_at else None,
-                "actor": self.actor, "reason": self.reason, "alert_ids": list(self.alert_ids)}
+                "actor": self.actor, "reason": self.reason, "alert_ids": list(self.alert_ids),
+                "declared_conns_per_min": self.declared_conns_per_min}
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,8 @@ class KeyState:
     restored_at_ms: int | None
     """the last restore since the last grant, for the policy's probation after a restore"""
     last: ExemptionEvent
+    declared_conns_per_min: float | None = None
+    """the declared sending volume of the last grant or renewal that declared one"""
 
     def to_dict(self) -> dict:
         return {"ip": self.key, "state": self.state, "tenant": self.tenant,
@@ -146,7 +156,8 @@ class KeyState:
                 "granted_reason": self.granted_reason,
                 "expires_at": iso_ms(self.expires_at_ms) if self.expires_at_ms is not None else None,
                 "updated_at": iso_ms(self.last.at_ms), "last_kind": self.last.kind, "last_actor": self.last.actor,
-                "last_reason": self.last.reason, "alert_ids": list(self.last.alert_ids)}
+                "last_reason": self.last.reason, "alert_ids": list(self.last.alert_ids),
+                "declared_conns_per_min": self.declared_conns_per_min}
 
 
 @dataclass(frozen=True)
@@ -236,6 +247,7 @@ def fold(key: str, events: Iterable[ExemptionEvent], at_ms: int) -> KeyState | N
     expires = None
     restored = None
     last = None
+    declared = None
     for e in events:
         if e.at_ms > at_ms:
             break
@@ -244,9 +256,12 @@ def fold(key: str, events: Iterable[ExemptionEvent], at_ms: int) -> KeyState | N
         if e.kind == "granted":
             own, state, granted_at, granted_reason, restored = True, "active", e.at_ms, e.reason, None
             expires = to_ms(e.expires_at) if e.expires_at else None
+            declared = e.declared_conns_per_min
         elif e.kind == "renewed":
             state = "active"
             expires = to_ms(e.expires_at) if e.expires_at else None
+            if e.declared_conns_per_min is not None:
+                declared = e.declared_conns_per_min
         elif e.kind == "revoked":
             state = "revoked"
         elif e.kind == "restored":
@@ -259,7 +274,7 @@ def fold(key: str, events: Iterable[ExemptionEvent], at_ms: int) -> KeyState | N
         state = "expired"
     return KeyState(key=key, network=parse_key(key)[1], state=state, tenant=tenant, own_grant=own,
                     granted_at_ms=granted_at, granted_reason=granted_reason, expires_at_ms=expires,
-                    restored_at_ms=restored, last=last)
+                    restored_at_ms=restored, last=last, declared_conns_per_min=declared)
 
 
 def decider(net: IPNetwork, states: dict[str, KeyState]) -> KeyState | None:
@@ -369,7 +384,7 @@ class Registry:
     def current(self, at_ms: int | None = None) -> Exemptions:
         """The exemptions in force at ``at_ms`` (default now), for the detectors."""
         return Exemptions([Exemption(net, s.tenant, s.granted_at_ms if s.granted_at_ms is not None else s.last.at_ms,
-                                     s.granted_reason) for net, s in self.allowed(at_ms)])
+                                     s.granted_reason, s.declared_conns_per_min) for net, s in self.allowed(at_ms)])
 
     # -- writes -----------------------------------------------------------------------------------
     def _append(self, events: list[ExemptionEvent]) -> None:
@@ -384,23 +399,26 @@ class Registry:
             "actor": pa.array([e.actor for e in events], pa.string()),
             "reason": pa.array([e.reason for e in events], pa.string()),
             "alert_ids": pa.array([list(e.alert_ids) for e in events], pa.list_(pa.string())),
+            "declared_conns_per_min": pa.array([e.declared_conns_per_min for e in events], pa.float64()),
         }))
 
     def _write(self, key: str, kind: str, *, tenant: str, reason: str, actor: str, at_ms: int,
-               expires_at_ms: int | None, alert_ids: Iterable[str] = ()) -> ExemptionEvent:
+               expires_at_ms: int | None, alert_ids: Iterable[str] = (),
+               declared: float | None = None) -> ExemptionEvent:
         if not reason.strip():
             raise InputError("a reason is required: every change to an exemption records why")
         if not actor.strip():
             raise InputError("an actor is required: every change to an exemption records who")
         e = ExemptionEvent(event_id=new_event_id(at_ms), ip=key, tenant=tenant, kind=kind, at=from_ms(at_ms),
                            expires_at=from_ms(expires_at_ms) if expires_at_ms is not None else None,
-                           actor=actor, reason=reason, alert_ids=list(alert_ids))
+                           actor=actor, reason=reason, alert_ids=list(alert_ids), declared_conns_per_min=declared)
         self._append([e])
         return e
 
     def grant(self, ip_or_cidr: str, tenant: str, reason: str, actor: str, expires: dt.datetime | None = None,
-              *, now_ms: int | None = None) -> ExemptionEvent:
+              *, now_ms: int | None = None, declared: float | None = None) -> ExemptionEvent:
         key, _ = parse_key(ip_or_cidr)
+        _check_declared(declared)
         now = _now(now_ms)
         if expires is not None and to_ms(expires) <= now:
             raise InputError(f"expiry {iso_ms(to_ms(expires))} is not in the future")
@@ -412,12 +430,14 @@ class Registry:
             raise RegistryError(f"{key} is revoked ({s.last.actor}, {iso_ms(s.last.at_ms)}: {s.last.reason}); "
                                 "lift the revocation with restore")
         return self._write(key, "granted", tenant=tenant, reason=reason, actor=actor, at_ms=now,
-                           expires_at_ms=to_ms(expires) if expires is not None else None)
+                           expires_at_ms=to_ms(expires) if expires is not None else None, declared=declared)
 
     def renew(self, ip_or_cidr: str, reason: str, actor: str, expires: dt.datetime | None = None,
-              *, now_ms: int | None = None) -> ExemptionEvent:
-        """Set a new expiry (None = never) on an active or expired exemption."""
+              *, now_ms: int | None = None, declared: float | None = None) -> ExemptionEvent:
+        """Set a new expiry (None = never), and optionally a new declared volume, on an active or expired
+        exemption."""
         key, _ = parse_key(ip_or_cidr)
+        _check_declared(declared)
         now = _now(now_ms)
         if expires is not None and to_ms(expires) <= now:
             raise InputError(f"expiry {iso_ms(to_ms(expires))} is not in the future")
@@ -427,7 +447,7 @@ class Registry:
         if s.state == "revoked":
             raise RegistryError(f"{key} is revoked; lift the revocation with restore first")
         return self._write(key, "renewed", tenant=s.tenant, reason=reason, actor=actor, at_ms=now,
-                           expires_at_ms=to_ms(expires) if expires is not None else None)
+                           expires_at_ms=to_ms(expires) if expires is not None else None, declared=declared)
 
     def revoke(self, ip_or_cidr: str, reason: str, actor: str, alert_ids: Iterable[str] = (),
                *, now_ms: int | None = None) -> ExemptionEvent:
@@ -512,7 +532,8 @@ class Registry:
             events.append(ExemptionEvent(
                 event_id=new_event_id(entry.granted_at_ms), ip=key, tenant=entry.tenant, kind="granted",
                 at=from_ms(entry.granted_at_ms), expires_at=from_ms(expires_ms) if expires_ms is not None else None,
-                actor=actor, reason=entry.reason or f"imported from {path.name}"))
+                actor=actor, reason=entry.reason or f"imported from {path.name}",
+                declared_conns_per_min=entry.declared_conns_per_min))
         if events:
             self._append(events)
         return ImportResult(imported, skipped, events)
@@ -525,16 +546,22 @@ class Registry:
         Returns the number of rows.
         """
         rows = [[key_of(net), s.tenant, iso_ms(s.granted_at_ms if s.granted_at_ms is not None else s.last.at_ms),
-                 s.granted_reason, iso_ms(s.expires_at_ms) if s.expires_at_ms is not None else ""]
+                 s.granted_reason, iso_ms(s.expires_at_ms) if s.expires_at_ms is not None else "",
+                 "" if s.declared_conns_per_min is None else f"{s.declared_conns_per_min:g}"]
                 for net, s in self.allowed(at_ms)]
 
         def write(fh):
             w = csv.writer(fh)
-            w.writerow([*REQUIRED_COLUMNS, "expires_at"])
+            w.writerow([*REQUIRED_COLUMNS, "expires_at", DECLARED_COLUMN])
             w.writerows(rows)
 
         write_atomically(Path(path), write)
         return len(rows)
+
+
+def _check_declared(declared: float | None) -> None:
+    if declared is not None and not declared > 0:
+        raise InputError(f"a declared volume must be a positive number of SMTP connections a minute, not {declared}")
 
 
 def _now(now: int | None) -> int:
