@@ -66,6 +66,12 @@ class Alert(msgspec.Struct, omit_defaults=False):
     """what the person who acts should do (docs/DETECTION.md, severity table)"""
 
     @property
+    def lookup_address(self) -> str | None:
+        """The address to look up in DNSBLs: the source itself, or for a prefix key (IPv6) the busiest
+        address of the window (DNSBLs list IPv6 by /64, so any address of it answers for the prefix)."""
+        return address_of(self.src_ip, self.evidence)
+
+    @property
     def window_start_ms(self) -> int:
         return int(dt.datetime.fromisoformat(self.window_start.replace("Z", "+00:00")).timestamp() * 1000)
 
@@ -117,6 +123,13 @@ class AlertGate:
                 next_step=f.next_step,
             ))
         return out
+
+
+def address_of(src_ip: str | None, evidence: dict[str, Any] | None) -> str | None:
+    """An alert's address for lookups: ``src_ip`` when it is an address, else the evidence's top address."""
+    if not src_ip or "/" not in src_ip:
+        return src_ip
+    return (evidence or {}).get("top_address") or src_ip.split("/")[0]
 
 
 _encoder = msgspec.json.Encoder()

@@ -34,7 +34,9 @@ WORDS = BITS // 64
 SMALL = 8
 _EMPTY = np.uint16(0xFFFF)
 _SCALARS = ("ewma_conns", "ewma_distinct", "peak_distinct", "peak_conns", "minutes", "last_seen_ms", "first_seen_ms",
-            "ewma_new")
+            "ewma_new", "narrow")
+#: set width of the previous release: sources restored from its snapshots keep it (see ``narrow``)
+NARROW_BITS = 4096
 
 
 @dataclass
@@ -75,6 +77,9 @@ class SourceHistory:
         self.last_seen_ms = np.zeros(cap, dtype=np.int64)
         self.first_seen_ms = np.zeros(cap, dtype=np.int64)
         self.ewma_new = np.zeros(cap)
+        self.narrow = np.zeros(cap, dtype=np.uint8)
+        """1 for a source restored from a snapshot with NARROW_BITS-bit sets: its bits are taken modulo that
+        width, so it answers exactly as before the upgrade (no spurious new destinations)"""
         self.small = np.full((cap, SMALL), _EMPTY, dtype=np.uint16)
         """inline familiar bits (positions, unused = 0xFFFF) of sources without a full row"""
         self.nsmall = np.zeros(cap, dtype=np.uint8)
@@ -179,10 +184,20 @@ class SourceHistory:
         return idx
 
     # -- familiar destinations ------------------------------------------------------------
+    def _width(self, slots: np.ndarray, bits: np.ndarray) -> np.ndarray:
+        """Bit positions as each source stores them (narrow sources: modulo NARROW_BITS)."""
+        ok = slots >= 0
+        if not self.narrow[slots[ok]].any():
+            return bits
+        narrow = np.zeros(len(slots), dtype=bool)
+        narrow[ok] = self.narrow[slots[ok]] != 0
+        return np.where(narrow, bits % NARROW_BITS, bits)
+
     def familiar(self, slots: np.ndarray, bits: np.ndarray) -> np.ndarray:
         """Whether each (slot, bit) is set; slot -1 (a source without history) is never familiar."""
         seen = np.zeros(len(slots), dtype=bool)
         ok = slots >= 0
+        bits = self._width(slots, bits)
         rows = np.full(len(slots), -1, dtype=np.int64)
         rows[ok] = self.wide_of[slots[ok]]
         wide = rows >= 0
@@ -206,6 +221,7 @@ class SourceHistory:
         ok = slots >= 0
         if not ok.any():
             return
+        bits = self._width(slots, bits)
         pb = np.unique(slots[ok] * BITS + bits[ok].astype(np.int64))
         slot, bit = pb // BITS, pb % BITS
         rows = self.wide_of[slot]
@@ -387,9 +403,9 @@ class SourceHistory:
     @classmethod
     def restore(cls, data: bytes, params: HistoryParams | None = None) -> "SourceHistory":
         """State from :meth:`snapshot`. When it holds more sources than ``params`` allows, the most
-        recently seen are kept. A snapshot with a narrower destination set (earlier releases) is
-        widened: each of its bits sets every position it may stand for, so nothing familiar
-        becomes new; a source's first-seen time defaults to its active minutes before its last."""
+        recently seen are kept. The sources of a snapshot from the previous release (4096-bit sets)
+        keep their width (``narrow``), so nothing familiar becomes new; their first-seen time
+        defaults to their active minutes before their last."""
         h = cls(params)
         z = np.load(io.BytesIO(data), allow_pickle=False)
         order = np.argsort(-z["last_seen_ms"], kind="stable")[:h.p.max_sources]
@@ -400,32 +416,24 @@ class SourceHistory:
                 getattr(h, name)[idx] = z[name][order]
             elif name == "first_seen_ms":
                 h.first_seen_ms[idx] = z["last_seen_ms"][order] - z["minutes"][order] * 60_000
-        old_bits = int(z["bits"][0]) if "bits" in z.files else 4096
+        old_bits = int(z["bits"][0]) if "bits" in z.files else NARROW_BITS
+        if old_bits not in (BITS, NARROW_BITS):
+            raise ValueError(f"a source-history snapshot with {old_bits}-bit sets cannot be restored")
+        if old_bits != BITS:
+            h.narrow[idx] = 1
         small = z["small"][order]
+        h.small[idx] = small
+        h.nsmall[idx] = (small != _EMPTY).sum(axis=1).astype(np.uint8)
         where = np.full(len(z["ips"]), -1, dtype=np.int64)
         where[order] = np.arange(len(order))
         wide_at = where[z["wide_at"]]
         keep = wide_at >= 0
         wide_rows, wide_at = z["wide"][keep], wide_at[keep]
-        if old_bits == BITS:
-            h.small[idx] = small
-            h.nsmall[idx] = (small != _EMPTY).sum(axis=1).astype(np.uint8)
-            if len(wide_at):
-                got = h._wide_rows(idx[wide_at], idx)
-                ok = got >= 0
-                h.wide[got[ok]] = wide_rows[ok]
-                h.wide_of[idx[wide_at][ok]] = got[ok]
-                h.wide_owner[got[ok]] = idx[wide_at][ok]
-        else:
-            r, c = np.nonzero(small != _EMPTY)
-            slots, bits = [idx[r]], [small[r, c].astype(np.int64)]
-            if len(wide_at):
-                un = np.unpackbits(wide_rows.view(np.uint8), axis=1, bitorder="little")
-                wr, wb = np.nonzero(un)
-                slots.append(idx[wide_at][wr])
-                bits.append(wb.astype(np.int64))
-            sl, bi = np.concatenate(slots), np.concatenate(bits)
-            copies = BITS // old_bits
-            h.learn(np.repeat(sl, copies), (bi[:, None] + old_bits * np.arange(copies)[None, :]).ravel(), keep=idx)
+        if len(wide_at):
+            got = h._wide_rows(idx[wide_at], idx)
+            ok = got >= 0
+            h.wide[got[ok], :wide_rows.shape[1]] = wide_rows[ok]
+            h.wide_of[idx[wide_at][ok]] = got[ok]
+            h.wide_owner[got[ok]] = idx[wide_at][ok]
         h.evicted = int(z["evicted"][0])
         return h

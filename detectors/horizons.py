@@ -44,7 +44,10 @@ class Panes:
         new = pane_types(feats.select(PANE_COLUMNS))
         self.panes = pl.concat([self.panes, new]) if self.panes.height else new
         newest = feats["window_start"].max()
-        self.panes = self.panes.filter(pl.col("window_start") > newest - pl.duration(milliseconds=self.keep_ms))
+        oldest = feats["window_start"].min()
+        # keep what the oldest closing window's horizon needs while its sums are taken (a batch may span
+        # more than the longest horizon: a detector that catches up on a backlog), then what is to come needs
+        self.panes = self.panes.filter(pl.col("window_start") > oldest - pl.duration(milliseconds=self.keep_ms))
         keys = feats.select("src_ip", "window_start")
         joined = keys.join(self.panes.rename({"window_start": "pane_start"}), on="src_ip", how="inner")
         sums = []
@@ -64,6 +67,7 @@ class Panes:
         out = feats
         for s in sums:
             out = out.join(s, on=["src_ip", "window_start"], how="left")
+        self.panes = self.panes.filter(pl.col("window_start") > newest - pl.duration(milliseconds=self.keep_ms))
         self.bound()
         return out
 

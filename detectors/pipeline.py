@@ -50,6 +50,8 @@ class Stream:
     gate: AlertGate
     history: SourceHistory
     panes: Panes
+    idle: bool = False
+    """no input for a while (:meth:`Pipeline.set_idle`): it does not hold tenant windows open until it has input"""
 
 
 class Pipeline:
@@ -114,6 +116,7 @@ class Pipeline:
 
     def process(self, records: pa.Table, key: int = 0, offset: int = -1, offsets: pa.Array | None = None) -> Output:
         s = self.stream(key)
+        s.idle = False
         rows = pl.from_arrow(records.select([c for c in NEEDED_COLUMNS if c != "src_addr"]))
         s.engine.add(self.keys.apply(rows) if rows.height else rows, offset=offset, offsets=offsets)
         return self._close(s, force=False)
@@ -154,13 +157,28 @@ class Pipeline:
             alerts.extend(self._close_tenants(force=False))
         return Output(annotated, alerts)
 
+    def set_idle(self, key: int) -> list[Alert]:
+        """A stream had no input for a while (the consumer's ``detect.idle_flush_ms``): until it has input
+        again it no longer holds tenant windows open; returns the tenant alerts that this releases."""
+        s = self.streams.get(key)
+        if s is None or s.idle:
+            return []
+        s.idle = True
+        return self._close_tenants(force=False)
+
     def _close_tenants(self, force: bool) -> list[Alert]:
+        """Tenant windows close when every stream has closed the minute: a tenant's instances may sit on
+        several streams. Streams that exist but never had input hold them open (the consumer creates a
+        stream per assigned partition), until they are idle (:meth:`set_idle`)."""
         if not self.tenant_detectors:
             return []
         if force:
             upto = None
         else:
-            marks = [s.engine.closed_upto_ms for s in self.streams.values()]
+            live = [s for s in self.streams.values() if not s.idle]
+            if not live:
+                live = [s for s in self.streams.values() if s.engine.closed_upto_ms is not None]
+            marks = [s.engine.closed_upto_ms for s in live]
             if not marks or any(m is None for m in marks):
                 return []
             upto = min(marks)

@@ -111,6 +111,11 @@ class DetectorRunner:
         for p, state in states.items():
             self.pipeline.restore(p, state)
             self.stats.restored += 1
+        now = time.monotonic()
+        for p in parts:
+            # a stream per assigned partition: tenant windows wait for every partition until it is idle
+            self.pipeline.stream(p)
+            self._last_seen.setdefault(p, now)
         log.info("assigned partitions %s (state restored for %s)", parts, sorted(states))
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
@@ -264,10 +269,11 @@ class DetectorRunner:
         idle_s = self.cfg.detect.idle_flush_ms / 1000
         now = time.monotonic()
         for p, s in list(self.pipeline.streams.items()):
-            if p in exclude or s.engine.open_rows == 0:
+            if p in exclude or now - self._last_seen.get(p, now) < idle_s:
                 continue
-            if now - self._last_seen.get(p, now) >= idle_s:
+            if s.engine.open_rows:
                 out.extend(self.pipeline.flush(p))
+            out.alerts.extend(self.pipeline.set_idle(p))
         return out
 
     # -- output -----------------------------------------------------------------------------

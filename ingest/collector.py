@@ -139,6 +139,11 @@ class Collector:
         self.topics = cfg.kafka.topics
         self.producer = producer or Producer(producer_settings(cfg))
         self.partitions = partitions_of(cfg, self.topics.flows)
+        from smtpguard.inventory import Inventory, SourceKeys
+
+        # the partition of a record is its source key's: the detectors' keys (IPv6 prefixes) stay whole
+        inventory = Inventory.from_csv(cfg.detect.inventory_csv) if cfg.detect.inventory_csv else None
+        self.keys = SourceKeys(inventory, cfg.detect.ipv6_prefix_len)
         self.stats = CollectStats()
         self.spool = Spool(Path(cfg.data_dir) / "spool")
 
@@ -181,7 +186,8 @@ class Collector:
         s.read += batch.read
         s.kept += batch.records.num_rows
         s.skipped += batch.skipped
-        for p, payload, _n in wire.encode_batches(batch.records, self.partitions, self.cfg.kafka.records_per_message):
+        for p, payload, _n in wire.encode_batches(batch.records, self.partitions, self.cfg.kafka.records_per_message,
+                                                  self.keys.key_of):
             self._produce(self.topics.flows, payload, partition=p, headers=[*wire.HEADERS, wire.message_id_header()])
         for r in batch.rejects:
             self.send_reject(r)

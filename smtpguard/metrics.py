@@ -94,7 +94,7 @@ WINDOW_LAG = Gauge("smtpguard_window_lag_seconds",
                    ["topic", "partition"], registry=REGISTRY)
 DETECTOR_STATE = Gauge("smtpguard_detector_state_entries",
                        "detection state held now over the assigned partitions: sources (source histories), "
-                       "familiar_rows (full 4096-bit destination rows), panes (horizon panes), open_rows (records "
+                       "familiar_rows (full 16384-bit destination rows), panes (horizon panes), open_rows (records "
                        "of open windows)", ["structure"], registry=REGISTRY)
 DETECTOR_EVICTIONS = Counter("smtpguard_detector_state_evictions_total",
                              "state given up to stay within detect.max_sources and detect.max_panes: sources "

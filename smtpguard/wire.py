@@ -3,10 +3,13 @@
 ``smtp.flows``: each message is an Arrow IPC stream holding one record batch with
 :data:`smtpguard.record.SCHEMA` (header ``content-type: application/vnd.apache.arrow.stream``,
 ``smtpguard-record-version: 1``). A producer groups records by partition
-(:func:`partition_of`: CRC32 of the source IP text modulo the partition count, the same
-as librdkafka's ``consistent`` partitioner with the IP as key), so one source IP always lands
-on one partition. Other tools may also produce single records as JSON objects with the
-record's field names (``content-type: application/json``, key = source IP).
+(:func:`partition_of`: CRC32 of the source key text modulo the partition count, the same
+as librdkafka's ``consistent`` partitioner with the key as message key), so one source always
+lands on one partition. The source key is the address for IPv4 and the prefix a source is
+judged by for IPv6 (``2001:db8:1:2::/64``: the inventory's prefix, else the /64), so the
+addresses an instance rotates through stay together. Other tools may also produce single
+records as JSON objects with the record's field names (``content-type: application/json``,
+key = the source key).
 
 ``smtp.flows.dlq``: JSON :class:`smtpguard.ingest.base.Reject` objects.
 ``smtp.alerts``: JSON :class:`smtpguard.detectors.alerts.Alert` objects, key = source IP (or ``tenant:T``).
@@ -22,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import zlib
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import msgspec
 import numpy as np
@@ -78,21 +81,29 @@ class BadRecord(NamedTuple):
     """the record as JSON (as far as it could be read)"""
 
 
-def partition_of(src_ips: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
-    """Partition number of each record: crc32(ip) % partitions (librdkafka 'consistent')."""
+def partition_of(src_ips: pa.Array | pa.ChunkedArray, partitions: int, key_of: Callable[[str], str] | None = None
+                 ) -> np.ndarray:
+    """Partition number of each record: crc32(source key) % partitions (librdkafka 'consistent').
+
+    The source key is what the detectors judge a source by (:class:`smtpguard.inventory.SourceKeys`):
+    the address for IPv4, the prefix for IPv6, so that every address of a prefix lands in one
+    partition. Without ``key_of`` the address itself is the key.
+    """
     if isinstance(src_ips, pa.ChunkedArray):
         src_ips = src_ips.combine_chunks()
     enc = pc.dictionary_encode(src_ips)
-    per_ip = np.fromiter((zlib.crc32(ip.encode()) % partitions for ip in enc.dictionary.to_pylist()),
-                         dtype=np.int32, count=len(enc.dictionary))
+    ips = enc.dictionary.to_pylist()
+    keys = ips if key_of is None else [key_of(ip) for ip in ips]
+    per_ip = np.fromiter((zlib.crc32(k.encode()) % partitions for k in keys), dtype=np.int32, count=len(keys))
     return per_ip[enc.indices.to_numpy(zero_copy_only=False)]
 
 
-def encode_batches(records: pa.Table, partitions: int, max_records: int) -> Iterator[tuple[int, bytes, int]]:
-    """Split records into (partition, Arrow IPC payload, record count) messages."""
+def encode_batches(records: pa.Table, partitions: int, max_records: int,
+                   key_of: Callable[[str], str] | None = None) -> Iterator[tuple[int, bytes, int]]:
+    """Split records into (partition, Arrow IPC payload, record count) messages (see :func:`partition_of`)."""
     if records.num_rows == 0:
         return
-    parts = partition_of(records.column("src_ip"), partitions)
+    parts = partition_of(records.column("src_ip"), partitions, key_of)
     order = np.argsort(parts, kind="stable")
     sorted_parts = parts[order]
     bounds = np.flatnonzero(np.diff(sorted_parts)) + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from smtpguard.detectors.history import SourceHistory, HistoryParams
 from smtpguard.detectors.pipeline import Pipeline
 from smtpguard.detectors.tenants import hll_estimate, hll_partials, relative_error
 from smtpguard.errors import ConfigError
-from smtpguard.evaluate import EvalResult, score_scenario
+from smtpguard.evaluate import EvalResult, score_run
 
 from test_detection_unit import T0, flows, table
 
@@ -70,14 +71,20 @@ def test_tenant_spam_from_several_moderate_instances(offline_cfg):
 
 
 def test_volume_spike_needs_history(offline_cfg):
-    pipe = Pipeline(offline_cfg)
-    rows = []
-    for m in range(35):
-        rows += flows("10.0.0.3", 4, minute=m, dsts=2, port=587)
-    rows += flows("10.0.0.3", 80, minute=36, dsts=40, port=587)
-    alerts = [a for a in _alerts(pipe, rows).alerts if not a.suppressed and a.detector == "volume_spike"]
-    assert len(alerts) == 1 and alerts[0].window_start.endswith("12:36:00Z")
+    """A spike against the source's own rate needs a learned history (detect.learning_minutes, 60)."""
+    def spike_after(minutes: int) -> list:
+        pipe = Pipeline(offline_cfg)
+        rows = []
+        for m in range(minutes):
+            rows += flows("10.0.0.3", 4, minute=m, dsts=2, port=587)
+        rows += flows("10.0.0.3", 80, minute=minutes + 1, dsts=40, port=587)
+        return [a for a in _alerts(pipe, rows).alerts if not a.suppressed and a.detector == "volume_spike"]
+
+    assert spike_after(35) == []
+    alerts = spike_after(65)
+    assert len(alerts) == 1 and alerts[0].window_start.endswith("13:06:00Z")
     assert "20.0 times the usual 4.0 per active minute" in alerts[0].reasons[0]
+    assert any(r.startswith("history: seen for 66 minutes") for r in alerts[0].reasons)
     fresh = Pipeline(offline_cfg)
     assert [a for a in _alerts(fresh, flows("10.0.0.3", 80, minute=36, dsts=40, port=587)).alerts
             if a.detector == "volume_spike"] == []
@@ -118,32 +125,53 @@ def test_anomaly_model_round_trip_and_refusals(tmp_path, offline_cfg):
         anomaly.load(d)
 
 
-def test_eval_scoring_counts_recall_precision_delay_and_false_positives():
+def test_eval_scoring_counts_every_alert_from_the_first_minute():
+    """Hits inside [start - 1 min, end + 15 min); an abuser's alert outside it, a benign source's
+    and an unknown source's are false positives; low alerts are not scored; prefix and tenant
+    alerts name their actors."""
     start = int(T0.timestamp() * 1000)
+    end = start + 600_000
     truth = [
-        {"ip": "10.0.0.1", "tenant": "a", "kind": "x", "label": "spam_burst", "abuse_start_ms": start, "abuse_end_ms": start + 600_000},
-        {"ip": "10.0.0.2", "tenant": "a", "kind": "x", "label": "flood", "abuse_start_ms": start, "abuse_end_ms": start + 600_000},
-        {"ip": "10.0.0.3", "tenant": "b", "kind": "mail_server", "label": "benign", "abuse_start_ms": None, "abuse_end_ms": None},
+        {"ip": "10.0.0.1", "tenant": "a", "kind": "x", "label": "spam_burst", "abuse_start_ms": start, "abuse_end_ms": end},
+        {"ip": "10.0.0.2", "tenant": "a", "kind": "x", "label": "flood", "abuse_start_ms": start, "abuse_end_ms": end},
+        {"ip": "10.0.0.3", "tenant": "b", "kind": "mail_server", "label": "benign", "abuse_start_ms": None,
+         "abuse_end_ms": None},
+        {"ip": "2001:db8:0:1::5", "prefix": "2001:db8:0:1::/64", "tenant": "c", "kind": "web",
+         "label": "spam_ipv6_rotating", "abuse_start_ms": start, "abuse_end_ms": end},
+        {"ip": "10.0.0.7", "tenant": "t", "kind": "web", "label": "tenant_spam", "abuse_start_ms": start,
+         "abuse_end_ms": end},
     ]
     from smtpguard.detectors.alerts import Alert, iso
 
-    def alert(ip, minute, sev="high"):
+    def alert(ip, minute, sev="high", tenant="a"):
         ws = start + minute * 60_000
-        return Alert(alert_id=f"{ip}{minute}", detector="d", severity=sev, score=0.8, src_ip=ip, tenant="a",
+        return Alert(alert_id=f"{ip}{minute}", detector="d", severity=sev, score=0.8, src_ip=ip, tenant=tenant,
                      window_start=iso(ws), window_end=iso(ws + 60_000), reasons=["r"],
-                     evidence={"emitted_at_ms": ws + 120_000})
+                     evidence={"emitted_at_ms": ws + 90_000})
 
     res = EvalResult()
-    score_scenario(res, truth, [alert("10.0.0.1", 0), alert("10.0.0.3", 5), alert("10.0.0.2", 30, "low")])
+    score_run(res, "r1", truth, [
+        alert("10.0.0.1", 0), alert("10.0.0.1", 24),         # a hit; 24 min is inside end + 15 min
+        alert("10.0.0.1", 26),                                # after end + 15 min: a false positive
+        alert("10.0.0.1", -3),                                # before start - 1 min: a false positive
+        alert("10.0.0.3", 5), alert("10.9.9.9", 5),           # benign and unknown sources
+        alert("10.0.0.2", 3, "low"),                          # low: not scored, the flood is missed
+        alert("2001:db8:0:1::/64", 2),                        # the prefix names the rotating sender
+        alert(None, 4, tenant="t"),                           # a tenant alert names its instances
+    ], hours=2.0)
     assert res.kinds["spam_burst"].recall == 1.0 and res.kinds["flood"].recall == 0.0
-    assert res.kinds["spam_burst"].delays_s == [120.0]
-    assert res.precision == 0.5 and [fp["ip"] for fp in res.false_positives] == ["10.0.0.3"]
+    assert res.kinds["spam_ipv6_rotating"].recall == 1.0 and res.kinds["tenant_spam"].recall == 1.0
+    assert res.kinds["spam_burst"].delays_s == [90.0]
+    assert sorted(fp["source"] for fp in res.false_positives) == ["10.0.0.1", "10.0.0.1", "10.0.0.3", "10.9.9.9"]
+    assert res.fp_sources == 3 and res.fp_per_hour == 1.5
+    assert res.alerts == 8 and res.true_alerts == 4
+    assert res.flagged_sources == 5 and res.true_flagged == 2   # 10.0.0.1 counts as flagged falsely too
     assert not res.meets_targets()
 
 
 def test_familiar_tiers_answer_like_one_full_bitmap_per_source():
-    """The inline tier and the full rows hold the same bits as a 4096-bit set per source would,
-    through promotions, a snapshot and a restore (also from the earlier one-row-per-source layout)."""
+    """The inline tier and the full rows hold the same bits as one full bit set per source would,
+    through promotions, a snapshot and a restore (also from the previous release's narrower sets)."""
     import io
 
     from smtpguard.detectors.history import BITS, WORDS
@@ -168,21 +196,36 @@ def test_familiar_tiers_answer_like_one_full_bitmap_per_source():
     for ip in ips[:40]:
         s, t = h.index[ip], back.index[ip]
         assert set(probe[back.familiar(np.full(BITS, t), probe)].tolist()) == ref[s]
-    # the earlier layout: one full row per source
+    # a snapshot of the previous release: 4096-bit sets (inline positions and 512-byte rows), no
+    # first-seen time or novelty baseline. Restored, its sources keep their width: a position is
+    # familiar when it was modulo 4096, so nothing familiar becomes new.
+    old_bits = 4096
     live = np.array(sorted(h.index.values()))
-    fam = np.zeros((len(live), WORDS), np.uint64)
-    for k, s in enumerate(live.tolist()):
-        for b in ref.get(s, ()):
-            fam[k, b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+    small = np.full((len(live), 8), 0xFFFF, np.uint16)
+    wide_at, wide = [], []
+    for k, s_ in enumerate(live.tolist()):
+        olds = sorted({b % old_bits for b in ref.get(s_, ())})
+        if len(olds) <= 8:
+            small[k, :len(olds)] = olds
+        else:
+            row = np.zeros(old_bits // 64, np.uint64)
+            for b in olds:
+                row[b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+            wide_at.append(k)
+            wide.append(row)
     buf = io.BytesIO()
-    np.savez_compressed(buf, ips=np.array([h.ips[s] for s in live]), ewma_conns=h.ewma_conns[live],
+    np.savez_compressed(buf, ips=np.array([h.ips[s_] for s_ in live]), ewma_conns=h.ewma_conns[live],
                         ewma_distinct=h.ewma_distinct[live], peak_distinct=h.peak_distinct[live],
                         peak_conns=h.peak_conns[live], minutes=h.minutes[live], last_seen_ms=h.last_seen_ms[live],
-                        familiar=fam, evicted=np.array([0]))
+                        small=small, wide_at=np.array(wide_at, np.int64),
+                        wide=np.array(wide, np.uint64).reshape(-1, old_bits // 64), evicted=np.array([0]))
     old = SourceHistory.restore(buf.getvalue(), HistoryParams(max_sources=500, max_wide=64))
+    assert BITS % old_bits == 0
     for ip in ips[:40]:
         t = old.index[ip]
-        assert set(probe[old.familiar(np.full(BITS, t), probe)].tolist()) == ref[h.index[ip]]
+        want = {b % old_bits + k * old_bits for b in ref[h.index[ip]] for k in range(BITS // old_bits)}
+        assert set(probe[old.familiar(np.full(BITS, t), probe)].tolist()) == want
+        assert old.first_seen_ms[t] == h.last_seen_ms[h.index[ip]] - h.minutes[h.index[ip]] * 60_000
 
 
 def test_more_new_sources_in_one_window_than_the_history_holds_degrades_and_counts(offline_cfg):
@@ -216,3 +259,26 @@ def test_alert_gate_forgets_only_what_no_later_window_can_meet():
     assert set(gate._incidents) == {"10.0.0.2"}
     later = gate.admit([finding("10.0.0.2", 33), finding("10.0.0.1", 32)])
     assert {a.src_ip: a.suppressed for a in later} == {"10.0.0.2": "cooldown", "10.0.0.1": ""}
+
+
+def test_horizons_of_a_batch_longer_than_the_longest_horizon(offline_cfg):
+    """A detector catching up on a backlog closes more than an hour of windows at once: every window
+    still gets the sums of its own last 10 and 60 minutes (panes are pruned after the sums, not before)."""
+    rows = []
+    for m in range(90):
+        rows += flows("10.0.0.5", 3, minute=m, dsts=3, port=587)
+    one = Pipeline(offline_cfg)
+    whole = one.process(table(rows)).features.sort("window_start")
+    minute_by_minute = Pipeline(offline_cfg)
+    parts = []
+    for m in range(90):
+        out = minute_by_minute.process(table([r for r in rows if r["start"] < T0 + dt.timedelta(minutes=m + 1)
+                                              and r["start"] >= T0 + dt.timedelta(minutes=m)]))
+        if out.features.height:
+            parts.append(out.features)
+    steps = pl.concat(parts).sort("window_start")
+    n = whole.height
+    assert n >= 88
+    cols = ["conns_10m", "conns_60m", "active_minutes_10m", "active_minutes_60m"]
+    assert whole.select(cols).to_dicts() == steps.head(n).select(cols).to_dicts()
+    assert whole["active_minutes_60m"].to_list()[:3] == [1, 2, 3] and whole["active_minutes_60m"].max() == 60

@@ -257,8 +257,10 @@ def dismiss(c: Console, alert_id: str, actor: str, note: str = "") -> ActionResu
 
 def recheck_dnsbl(c: Console, alert_id: str, actor: str) -> ActionResult:
     """Look the alert's source up in the configured DNSBLs (dnsbl.default_zones) and store the answers."""
+    from smtpguard.detectors.alerts import address_of
+
     alert = _alert(c, alert_id)
-    ip = alert["src_ip"]
+    ip = address_of(alert["src_ip"], alert.get("evidence"))
     if not ip:
         raise Refused(f"alert {alert_id} is about tenant {alert['tenant']}, not one address: nothing to look up")
     results = check_sync([ip], checker=c.checker)

@@ -121,7 +121,7 @@ class AlertLookups:
             if self._thread is None:
                 self._start()
             try:
-                self._queue.put_nowait(_Job(a.alert_id, a.src_ip))
+                self._queue.put_nowait(_Job(a.alert_id, a.lookup_address))
             except queue.Full:
                 self.stats.skipped += 1
                 if self.stats.skipped in (1, 10, 100) or self.stats.skipped % 1000 == 0:

@@ -39,7 +39,7 @@ from smtpguard.store import Store
 
 from .config import ResponseConfig
 from .enforce import Outputs, PublishReport, messages_for
-from .registry import KeyState, Registry, from_ms, iso_ms, to_ms
+from .registry import KeyState, Registry, from_ms, iso_ms, parse_key, to_ms
 from .registry import now_ms as wall_clock_ms
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class Executor:
         if handled or alert.src_ip is None:
             return History(handled=handled)
         at = alert.window_start_ms
-        return History(exemption=self.registry.covering(alert.src_ip, now),
+        return History(exemption=self.registry.exemption_of(alert.src_ip, now),
                        offences_ms=self.decisions.offences(alert.src_ip, at - self.policy.graduated_window_days * DAY_MS, at))
 
     def handle(self, alert: Alert, *, now_ms: int | None = None) -> Outcome:
@@ -236,7 +236,10 @@ class Executor:
             return Outcome(d)
         event = None
         if d.action == "revoke":
-            event = self.registry.revoke(alert.src_ip, d.reason, self.policy.actor, [alert.alert_id], now_ms=now)
+            # the source itself (an address, or an IPv6 prefix cut out of a block), or the exempted key inside it
+            ex = self.registry.exemption_of(alert.src_ip, now)
+            target = alert.src_ip if ex is None or parse_key(alert.src_ip)[1].subnet_of(ex.network) else ex.key
+            event = self.registry.revoke(target, d.reason, self.policy.actor, [alert.alert_id], now_ms=now)
             d = msgspec.structs.replace(d, event_id=event.event_id)
         self.decisions.record(d, now)
         log.info("%s %s: %s (%s)", d.action, d.ip or d.tenant, d.reason, d.rule)

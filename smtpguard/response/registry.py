@@ -378,6 +378,19 @@ class Registry:
         d = decider(net, self.states(at_ms))
         return d if d is not None and d.state == "active" else None
 
+    def exemption_of(self, source: str, at_ms: int | None = None) -> KeyState | None:
+        """The active key that lets a detection source send: the one deciding for it (an address, or a
+        block around a prefix), else an active key inside it (an IPv6 source judged by its /64 whose
+        exemption names one address of it; the earliest granted)."""
+        _, net = parse_key(source)
+        states = self.states(at_ms)
+        d = decider(net, states)
+        if d is not None:
+            return d if d.state == "active" else None
+        inner = [s for s in states.values() if s.state == "active" and s.network.version == net.version
+                 and s.network.subnet_of(net)]
+        return min(inner, key=lambda s: (s.granted_at_ms or 0, s.key)) if inner else None
+
     def allowed(self, at_ms: int | None = None) -> list[tuple[IPNetwork, KeyState]]:
         return allowed_networks(self.states(at_ms))
 
