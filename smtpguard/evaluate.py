@@ -176,8 +176,8 @@ class _Actors:
         self._v6 = [(ipaddress.ip_network(t["prefix"]), t) for t in truth if t.get("prefix")]
 
     def of(self, a: Alert) -> list[dict[str, Any]]:
-        if a.src_ip is None:
-            return [t for t in self.by_tenant.get(a.tenant, []) if t["label"] == "tenant_spam"]
+        if a.src_ip is None:  # a tenant-level alert names the tenant's abusive instances, of any kind
+            return [t for t in self.by_tenant.get(a.tenant, []) if t["label"] != "benign"]
         if a.src_ip in self.by_ip:
             return [self.by_ip[a.src_ip]]
         if a.src_ip in self.by_prefix:

@@ -35,8 +35,22 @@ class Filled:
                     and (severity is None or a.severity == severity))
 
 
-def fill(store: Store, cfg: Config, out_dir: Path, *, seed: int = 7, instances: int = 40, minutes: int = 40) -> Filled:
-    scen = scenario.generate(seed, instances=instances, duration_s=minutes * 60)
+SEED, INSTANCES, MINUTES = 7, 40, 40
+
+
+def plan(seed: int = SEED, instances: int = INSTANCES, minutes: int = MINUTES) -> scenario.Scenario:
+    """The scenario the console's store is filled with (its actors name the addresses tests look for)."""
+    return scenario.generate(seed, instances=instances, duration_s=minutes * 60)
+
+
+def abuser(scen: scenario.Scenario, label: str) -> str:
+    """The address of the scenario's abuser of this kind."""
+    return next(a.ip for a in scen.actors if a.label == label)
+
+
+def fill(store: Store, cfg: Config, out_dir: Path, *, seed: int = SEED, instances: int = INSTANCES,
+         minutes: int = MINUTES) -> Filled:
+    scen = plan(seed, instances, minutes)
     paths = scenario.write(scen, out_dir)
     flows = [str(paths["flows"])]
     for n, (_src, batch) in enumerate(read_batches(flows, "aws-vpc", cfg.ingest.smtp_ports, cfg.ingest.chunk_lines)):

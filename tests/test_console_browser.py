@@ -164,7 +164,7 @@ def test_review_in_the_browser_filter_open_confirm_dismiss_restore(browser, site
 
 
 def test_a_viewer_cannot_act_and_a_post_without_csrf_token_is_refused(browser, site):
-    alert = site.filled.first(label="flood", exempted=True, severity="high")
+    alert = site.filled.first(label="flood", exempted=True)
     viewer = session(browser, site, "viewer")
     viewer.goto(f"{site.url}/alerts/{alert.alert_id}")
     expect(viewer.locator("#traffic-chart svg.chart")).to_be_visible()

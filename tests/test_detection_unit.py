@@ -123,7 +123,7 @@ def test_cooldown_suppresses_repeats_and_escalation_breaks_through(offline_cfg):
     pipe = _pipeline(offline_cfg)
     rows = (flows("10.0.0.8", 8, minute=0, action="reject", nbytes=60, packets=1)
             + flows("10.0.0.8", 8, minute=1, action="reject", nbytes=60, packets=1)
-            + flows("10.0.0.8", 59, minute=2, dsts=3, action="reject", nbytes=60, packets=1))
+            + flows("10.0.0.8", 59, minute=2, dsts=40, action="reject", nbytes=60, packets=1))
     out = pipe.process(table(rows))
     out.extend(pipe.flush())
     blocked = [a for a in out.alerts if a.detector == "blocked_attempts"]

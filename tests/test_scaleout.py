@@ -56,7 +56,7 @@ print(json.dumps({"alerts": [list(a) for a in alerts], "flows": [list(f) for f i
 def collected(broker, tmp_path_factory):
     """The scenario, collected once: its messages (partition, value, headers, timestamp) and truth."""
     tmp = tmp_path_factory.mktemp("scaleout")
-    scen = scenario.generate(71, instances=120, duration_s=40 * 60,
+    scen = scenario.generate(72, instances=120, duration_s=40 * 60,
                              abuse=("spam_burst", "spam_exempted_new", "flood", "blocked_attempts"))
     paths = scenario.write(scen, tmp / "scen")
     cfg = make_config(tmp, broker.bootstrap)

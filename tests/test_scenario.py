@@ -129,17 +129,20 @@ def test_lines_roughly_in_time_order(flows):
 def test_background_is_not_smtp_and_has_both_directions(flows):
     smtp_ports = [25, 465, 587, 2525]
     bg = flows.filter(~pl.col("dstport").is_in(smtp_ports) & ~pl.col("srcport").is_in(smtp_ports))
-    assert len(bg) > 0.5 * len(flows)  # (small scenario: the 5+ mail servers weigh more than at scale)
+    assert len(bg) > 0.2 * len(flows)  # (a small scenario: an ESP's thousands of connections a minute weigh more)
     ports = set(bg["dstport"].unique()) | set(bg["srcport"].unique())
     assert {443, 80, 53, 22, 5432, 123} <= ports
     dns = bg.filter(pl.col("protocol") == 17)
     assert (dns.filter(pl.col("dstport") == 53).height > 0) and (dns.filter(pl.col("srcport") == 53).height > 0)
     # an SMTP port only ever appears in SMTP traffic: instance -> server on 25/465/587, and its reply
     to_smtp = flows.filter(pl.col("dstport").is_in(smtp_ports))
+    ours = pl.col("srcaddr").str.starts_with("10.") | pl.col("srcaddr").str.starts_with("2600:1f1")
     assert (to_smtp["protocol"] == 6).all() and (to_smtp["srcport"] >= 32768).all()
-    assert to_smtp["srcaddr"].str.starts_with("10.").all()
+    assert to_smtp.select(ours.all()).item()
     from_smtp = flows.filter(pl.col("srcport").is_in(smtp_ports))
-    assert (from_smtp["dstport"] >= 32768).all() and from_smtp["dstaddr"].str.starts_with("10.").all()
+    assert (from_smtp["dstport"] >= 32768).all()
+    assert from_smtp.select((pl.col("dstaddr").str.starts_with("10.") | pl.col("dstaddr").str.starts_with("2600:1f1"))
+                            .all()).item()
     https_req = bg.filter((pl.col("dstport") == 443) & (pl.col("protocol") == 6)).height
     https_rep = bg.filter((pl.col("srcport") == 443) & (pl.col("protocol") == 6)).height
     assert 0.9 < https_rep / https_req < 1.1
@@ -154,7 +157,7 @@ def test_truth_lists_every_abusive_actor_with_window(scen, truth):
     assert sorted(t["label"] for t in abusive) == sorted(sc.DEFAULT_ABUSE)
     for t in abusive:
         assert scen.start_ms <= t["abuse_start_ms"] < t["abuse_end_ms"] <= scen.end_ms
-        assert 5 * 60_000 <= t["abuse_end_ms"] - t["abuse_start_ms"] <= 20 * 60_000
+        assert 3 * 60_000 <= t["abuse_end_ms"] - t["abuse_start_ms"] <= 20 * 60_000
         assert t["abuse_start"].endswith("Z")
     for t in truth:
         if t["label"] == "benign":
@@ -177,7 +180,7 @@ def test_abusive_traffic_stays_inside_its_window(flows, truth):
 
 def test_exemptions_csv(scen, out, truth):
     text = out["exemptions"].read_text()
-    assert text.split("\n")[0] == "ip,tenant,granted_at,reason"
+    assert text.split("\n")[0] == "ip,tenant,granted_at,reason,declared_conns_per_min"
     rows = list(csv.DictReader(text.splitlines()))
     exempt_ips = {r["ip"] for r in rows}
     start = scen.start
@@ -187,15 +190,22 @@ def test_exemptions_csv(scen, out, truth):
         assert granted < start
         assert len(r["tenant"]) == 12
     by_ip = {t["ip"]: t for t in truth}
-    for t in truth:
-        assert t["exempted"] == (t["ip"] in exempt_ips)
+    for t in truth:  # IPv6 senders are exempted by address or by their /64
+        assert t["exempted"] == (t["ip"] in exempt_ips or bool(t["prefix"]) and t["prefix"] in exempt_ips)
     benign_mail = [t for t in truth if t["exempted"] and t["label"] == "benign"]
-    assert 5 <= len(benign_mail) <= 10
+    assert 3 <= len(benign_mail) <= 12
     granted = {r["ip"]: dt.datetime.fromisoformat(r["granted_at"].replace("Z", "+00:00")) for r in rows}
+
+    def granted_of(t):
+        return granted.get(t["ip"]) or granted[t["prefix"]]
+
     for t in benign_mail:
-        assert start - granted[t["ip"]] > dt.timedelta(days=7)
+        if t["declared_conns_per_min"] is None:
+            assert start - granted_of(t) > dt.timedelta(days=7)
+        else:
+            assert dt.timedelta(days=1) <= start - granted_of(t) <= dt.timedelta(days=5)
     new = _one(truth, "spam_exempted_new")
-    assert dt.timedelta(0) < start - granted[new["ip"]] < dt.timedelta(days=1)
+    assert dt.timedelta(0) < start - granted_of(new) < dt.timedelta(days=2)
     assert _one(truth, "flood")["exempted"]
     assert not _one(truth, "spam_burst")["exempted"]
     assert not _one(truth, "blocked_attempts")["exempted"]
@@ -210,8 +220,8 @@ def test_spam_burst_fans_out_with_rejected_syns(flows, truth):
     t = _one(truth, "spam_burst")
     s = _smtp_out(flows, t["ip"])
     per_min = s.group_by("minute").agg(pl.col("dstaddr").n_unique().alias("d"))
-    assert per_min["d"].max() >= 100
-    assert per_min["d"].max() <= 400
+    assert per_min["d"].max() >= 25
+    assert per_min["d"].max() <= 600
     assert s["action"].unique().to_list() == ["REJECT"]
     assert s["tcp-flags"].unique().to_list() == [2]
     assert s["packets"].min() >= 1 and s["packets"].max() <= 3
@@ -220,7 +230,7 @@ def test_spam_burst_fans_out_with_rejected_syns(flows, truth):
     assert flows.filter((pl.col("dstaddr") == t["ip"]) & (pl.col("srcport") == 25)).height == 0
     # fan-out reaches many /24s
     nets = s["dstaddr"].str.replace(r"\.\d+$", "").n_unique()
-    assert nets >= 100
+    assert nets >= 0.8 * s["dstaddr"].n_unique() >= 40
 
 
 def test_spam_exempted_new_accepted_fan_out(flows, truth):
@@ -228,7 +238,7 @@ def test_spam_exempted_new_accepted_fan_out(flows, truth):
     s = _smtp_out(flows, t["ip"]).filter((pl.col("start") >= t["abuse_start_ms"] // 1000)
                                          & (pl.col("start") < t["abuse_end_ms"] // 1000))
     per_min = s.group_by("minute").agg(pl.col("dstaddr").n_unique().alias("d"))
-    assert per_min["d"].max() >= 80
+    assert per_min["d"].max() >= 25
     assert s["action"].unique().to_list() == ["ACCEPT"]
     assert s["bytes"].median() < 5000
 
@@ -239,45 +249,46 @@ def test_flood_hits_few_targets_hard(flows, truth):
     s = _smtp_out(flows, t["ip"])
     fl = s.filter(pl.col("dstaddr").is_in(t["targets"]))
     per_min = fl.group_by("minute").agg(pl.len().alias("n"), pl.col("dstaddr").n_unique().alias("d"))
-    assert per_min["n"].max() >= 500
+    just_over, _ = sc._flood_thresholds()
+    assert per_min["n"].max() >= 1.1 * 2 * just_over  # the first flood is an exempted mail server's
     assert per_min["d"].max() <= 3
     # the same holds without knowing the targets: the busiest minute's top-3 destinations
     busiest = s.group_by("minute").len().sort("len", descending=True)["minute"][0]
     top3 = (s.filter(pl.col("minute") == busiest).group_by("dstaddr").len()
             .sort("len", descending=True).head(3)["len"].sum())
-    assert top3 >= 500
+    assert top3 >= 600
     assert set(fl["action"].unique()) == {"ACCEPT"}  # the first flood actor is exempted
     # flood connections are SYN (or SYN+RST) only, 1-3 packets; the server's normal mail also goes on
     syn = fl.filter(pl.col("tcp-flags").is_in([2, 6]))
     assert syn["packets"].max() <= 3 and syn["bytes"].max() <= 200
-    assert syn.group_by("minute").len()["len"].max() >= 500
+    assert syn.group_by("minute").len()["len"].max() >= 300
     assert syn["start"].min() >= t["abuse_start_ms"] // 1000 and syn["start"].max() < t["abuse_end_ms"] // 1000
 
 
 def test_blocked_attempts(flows, truth):
     t = _one(truth, "blocked_attempts")
     s = _smtp_out(flows, t["ip"])
-    assert 2 <= s["dstaddr"].n_unique() <= 6
+    assert 5 <= len(t["targets"]) <= 40 and s["dstaddr"].n_unique() >= 5
     assert set(s["dstaddr"].unique()) <= set(t["targets"])
     assert s["action"].unique().to_list() == ["REJECT"]
     per_min = s.group_by("minute").len()["len"]
-    assert per_min.max() <= 40 and per_min.max() >= 10
+    assert per_min.max() <= 81 and per_min.max() >= 10
 
 
-def test_benign_exempted_mail_servers_are_steady(flows, truth):
-    for t in truth:
-        if not (t["exempted"] and t["label"] == "benign"):
-            continue
+def test_benign_mail_servers_send_all_along_to_their_own_correspondents(flows, truth):
+    servers = [t for t in truth if t["kind"] == "mail_server" and t["label"] == "benign"]
+    assert servers
+    for t in servers:
         s = _smtp_out(flows, t["ip"])
-        per_min = s.group_by("minute").agg(pl.len().alias("n"), pl.col("dstaddr").n_unique().alias("d"))
-        assert per_min["d"].max() < 60, t
-        assert per_min["n"].mean() >= 10
-        assert per_min.height >= DURATION_S // 60 - 1
+        per_min = s.group_by("minute").agg(pl.len().alias("n"))
+        assert per_min.height >= 0.5 * DURATION_S // 60
         assert s["action"].unique().to_list() == ["ACCEPT"]
         assert s["bytes"].median() > 2000
         replies = flows.filter((pl.col("srcaddr").is_in(s["dstaddr"].unique().to_list()))
                                & (pl.col("dstaddr") == t["ip"]) & (pl.col("srcport") == 25))
         assert replies.height == s.height
+        # its correspondents repeat: far fewer distinct servers than connections over the hour
+        assert s["dstaddr"].n_unique() < 0.8 * s.height or s.height < 60
 
 
 def test_benign_smtp_noise_and_submission(flows, truth):
@@ -286,14 +297,13 @@ def test_benign_smtp_noise_and_submission(flows, truth):
     for t in mis:
         s = _smtp_out(flows, t["ip"])
         assert set(s["action"].unique()) <= {"REJECT"}
-        per10 = s.group_by(pl.col("start") // 600).len()["len"]
-        assert per10.max() <= 3 if len(per10) else True
+        assert 1 <= len(t["targets"]) <= 3 and set(s["dstaddr"].unique()) <= set(t["targets"])
     subs = [t for t in truth if t["kind"] == "submission"]
     assert len(subs) >= 10
     sub_flows = flows.filter(pl.col("srcaddr").is_in([t["ip"] for t in subs]) & pl.col("dstport").is_in([587, 465]))
     assert sub_flows["action"].unique().to_list() == ["ACCEPT"]
     assert set(sub_flows["dstport"].unique()) == {465, 587}
-    assert sub_flows["dstaddr"].n_unique() <= 4
+    assert sub_flows["dstaddr"].n_unique() <= 6
     assert not any(t["exempted"] for t in subs)
     # nobody benign and non-exempt gets anything but REJECT on port 25
     benign_nonexempt = [t["ip"] for t in truth if t["label"] == "benign" and not t["exempted"]]
@@ -301,18 +311,23 @@ def test_benign_smtp_noise_and_submission(flows, truth):
     assert set(p25["action"].unique()) <= {"REJECT"}
 
 
-def test_second_flood_is_not_exempted_and_rejected():
+def test_floods_alternate_exemption_and_intensity():
+    """Two floods: an exempted mail server on port 25 and an instance without exemption on 465/587
+    (nothing blocks those); one just over its default threshold, one far over."""
     s = sc.generate(5, instances=80, duration_s=1800, abuse=("flood", "flood"))
-    floods = [a for a in s.actors if a.label == "flood"]
-    assert [a.exempted for a in floods] == [True, False] or [a.exempted for a in floods] == [False, True]
-    rejected = next(a for a in floods if not a.exempted)
-    n = 0
+    floods = {a.ip: a for a in s.actors if a.label == "flood"}
+    assert sorted(a.exempted for a in floods.values()) == [False, True]
+    t_open, t_exempt = sc._flood_thresholds()
+    peak: dict[str, dict[int, int]] = {ip: {} for ip in floods}
     for line in sc.iter_lines(s, header=False):
         f = line.split(" ")
-        if f[3] == rejected.ip and f[6] == "25":
-            assert f[12] == "REJECT"
-            n += 1
-    assert n >= 500 * 4
+        a = floods.get(f[3])
+        if a is not None and f[4] in a.targets:
+            assert f[12] == "ACCEPT" and (f[6] == "25") == a.exempted and f[6] in ("25", "465", "587")
+            m = int(f[10]) // 60
+            peak[a.ip][m] = peak[a.ip].get(m, 0) + 1
+    ratios = sorted(max(peak[ip].values()) / (t_exempt if a.exempted else t_open) for ip, a in floods.items())
+    assert 1.05 <= ratios[0] <= 1.7 and 2.8 <= ratios[1] <= 11.5, ratios
 
 
 def test_no_abuse_and_bad_arguments():
@@ -320,7 +335,7 @@ def test_no_abuse_and_bad_arguments():
     assert all(a.label == "benign" for a in s.actors)
     with pytest.raises(ValueError):
         sc.generate(3, abuse=("phishing",))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="too few"):
         sc.generate(3, instances=10)
     with pytest.raises(ValueError):
         sc.generate(3, duration_s=10)
