@@ -94,7 +94,8 @@ def _run(cfg: Config, out: Path, paths: dict, abusers: dict, dnsbl_cfg) -> bool:
     cfg = msgspec.structs.replace(
         cfg, data_dir=str(out), dnsbl=dnsbl_cfg,
         store=msgspec.structs.replace(cfg.store, dsn=f"chdb://{out / 'store'}"),
-        detect=msgspec.structs.replace(cfg.detect, idle_flush_ms=2000, exemptions_csv=str(paths["exemptions"])),
+        detect=msgspec.structs.replace(cfg.detect, idle_flush_ms=2000, exemptions_csv=str(paths["exemptions"]),
+                                       inventory_csv=str(paths["inventory"])),
     )
     t0 = time.monotonic()
     with LocalStack(cfg, str(paths["exemptions"])) as stack:
@@ -172,9 +173,11 @@ def _run(cfg: Config, out: Path, paths: dict, abusers: dict, dnsbl_cfg) -> bool:
     print(f"console: {exe_name()} --data-dir {out} console   then open http://127.0.0.1:8025 and log in as "
           f"'demo' with password '{password}' (role admin: triage, confirm, dismiss, restore)")
     print()
-    print(f"data: flow log {paths['flows']}, exemptions {paths['exemptions']}, truth {paths['truth']}")
+    print(f"data: flow log {paths['flows']}, exemptions {paths['exemptions']}, inventory {paths['inventory']}, "
+          f"truth {paths['truth']}")
     print(f"store: {out / 'store'} (ClickHouse tables flows, window_features, alerts in database {cfg.store.database})")
     exe = exe_name()
     print(f"explore: {exe} --data-dir {out} alerts list --severity medium")
-    print(f"         {exe} analyze {paths['flows']} --exemptions {paths['exemptions']} --min-severity medium")
+    print(f"         {exe} analyze {paths['flows']} --exemptions {paths['exemptions']} --inventory {paths['inventory']} "
+          "--min-severity medium")
     return not missed and not false_pos

@@ -172,3 +172,89 @@ def test_incidents_group_a_sources_alerts_until_a_gap():
     assert b[0].incident_id != a[0].incident_id
     again = AlertGate(cooldown_ms=60_000).admit([f(0)])
     assert again[0].incident_id == a[0].incident_id  # deterministic across replays
+
+
+# --- cold start, declared volumes, severity that says who acts, IPv6 by prefix ---------------------
+
+
+def _exempt(ip: str, days: float, declared: float | None = None) -> Exemptions:
+    import ipaddress
+
+    granted = int((T0 - dt.timedelta(days=days)).timestamp() * 1000)
+    return Exemptions([Exemption(ipaddress.ip_network(ip), "t", granted, "mail", declared)])
+
+
+def test_an_established_sender_with_no_history_is_at_most_low_and_says_it_is_learning(offline_cfg):
+    """An ESP exempted for months, 400 distinct servers in its very first minute: no medium alert."""
+    rows = flows("10.0.0.20", 400, dsts=400)
+    alerts = _alerts(_pipeline(offline_cfg, _exempt("10.0.0.20/32", 200)), rows)
+    assert [(a.detector, a.severity) for a in alerts] == [("spam_fanout", "low")]
+    assert any(r.startswith("learning: seen for 0 minutes") for r in alerts[0].reasons)
+    assert "No action yet" in alerts[0].next_step
+    # the same traffic from an instance without exemption, or a fresh one, is spam from the first minute
+    for ex in (None, _exempt("10.0.0.20/32", 0.5)):
+        got = _alerts(_pipeline(offline_cfg, ex), rows)
+        assert ("spam_fanout", "critical") in [(a.detector, a.severity) for a in got]
+        assert "revocation policy" in next(a for a in got if a.detector == "spam_fanout").next_step
+
+
+def test_a_declared_volume_judges_a_sender_from_its_first_minute(offline_cfg):
+    """Declared 300 connections a minute: 200 is its job, 600 is not, history or none."""
+    ex = _exempt("10.0.0.21/32", 2, declared=300)
+    assert _alerts(_pipeline(offline_cfg, ex), flows("10.0.0.21", 200, dsts=200)) == []
+    got = _alerts(_pipeline(offline_cfg, ex), flows("10.0.0.21", 600, dsts=600))
+    assert {(a.detector, a.severity) for a in got} == {("spam_fanout", "medium"), ("volume_spike", "medium")}
+    assert any("declared volume 300" in r for a in got for r in a.reasons)
+    assert "volume its exemption was granted for" in got[0].next_step
+
+
+def test_blocked_attempts_to_few_servers_are_an_advisory_and_to_many_are_spam(offline_cfg):
+    app = _alerts(_pipeline(offline_cfg), flows("10.0.0.30", 300, dsts=2, action="reject", nbytes=60, packets=1))
+    assert [(a.detector, a.severity) for a in app] == [("blocked_attempts", "low")]
+    assert "misconfigured application" in app[0].reasons[0] and "587 or 465" in app[0].next_step
+    spam = _alerts(_pipeline(offline_cfg), flows("10.0.0.31", 30, dsts=12, action="reject", nbytes=60, packets=1))
+    assert [(a.detector, a.severity) for a in spam] == [("blocked_attempts", "medium")]
+    assert "spam attempts" in spam[0].reasons[0] and "no exemption to revoke" in spam[0].next_step
+    # slow: two new servers a minute never reach 4 in one minute, but 10 new in 10 minutes is spam
+    slow = []
+    for m in range(8):
+        slow += [dict(r, dst_ip=f"203.0.{m}.{i + 1}") for i, r in
+                 enumerate(flows("10.0.0.32", 2, minute=m, action="reject", nbytes=60, packets=1))]
+    got = _alerts(_pipeline(offline_cfg), slow)
+    assert [(a.detector, a.severity) for a in got] == [("blocked_attempts", "medium")]
+    assert got[0].window_start.endswith("12:04:00Z")
+
+
+def test_a_flood_the_network_rejects_is_no_flood(offline_cfg):
+    rejected = flows("10.0.0.33", 900, dsts=2, action="reject", nbytes=60, packets=1)
+    assert [a.detector for a in _alerts(_pipeline(offline_cfg), rejected)] == ["blocked_attempts"]
+    accepted = flows("10.0.0.33", 900, dsts=2, nbytes=60, packets=1, port=587)
+    assert [a.detector for a in _alerts(_pipeline(offline_cfg), accepted)] == ["connection_flood"]
+
+
+def test_ipv6_addresses_rotating_in_a_prefix_are_one_source(offline_cfg):
+    """A new address of one /64 for every connection: judged as the /64, and the alert names it."""
+    rows = [dict(r, src_ip=f"2001:db8:7:1::{i + 1:x}") for i, r in enumerate(flows("x", 120, dsts=120))]
+    got = _alerts(_pipeline(offline_cfg), rows)
+    fan = [a for a in got if a.detector == "spam_fanout"]
+    assert len(fan) == 1 and fan[0].src_ip == "2001:db8:7:1::/64"
+    assert any("120 addresses of 2001:db8:7:1::/64" in r for r in fan[0].reasons)
+    assert fan[0].lookup_address in {f"2001:db8:7:1::{i + 1:x}" for i in range(120)}
+
+
+def test_the_inventory_names_a_wider_prefix_and_fills_tenants(offline_cfg):
+    """Rotation over the /64s of a delegated /56 is one source with the inventory, 256 without."""
+    from smtpguard.inventory import Inventory
+
+    rows = [dict(r, src_ip=f"2001:db8:9:{i % 256:x}::{i + 1:x}", tenant="")
+            for i, r in enumerate(flows("x", 200, dsts=200))]
+    inv = Inventory.from_rows([("2001:db8:9::/56", "acct-9", "i-0abc", "eni-0abc")])
+    got = [a for a in _alerts(Pipeline(offline_cfg, inventory=inv), rows) if a.detector == "spam_fanout"]
+    assert [(a.src_ip, a.tenant) for a in got] == [("2001:db8:9::/56", "acct-9")]
+    assert [a for a in _alerts(Pipeline(offline_cfg), rows) if a.detector == "spam_fanout"] == []
+
+
+def test_exemption_of_an_address_covers_its_prefix_key(offline_cfg):
+    rows = [dict(r, src_ip="2001:db8:5:1::25") for r in flows("x", 45, dsts=45)]
+    assert _alerts(_pipeline(offline_cfg, _exempt("2001:db8:5:1::25/128", 90)), rows) == []
+    assert [a.detector for a in _alerts(_pipeline(offline_cfg), rows)] == ["spam_fanout"]

@@ -442,3 +442,46 @@ def test_cli_import_export_proposals_and_nftables(run, cfg, tmp_path):
 
     state = read_state(cfg)
     assert {k: v.action for k, v in state.items()} == {"198.51.100.0/29": "allow", "2001:db8::25": "allow"}
+
+
+# -- IPv6 prefixes and declared volumes ---------------------------------------------------------------
+def test_a_prefix_alert_finds_and_revokes_the_exemption_inside_or_around_it(reg):
+    """Detection judges IPv6 sources by prefix: the policy finds the address exempted inside the /64
+    (or the block around it) and revokes that; the nftables set leaves it out."""
+    t = now_ms()
+    reg.grant("2001:db8:aa:1::25", "acct-6", "v6 mail server", "alice", now_ms=t - 30 * DAY_MS)
+    reg.grant("2001:db8:bb::/48", "acct-7", "v6 relay block", "alice", now_ms=t - 30 * DAY_MS)
+    assert reg.exemption_of("2001:db8:aa:1::/64", t).key == "2001:db8:aa:1::25"
+    assert reg.exemption_of("2001:db8:bb:3::/64", t).key == "2001:db8:bb::/48"
+    assert reg.exemption_of("2001:db8:cc:1::/64", t) is None
+    cfg = ResponseConfig(actions={"critical": "revoke"})
+    ex = Executor(reg, cfg)
+    d1 = ex.handle(alert("2001:db8:aa:1::/64", severity="critical", start_ms=t - 60_000), now_ms=t).decision
+    d2 = ex.handle(alert("2001:db8:bb:3::/64", severity="critical", start_ms=t - 60_000), now_ms=t).decision
+    assert (d1.action, d2.action) == ("revoke", "revoke")
+    assert reg.current(t).lookup("2001:db8:aa:1::25") is None
+    assert reg.current(t).lookup("2001:db8:bb:3::1") is None, "the /64 is cut out of the block"
+    assert reg.current(t).lookup("2001:db8:bb:4::1") is not None, "the rest of the block still sends"
+
+
+def test_a_declared_volume_travels_from_csv_through_the_registry_to_the_detectors(reg, tmp_path):
+    t = now_ms()
+    f = tmp_path / "ex.csv"
+    f.write_text("ip,tenant,granted_at,reason,declared_conns_per_min\n"
+                 "192.0.2.40,acct,2026-01-01T00:00:00Z,new MTA,250\n192.0.2.41,acct,2026-01-01T00:00:00Z,old,\n")
+    reg.import_csv(f, actor="import")
+    current = reg.current(t)
+    assert current.lookup("192.0.2.40").declared_conns_per_min == 250.0
+    assert current.lookup("192.0.2.41").declared_conns_per_min is None
+    reg.renew("192.0.2.41", "declared at review", "alice", declared=80, now_ms=t)
+    assert reg.current(t + 1).lookup("192.0.2.41").declared_conns_per_min == 80.0
+    out = tmp_path / "back.csv"
+    reg.export_csv(out, t + 1)
+    rows = {r["ip"]: r for r in csv.DictReader(out.read_text().splitlines())}
+    assert rows["192.0.2.40"]["declared_conns_per_min"] == "250" and rows["192.0.2.41"]["declared_conns_per_min"] == "80"
+    with pytest.raises(InputError, match="positive"):
+        reg.grant("192.0.2.42", "acct", "x", "alice", declared=0)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ip,tenant,granted_at,reason,declared_conns_per_min\n192.0.2.43,a,2026-01-01,x,-5\n")
+    with pytest.raises(ConfigError, match="line 2.*positive"):
+        Exemptions.from_csv(bad)
