@@ -181,7 +181,7 @@ def _decode_arrow(value: bytes) -> pa.Table:
     if table.schema.remove_metadata() != record.SCHEMA.remove_metadata():
         try:
             table = record.conform(table)
-        except (ValueError, TypeError, pa.ArrowException) as e:
+        except (ValueError, TypeError, KeyError, pa.ArrowException) as e:  # KeyError: a field named twice
             raise WireError(f"batch does not match the record schema: {e}") from None
     return table
 

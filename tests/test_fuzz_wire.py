@@ -88,6 +88,7 @@ GOOD_MESSAGE = wire.encode_table(GOOD_TABLE)
 @given(edits=st.lists(st.tuples(st.sampled_from(BYTE_EDITS),
                                 st.integers(0, len(GOOD_MESSAGE) - 1), st.integers(0, 2**64 - 1)),
                       min_size=1, max_size=6))
+@example(edits=[("flip", 257, 1)])  # a schema naming a field twice (found by this test)
 def test_mutated_arrow_messages(edits: list) -> None:
     """Bit flips, cuts and overwritten lengths in a valid Arrow IPC message: a wire error, or
     records that are checked like any others (never a crash of the reader)."""

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from smtpguard.config import Config
+from smtpguard.detectors.alerts import address_of
 from smtpguard.dnsbl import Checker, Result, check_sync, summary
 from smtpguard.errors import SmtpguardError
 from smtpguard.record import SEVERITIES
@@ -121,7 +122,7 @@ class AlertLookups:
             if self._thread is None:
                 self._start()
             try:
-                self._queue.put_nowait(_Job(a.alert_id, a.lookup_address))
+                self._queue.put_nowait(_Job(a.alert_id, address_of(a.src_ip, getattr(a, "evidence", None))))
             except queue.Full:
                 self.stats.skipped += 1
                 if self.stats.skipped in (1, 10, 100) or self.stats.skipped % 1000 == 0:
