@@ -56,6 +56,12 @@ class RunnerStats:
     last_message_at: float = 0.0
     assigned: list[int] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """One line for the end of ``detect`` and ``serve``."""
+        return (f"detector: consumed {self.records:,} records in {self.messages:,} messages; {self.windows:,} windows; "
+                f"{self.alerts_raised} alerts raised, {self.alerts_suppressed} suppressed by cooldown; "
+                f"{self.commits} commits; response decisions {self.decisions or 'none'}")
+
 
 class DetectorRunner:
     def __init__(self, cfg: Config, store: Store, exemptions: Exemptions | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,12 +52,16 @@ class CollectStats:
     """undelivered messages written to the spool (``smtpguard spool resend`` delivers them)"""
     spool_path: str = ""
     elapsed_s: float = 0.0
+    stopped: bool = False
+    """a stop request ended the reading before the input's end"""
 
     def summary(self) -> str:
         rate = self.read / self.elapsed_s if self.elapsed_s else 0
         text = (f"read {self.read:,} lines, kept {self.kept:,} SMTP records, skipped {self.skipped:,}, "
                 f"dead-lettered {self.dead_lettered:,}; {self.messages:,} messages, "
                 f"{self.delivery_errors:,} delivery errors; {self.elapsed_s:.1f} s ({rate:,.0f} lines/s)")
+        if self.stopped:
+            text += "; stopped before the end of the input"
         if self.spooled:
             text += (f"\n{self.spooled:,} undelivered messages kept in the spool {self.spool_path}: "
                      "`smtpguard spool resend` delivers them when the broker is back")
@@ -213,10 +218,16 @@ class Collector:
         self.stats.dead_lettered += 1
         self._produce(self.topics.dlq, wire.encode_json(r), key=r.source.encode(), headers=[wire.message_id_header()])
 
-    def run(self, paths: Sequence[str], fmt: str, progress: Progress | None = None) -> CollectStats:
+    def run(self, paths: Sequence[str], fmt: str, progress: Progress | None = None,
+            stop: threading.Event | None = None) -> CollectStats:
+        """Read ``paths`` and produce their records; a set ``stop`` ends the reading after the batch in
+        hand (what was read is delivered; ``stats.stopped`` says the input was not read to its end)."""
         t0 = time.perf_counter()
         for _src, batch in read_batches(paths, fmt, self.cfg.ingest.smtp_ports, self.cfg.ingest.chunk_lines, progress):
             self.send(batch)
+            if stop is not None and stop.is_set():
+                self.stats.stopped = True
+                break
         self.flush()
         self.stats.elapsed_s = time.perf_counter() - t0
         return self.stats

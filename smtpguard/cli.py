@@ -5,15 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import signal
 import sys
-import threading
 from typing import Any
 
 import click
 
 from smtpguard import config as config_mod
-from smtpguard.errors import ConfigError, SmtpguardError
+from smtpguard.errors import SmtpguardError
+from smtpguard.lifecycle import Shutdown
 from smtpguard.record import SEVERITIES
 
 log = logging.getLogger("smtpguard")
@@ -291,12 +290,11 @@ def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, if
         from smtpguard.ingest.pcap_live import live_capture
         from smtpguard.ingest.pcap_smtp import SmtpCaptureParser
 
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
         parser = SmtpCaptureParser(iface, c.cfg.ingest.smtp_ports)
-        capture = live_capture(iface, c.cfg.ingest.smtp_ports, col.send, stop, bpf=bpf, parser=parser,
-                               on_ready=lambda: _err(f"capturing SMTP connections on {iface}; Ctrl-C to stop"))
+        with Shutdown(name="smtpguard collect") as sd:
+            capture = live_capture(iface, c.cfg.ingest.smtp_ports, col.send, sd.event, bpf=bpf, parser=parser,
+                                   on_ready=lambda: _err(f"capturing SMTP connections on {iface}; Ctrl-C or "
+                                                         "SIGTERM to stop"))
         col.flush()
         _err(f"{col.stats.summary()}\ncapture: {capture.packets:,} packets read, "
              f"{capture.kernel_drops:,} dropped by the kernel; {parser.counters}")
@@ -306,13 +304,12 @@ def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, if
         from smtpguard.ingest.netflow_listen import listen_udp
 
         host, port = _host_port(listen)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
         dec = NetflowDecoder(c.cfg.ingest.smtp_ports)
         try:
-            listen_udp(host, port, dec, col.send, stop,
-                       on_ready=lambda addr: _err(f"listening for NetFlow/IPFIX on {listen}; Ctrl-C to stop"))
+            with Shutdown(name="smtpguard collect") as sd:
+                listen_udp(host, port, dec, col.send, sd.event,
+                           on_ready=lambda addr: _err(f"listening for NetFlow/IPFIX on {listen}; Ctrl-C or SIGTERM "
+                                                      "to stop"))
         except OSError as e:
             raise SmtpguardError(f"cannot listen on {listen}: {e}") from None
         col.flush()
@@ -398,18 +395,11 @@ def detect_cmd(c: Ctx, exemptions: str | None, inventory: str | None, metrics_li
         cfg.detect.inventory_csv = inventory
     _inventory(cfg, None)  # a bad file stops here, with one line
     ensure_topics(cfg)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Store(cfg.store_dsn, cfg.store.database) as store:
+    with Shutdown(name="smtpguard detect") as sd, Store(cfg.store_dsn, cfg.store.database) as store:
         import_exemptions(store, exemptions or cfg.detect.exemptions_csv, cfg)
-        runner = DetectorRunner(cfg, store, None, stop=stop)
-        try:
-            runner.run()
-        except KeyboardInterrupt:
-            stop.set()
-    st = runner.stats
-    _err(f"consumed {st.records:,} records in {st.messages:,} messages; {st.windows:,} windows; "
-         f"{st.alerts_raised} alerts raised; response decisions {st.decisions or 'none'}")
+        runner = DetectorRunner(cfg, store, None, stop=sd.event)
+        runner.run()
+    _err(runner.stats.summary())
 
 
 @cli.command("serve")
@@ -433,21 +423,24 @@ def serve_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None, 
     if inventory:
         cfg.detect.inventory_csv = inventory
     _inventory(cfg, None)
-    with LocalStack(cfg, exemptions) as stack:
-        _err(f"broker {stack.cfg.kafka.bootstrap_servers}, store {config_mod.mask_dsn(stack.cfg.store_dsn)}")
-        if paths:
-            bar = Progress("collect")
-            try:
-                stats = collect_into(stack.cfg, paths, fmt, bar)
-            finally:
-                bar.close()
-            _err(stats.summary())
-        _err("detector running; Ctrl-C to stop")
-        try:
+    with Shutdown(name="smtpguard serve") as sd:
+        with LocalStack(cfg, exemptions) as stack:
+            sd.watch(stack.stop_event)
+            _err(f"broker {stack.cfg.kafka.bootstrap_servers}, store {config_mod.mask_dsn(stack.cfg.store_dsn)}")
+            if paths:
+                bar = Progress("collect")
+                try:
+                    stats = collect_into(stack.cfg, paths, fmt, bar, stop=sd.event)
+                finally:
+                    bar.close()
+                _err(stats.summary())
+            if not sd.event.is_set():
+                _err("detector running; Ctrl-C or SIGTERM to stop")
             while not stack.stop_event.wait(1.0):
                 pass
-        except KeyboardInterrupt:
-            pass
+        # the stack has stopped: the detector wrote and committed what it had, the broker is stopped
+        # and the store is closed
+        _err(stack.runner.stats.summary() if stack.runner is not None else "detector not started")
         if stack.error:
             raise SmtpguardError(f"the detector stopped: {stack.error}")
 

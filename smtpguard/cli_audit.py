@@ -5,8 +5,6 @@ Reads the config (data_dir, store, ``[dnsbl]``) from the ``smtpguard`` command's
 
 from __future__ import annotations
 
-import signal
-import threading
 from ipaddress import ip_network
 from pathlib import Path
 
@@ -101,17 +99,14 @@ def audit_cmd(ctx: click.Context, targets: str, every: str | None, zone_names: t
             raise SmtpguardError("every DNSBL lookup of the audit failed; check the resolver (--resolver, "
                                  "dnsbl.resolvers) and that it may query these lists")
         return
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.is_set():
+    from smtpguard.lifecycle import Shutdown
+
+    with Shutdown(name="smtpguard audit") as stop:
+        while not stop.event.is_set():
             try:
                 once()
             except SmtpguardError as e:
                 # one failed run (store or lock busy) does not end the schedule; the next one retries
                 click.echo(f"smtpguard: audit failed: {e}", err=True)
             stop.wait(interval)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    click.echo("smtpguard: scheduled audits stopped", err=True)

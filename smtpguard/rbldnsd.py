@@ -107,7 +107,11 @@ class Rbldnsd:
             else:
                 args += ["-w", str(self.directory)]
             with open(self.log_path, "wb") as out, open(self.stderr_path, "wb") as err:
-                self._proc = subprocess.Popen([*args, *specs], stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                from smtpguard import lifecycle
+
+                # rbldnsd drops root, which makes the kernel forget the parent-death signal: a guard keeps it
+                self._proc = lifecycle.popen([*args, *specs], guard=os.geteuid() == 0, stdout=out, stderr=err,
+                                             stdin=subprocess.DEVNULL)
             self.pid = self._proc.pid
             deadline = time.monotonic() + timeout_s
             # Startup progress ends with "rbldnsd: ... started"; it shares stdout with the query log.
@@ -136,6 +140,9 @@ class Rbldnsd:
         except subprocess.TimeoutExpired:
             os.kill(self.pid, signal.SIGKILL)
             self._proc.wait(timeout=5)
+        from smtpguard import lifecycle
+
+        lifecycle.forget(self._proc)
         self.pid = 0
 
     def queries(self) -> list[Query]:

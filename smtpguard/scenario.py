@@ -928,7 +928,6 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
     addr_bin = np.concatenate([inst_bin, _v4_bytes(v4_all), _v6_bytes(v6_hi_all, v6_lo_all)])
     addr_v6 = np.concatenate([is_v6, np.zeros(len(v4_all), bool), np.ones(len(v6_hi_all), bool)])
     mx_str = addr.slice(off["mx4"][0], n_mx).to_pylist()
-    mx6_str = addr.slice(off["mx6"][0], n_mx6).to_pylist()
 
     def prefix_of(i: int) -> str:
         if not is_v6[i]:

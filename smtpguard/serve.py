@@ -105,7 +105,7 @@ def import_exemptions(store: Store, csv_path: str | None, cfg: Config | None = N
         log.info("published %d imported exemptions: %s", len(res.events), report)
 
 
-def collect_into(cfg: Config, paths: Sequence[str], fmt: str, progress=None):
+def collect_into(cfg: Config, paths: Sequence[str], fmt: str, progress=None, stop=None):
     from smtpguard.ingest.collector import Collector
 
-    return Collector(cfg).run(paths, fmt, progress)
+    return Collector(cfg).run(paths, fmt, progress, stop=stop)

@@ -174,7 +174,7 @@ def test_familiar_tiers_answer_like_one_full_bitmap_per_source():
     through promotions, a snapshot and a restore (also from the previous release's narrower sets)."""
     import io
 
-    from smtpguard.detectors.history import BITS, WORDS
+    from smtpguard.detectors.history import BITS
 
     rng = np.random.default_rng(3)
     h = SourceHistory(HistoryParams(max_sources=500, max_wide=64))
