@@ -61,7 +61,8 @@ def popen(args: list[str], *, guard: bool = False, **kwargs: Any) -> subprocess.
     ``guard``: for a program that changes its user (rbldnsd drops root), which makes the kernel
     forget the parent-death signal: it runs under a small guard process (``python -m
     smtpguard.lifecycle``) that keeps the signal (SIGTERM to it) and stops the program when it
-    gets it. The returned process is the guard; signalling it signals the program.
+    gets it. The returned process is the guard; SIGTERM and SIGINT to it stop the program, SIGHUP,
+    SIGUSR1 and SIGUSR2 are passed on.
 
     Start children from the main thread: the kernel ties the child to the thread that started it.
     """
@@ -153,6 +154,8 @@ def _guard(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):  # passed on (rbldnsd reloads its zones on SIGHUP)
+        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
     return child.wait()
 
 
