@@ -21,8 +21,8 @@ from common import cpu_seconds, flow_file, machine, peak_rss_mb  # noqa: E402
 
 
 def run_analyze(path: Path) -> tuple[float, float, object]:
-    from smtpguard.analyze import analyze
-    from smtpguard.config import load
+    from smtpguard.app.analyze import analyze
+    from smtpguard.core.config import load
 
     cfg = load(environ={})
     c0, t0 = cpu_seconds(), time.perf_counter()

@@ -4,7 +4,7 @@ Usage: python bench/bench_latency.py [--rate 100000] [--seconds 60] [--window-ms
                                      [--abusers 40] [--partitions 4]
 
 The producer (this process) sends records at ``--rate`` records/s for ``--seconds`` in batches every
-50 ms, encoded as the collector does (``smtpguard.wire.encode_batches``: Arrow IPC per partition,
+50 ms, encoded as the collector does (``smtpguard.core.wire.encode_batches``: Arrow IPC per partition,
 2,000 records a message, lz4), to a local Tansu broker. Every record's event time (``start``) is
 the wall time at which it is produced (minus up to 0.5 s of flow duration), so event time tracks
 wall time and windows close on event time as they would live. Background traffic: 20,000
@@ -98,7 +98,7 @@ class Traffic:
         self.fresh = 0
 
     def batch(self, now_ms: int, elapsed_s: float):
-        from smtpguard import record
+        from smtpguard.core import record
 
         np, pa = self.np, self.pa
         n = self.per_batch
@@ -148,8 +148,8 @@ def main() -> None:
     import numpy as np
     from confluent_kafka import Consumer, Producer, TopicPartition
 
-    from smtpguard import config, wire
-    from smtpguard.kafka import LocalBroker, ensure_topics, producer_settings
+    from smtpguard.core import config, wire
+    from smtpguard.core.kafka import LocalBroker, ensure_topics, producer_settings
 
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp, LocalBroker() as broker:
@@ -189,7 +189,7 @@ listen = "127.0.0.1:0"
             stop = threading.Event()
 
             def read_alerts() -> None:
-                from smtpguard.detectors.alerts import from_json
+                from smtpguard.core.alert import from_json
 
                 c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "bench-alerts",
                               "enable.auto.commit": False})

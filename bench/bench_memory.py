@@ -6,7 +6,7 @@ Usage: python bench/bench_memory.py [--sources 1000000] [--minutes 12] [--flood-
 What runs: the detector's own code (``detectors.pipeline.Pipeline``, as ``smtpguard detect`` runs it per
 Kafka partition, in one process, no broker and no store) over minutes of event time of
 
-- a generated normal scenario (``smtpguard.scenario``, 300 instances, with the four default injected
+- a generated normal scenario (``smtpguard.lab.scenario``, 300 instances, with the four default injected
   abusers: spam burst, spam from a newly exempted server, connection flood, blocked attempts), and
 - a spoofed-source SYN flood mixed in from minute 1: ``--flood-per-min`` port-25 records a minute
   (1 packet, 40-60 bytes, mostly REJECTed) from ``--sources`` distinct addresses towards three of the
@@ -54,8 +54,8 @@ def normal_records(seed: int, minutes: int):
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    from smtpguard import scenario
-    from smtpguard.config import load
+    from smtpguard.lab import scenario
+    from smtpguard.core.config import load
     from smtpguard.ingest.reader import read_batches
 
     scen = scenario.generate(seed, instances=300, duration_s=minutes * 60)  # the caller adds the tail
@@ -89,7 +89,7 @@ def flood_minute(rng, minute_ms: int, pool: int, first: int, n: int, targets: li
     import numpy as np
     import pyarrow as pa
 
-    from smtpguard import record
+    from smtpguard.core import record
 
     k = (np.arange(first, first + n, dtype=np.int64) % pool).astype(np.uint64)
     # distinct addresses in 64.0.0.0/6 (an odd multiplier permutes the 2^26 addresses)
@@ -125,7 +125,7 @@ def emit(args, flood: bool) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from smtpguard import record
+    from smtpguard.core import record
 
     scen, normal, _ = normal_records(args.seed, args.minutes + TAIL_MIN)
     rng = np.random.default_rng(5)
@@ -153,10 +153,10 @@ def run(args, scen, exemptions_csv, flood: bool):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from smtpguard import wire
-    from smtpguard.config import load
+    from smtpguard.core import wire
+    from smtpguard.core.config import load
     from smtpguard.detectors.pipeline import Output, Pipeline
-    from smtpguard.exemptions import Exemptions
+    from smtpguard.core.exemptions import Exemptions
 
     cfg = load(environ={})
     pipe = Pipeline(cfg, Exemptions.from_csv(exemptions_csv))

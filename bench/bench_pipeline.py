@@ -28,11 +28,11 @@ def main() -> None:
     ap.add_argument("--no-respond", action="store_true", help="leave the revocation policy out of the detector")
     args = ap.parse_args()
 
-    from smtpguard import config
+    from smtpguard.core import config
     from smtpguard.detectors.runner import DetectorRunner
     from smtpguard.ingest.collector import Collector
-    from smtpguard.kafka import LocalBroker, ensure_topics
-    from smtpguard.store import Store
+    from smtpguard.core.kafka import LocalBroker, ensure_topics
+    from smtpguard.core.store import Store
 
     path = flow_file(args.lines)
     print(f"machine: {machine()}")

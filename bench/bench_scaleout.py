@@ -163,9 +163,9 @@ def main() -> None:
 
     from confluent_kafka import Consumer, TopicPartition
 
-    from smtpguard import config
+    from smtpguard.core import config
     from smtpguard.ingest.collector import Collector
-    from smtpguard.kafka import LocalBroker, ensure_topics
+    from smtpguard.core.kafka import LocalBroker, ensure_topics
 
     path = flow_file(args.lines)
     print(f"machine: {machine()}")

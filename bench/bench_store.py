@@ -38,8 +38,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="write the records this many times (new databases)")
     args = ap.parse_args()
 
-    from smtpguard.config import Config
-    from smtpguard.store import Store
+    from smtpguard.core.config import Config
+    from smtpguard.core.store import Store
 
     table = records(flow_file(args.lines), Config().ingest.smtp_ports)
     batches = [table.slice(i, args.batch) for i in range(0, table.num_rows, args.batch)]

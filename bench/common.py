@@ -34,7 +34,7 @@ def cpu_seconds() -> float:
 
 def flow_file(lines: int, seed: int = 1) -> Path:
     """A generated AWS VPC flow-log file of ``lines`` lines, made once and reused."""
-    from smtpguard import scenario
+    from smtpguard.lab import scenario
 
     CACHE.mkdir(exist_ok=True)
     path = CACHE / f"vpc-{lines}-{seed}.log"

@@ -1,21 +1,17 @@
-"""Alerts: deterministic ids, severities, cooldown per (source, detector), escalation.
-
-An alert's id is a hash of (detector, scope, window start), so a replay of the same input
-produces the same ids and the store and topic consumers can drop duplicates.
+"""Findings become alerts (:class:`smtpguard.core.alert.Alert`): severities, cooldown per
+(source, detector), escalation and incidents. An alert's id is a hash of (detector, scope, window
+start), so a replay of the same input produces the same ids.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
-import msgspec
-import pyarrow as pa
 
-from smtpguard.record import SEVERITIES
+from smtpguard.core.alert import Alert, alert_id, iso, rank
 
 from .rules import Finding
 
@@ -28,52 +24,6 @@ def severity_of(score: float) -> str:
         if score >= floor:
             return name
     return "info"
-
-
-def rank(severity: str) -> int:
-    return SEVERITIES.index(severity)
-
-
-def alert_id(detector: str, scope: str, window_start_ms: int) -> str:
-    return hashlib.sha256(f"{detector}|{scope}|{window_start_ms}".encode()).hexdigest()[:24]
-
-
-def iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-class Alert(msgspec.Struct, omit_defaults=False):
-    """One alert, as written to the store, the alerts topic and ``analyze --json``."""
-
-    alert_id: str
-    detector: str
-    severity: str
-    score: float
-    src_ip: str | None
-    tenant: str
-    window_start: str
-    window_end: str
-    reasons: list[str]
-    evidence: dict[str, Any]
-    exempted: bool = False
-    suppressed: str = ""
-    """why the finding was not raised: '' (raised) or 'cooldown'"""
-    status: str = "new"
-    created_at: str = ""
-    incident_id: str = ""
-    """alerts of one source (or tenant) with gaps under the incident gap share an incident"""
-    next_step: str = ""
-    """what the person who acts should do (docs/DETECTION.md, severity table)"""
-
-    @property
-    def lookup_address(self) -> str | None:
-        """The address to look up in DNSBLs: the source itself, or for a prefix key (IPv6) the busiest
-        address of the window (DNSBLs list IPv6 by /64, so any address of it answers for the prefix)."""
-        return address_of(self.src_ip, self.evidence)
-
-    @property
-    def window_start_ms(self) -> int:
-        return int(dt.datetime.fromisoformat(self.window_start.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 @dataclass
@@ -123,49 +73,3 @@ class AlertGate:
                 next_step=f.next_step,
             ))
         return out
-
-
-def address_of(src_ip: str | None, evidence: dict[str, Any] | None) -> str | None:
-    """An alert's address for lookups: ``src_ip`` when it is an address, else the evidence's top address."""
-    if not src_ip or "/" not in src_ip:
-        return src_ip
-    return (evidence or {}).get("top_address") or src_ip.split("/")[0]
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def to_json(alert: Alert) -> bytes:
-    return _encoder.encode(alert)
-
-
-def from_json(data: bytes) -> Alert:
-    return msgspec.json.decode(data, type=Alert)
-
-
-def _ts(s: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-
-
-def alerts_to_arrow(alerts: Sequence[Alert]) -> pa.Table:
-    """Rows for the store's ``alerts`` table (columns as in store.ALERT_COLUMNS)."""
-    ts = pa.timestamp("ms", tz="UTC")
-    return pa.table({
-        "alert_id": pa.array([a.alert_id for a in alerts], pa.string()),
-        "detector": pa.array([a.detector for a in alerts], pa.string()),
-        "severity": pa.array([a.severity for a in alerts], pa.string()),
-        "severity_rank": pa.array([rank(a.severity) for a in alerts], pa.uint8()),
-        "score": pa.array([a.score for a in alerts], pa.float64()),
-        "src_ip": pa.array([a.src_ip for a in alerts], pa.string()),
-        "tenant": pa.array([a.tenant for a in alerts], pa.string()),
-        "window_start": pa.array([_ts(a.window_start) for a in alerts], ts),
-        "window_end": pa.array([_ts(a.window_end) for a in alerts], ts),
-        "reasons": pa.array([a.reasons for a in alerts], pa.list_(pa.string())),
-        "evidence": pa.array([_encoder.encode(a.evidence).decode() for a in alerts], pa.string()),
-        "exempted": pa.array([a.exempted for a in alerts], pa.bool_()),
-        "suppressed": pa.array([a.suppressed for a in alerts], pa.string()),
-        "status": pa.array([a.status for a in alerts], pa.string()),
-        "created_at": pa.array([_ts(a.created_at) for a in alerts], ts),
-        "incident_id": pa.array([a.incident_id for a in alerts], pa.string()),
-        "next_step": pa.array([a.next_step for a in alerts], pa.string()),
-    })

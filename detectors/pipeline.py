@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
-from smtpguard.config import Config
-from smtpguard.exemptions import Exemptions
-from smtpguard.inventory import Inventory, SourceKeys
+from smtpguard.core.config import Config
+from smtpguard.core.exemptions import Exemptions
+from smtpguard.core.inventory import Inventory, SourceKeys
 
-from .alerts import Alert, AlertGate
+from smtpguard.core.alert import Alert
+
+from .alerts import AlertGate
 from .features import NEEDED_COLUMNS, empty_features, window_features
 from .history import HistoryParams, SourceHistory
 from .horizons import Panes, pane_types

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import msgspec
 import polars as pl
 
-from smtpguard.errors import ConfigError
+from smtpguard.core.errors import ConfigError
 
 
 @dataclass

@@ -20,15 +20,16 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from smtpguard import metrics, wire
-from smtpguard.config import Config
-from smtpguard.errors import BrokerError, SmtpguardError, StoreError
-from smtpguard.exemptions import Exemptions
-from smtpguard.ingest.base import Reject
-from smtpguard.store import Store
+from smtpguard.core import metrics, wire
+from smtpguard.core.config import Config
+from smtpguard.core.errors import BrokerError, StoreError
+from smtpguard.core.exemptions import Exemptions
+from smtpguard.core.deadletter import Reject
+from smtpguard.core.store import Store
 
-from .alerts import Alert, to_json
+from smtpguard.core.alert import Alert, to_json
 from .features import to_store
+from . import storage
 from .pipeline import Output, Pipeline
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ class RunnerStats:
     """times a partition's log went back (the broker lost it); see DetectorRunner._log_went_back"""
     commits: int = 0
     restored: int = 0
-    decisions: dict[str, int] = field(default_factory=dict)
     last_message_at: float = 0.0
     assigned: list[int] = field(default_factory=list)
 
@@ -60,33 +60,28 @@ class RunnerStats:
         """One line for the end of ``detect`` and ``serve``."""
         return (f"detector: consumed {self.records:,} records in {self.messages:,} messages; {self.windows:,} windows; "
                 f"{self.alerts_raised} alerts raised, {self.alerts_suppressed} suppressed by cooldown; "
-                f"{self.commits} commits; response decisions {self.decisions or 'none'}")
+                f"{self.commits} commits")
 
 
 class DetectorRunner:
     def __init__(self, cfg: Config, store: Store, exemptions: Exemptions | None = None,
-                 stop: threading.Event | None = None, poll_batch: int | None = None, respond: bool = True,
-                 lookups: bool = True):
-        """``exemptions`` None: the exemption registry in the store is the source (and revocations
-        by the response policy take effect at once); given: a fixed set (tests, CSV-only setups).
-        ``lookups``: look the sources of new alerts up in DNSBLs (``dnsbl.check_alerts_from``)."""
+                 stop: threading.Event | None = None, poll_batch: int | None = None):
+        """``exemptions`` None: the exemption registry in the store is the source, read again every
+        ``detect.exemptions_refresh_ms`` (revocations and grants by the response service or by people
+        reach the detectors within that time); given: a fixed set (tests, CSV-only setups)."""
         from confluent_kafka import Consumer, Producer
 
-        from smtpguard.kafka import consumer_settings, producer_settings
-        from smtpguard.response.enforce import Outputs
-        from smtpguard.response.lookups import AlertLookups
-        from smtpguard.response.policy import Executor
-        from smtpguard.response.registry import Registry
+        from smtpguard.core.kafka import consumer_settings, producer_settings
+        from smtpguard.core.registry import Registry
 
         self.cfg = cfg
         self.store = store
         self.stop_event = stop or threading.Event()
         self.registry = Registry(store)
         self._registry_exemptions = exemptions is None
+        self._exemptions_version = self.registry.version() if exemptions is None else None
+        self._exemptions_checked = time.monotonic()
         self.pipeline = Pipeline(cfg, exemptions if exemptions is not None else self.registry.current())
-        self.executor = Executor(self.registry, cfg.response, Outputs(cfg, cfg.response, store, self.stop_event)) \
-            if respond else None
-        self.lookups = AlertLookups(cfg, store) if lookups else None
         self.poll_batch = poll_batch or cfg.detect.poll_messages
         self.topics = cfg.kafka.topics
         self.consumer = Consumer(consumer_settings(cfg))
@@ -111,7 +106,7 @@ class DetectorRunner:
         parts = [p.partition for p in partitions]
         self.stats.assigned = sorted(set(self.stats.assigned) | set(parts))
         try:
-            states = self.store.load_state(self.cfg.kafka.group_id, self.topics.flows, parts)
+            states = storage.load_state(self.store, self.cfg.kafka.group_id, self.topics.flows, parts)
         except Exception as e:  # noqa: BLE001 - without state the detector still runs, it only starts blind
             log.warning("could not load detector state for partitions %s: %s", parts, e)
             states = {}
@@ -151,12 +146,11 @@ class DetectorRunner:
                 log.warning("final commit failed: %s", e)
             self.consumer.close()
             self._flush(10)
-            if self.lookups is not None:
-                self.lookups.close(timeout_s=10)
             metrics.forget_partitions(self.topics.flows, self.stats.assigned)
         return self.stats
 
     def step(self, timeout_s: float = 0.5) -> None:
+        self._refresh_exemptions()
         msgs = self.consumer.consume(self.poll_batch, timeout_s)
         out = Output()
         flows: list[pa.Table] = []
@@ -300,7 +294,7 @@ class DetectorRunner:
                     self.store.insert_flows(flows_table)
                     flows_table = None
                 if features is not None:
-                    self.store.insert_features(features)
+                    storage.insert_features(self.store, features)
                     features = None
                 self._publish_alerts(out.alerts)
                 break
@@ -374,10 +368,6 @@ class DetectorRunner:
                 counted[a.severity, "raised"] += 1
         for (severity, outcome), n in counted.items():
             metrics.ALERTS.labels(severity, outcome).inc(n)
-        new = [a for a in raised if a.alert_id not in published]
-        self._respond(new)
-        if self.lookups is not None:
-            self.lookups.submit(new)
 
     def _produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
         from confluent_kafka import KafkaException
@@ -420,34 +410,32 @@ class DetectorRunner:
         data) takes no more messages: replace it. Its undelivered messages were reported as errors."""
         from confluent_kafka import Producer
 
-        from smtpguard.kafka import producer_settings
+        from smtpguard.core.kafka import producer_settings
 
         log.error("the producer cannot deliver (fatal error, or a broker that lost its data); starting a new one")
         self.producer = Producer(producer_settings(self.cfg))
         self._producer_failed = False
 
-    def _respond(self, alerts: list[Alert]) -> None:
-        """The revocation policy on new alerts; a revocation changes the exemptions at once."""
-        if self.executor is None or not alerts:
+    def _refresh_exemptions(self) -> None:
+        """Read the registry again when it changed (at most every ``detect.exemptions_refresh_ms``): the
+        response service and people revoke, restore and grant; the detector learns of it here."""
+        if not self._registry_exemptions:
             return
-        revoked = False
-        for a in alerts:
-            if self.cfg.response.action_for(a.detector, a.severity) == "notify":
-                # nothing to decide: the alert itself is the notification (and the registry lookups cost ~25 ms)
-                self.stats.decisions["notify"] = self.stats.decisions.get("notify", 0) + 1
-                continue
-            try:
-                outcome = self.executor.handle(a)
-            except SmtpguardError as e:  # the registry is right; `enforce publish` resends the state
-                log.error("response to alert %s failed: %s", a.alert_id, e)
-                continue
-            action = outcome.decision.action
-            self.stats.decisions[action] = self.stats.decisions.get(action, 0) + 1
-            revoked |= action == "revoke"
-        if revoked and self._registry_exemptions:
-            self.pipeline.exemptions = self.registry.current()
+        now = time.monotonic()
+        if now - self._exemptions_checked < self.cfg.detect.exemptions_refresh_ms / 1000:
+            return
+        self._exemptions_checked = now
+        try:
+            version = self.registry.version()
+            if version != self._exemptions_version:
+                self.pipeline.exemptions = self.registry.current()
+                self._exemptions_version = version
+                log.info("exemptions read again from the registry (%d in force)", len(self.pipeline.exemptions))
+        except StoreError as e:  # the exemptions in hand stay; the next refresh tries again
+            log.warning("could not read the exemption registry: %s", e)
 
     def _dead_letter(self, r: Reject) -> None:
+        metrics.DEAD_LETTERS.labels(r.format).inc()
         self._send_dead_letter(wire.encode_json(r), r.source.encode())
 
     def _send_dead_letter(self, value: bytes, key: bytes) -> None:
@@ -476,7 +464,6 @@ class DetectorRunner:
                 self._replace_producer()
         if self._dlq_retry:
             raise BrokerError(f"{len(self._dlq_retry)} dead letters are not delivered to {self.topics.dlq} yet")
-        metrics.DEAD_LETTERS.labels(r.format).inc()
 
     def _commit(self, partitions: list[int]) -> None:
         from confluent_kafka import TopicPartition
@@ -495,7 +482,7 @@ class DetectorRunner:
         if offsets:
             self._settle_dead_letters()
             # state first: offsets never run ahead of the checkpoint that covers them
-            self.store.save_state(self.cfg.kafka.group_id, self.topics.flows, states)
+            storage.save_state(self.store, self.cfg.kafka.group_id, self.topics.flows, states)
             self.consumer.commit(offsets=offsets, asynchronous=False)
             self._committed.update((tp.partition, tp.offset) for tp in offsets)
             self.stats.commits += 1

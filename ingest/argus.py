@@ -71,7 +71,7 @@ from smtpguard.ingest.columns import (
     smtp_ports_config,
     uint_problem,
 )
-from smtpguard.ingest.iputil import canonical_ip, canonicalize_ips
+from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "argus"
 

@@ -51,13 +51,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from smtpguard import record
-from smtpguard.errors import ConfigError
+from smtpguard.core import record
+from smtpguard.core.errors import ConfigError
 from smtpguard.ingest.base import Batch, Reject
 from smtpguard.ingest.columns import IS_WS as _IS_WS
 from smtpguard.ingest.columns import edge_bytes as _edge_bytes
 from smtpguard.ingest.columns import np_ as _np
-from smtpguard.ingest.iputil import canonical_ip, canonicalize_ips
+from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "aws-vpc"
 DEFAULT_SMTP_PORTS: tuple[int, ...] = (25, 465, 587, 2525)

@@ -55,7 +55,7 @@ from smtpguard.ingest.columns import (
     smtp_ports_config,
     uint_problem,
 )
-from smtpguard.ingest.iputil import canonical_ip, canonicalize_ips
+from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "azure-flow"
 #: Largest document read (an hourly NSG blob of a busy NIC is tens of MB).

@@ -7,38 +7,15 @@ stay in the collector shell (:mod:`smtpguard.ingest.collector`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator, Protocol
 
-import msgspec
 import pyarrow as pa
 
-from smtpguard import record
+from smtpguard.core import record
 
-#: Longest raw sample kept in a dead letter; longer input is cut and marked.
-MAX_RAW_CHARS = 2048
-
-
-class Reject(msgspec.Struct):
-    """A piece of input that could not become a record, with why and where."""
-
-    source: str
-    """file name, exporter address or topic the input came from"""
-    location: str
-    """line number, packet number or offset within the source"""
-    reason: str
-    raw: str
-    format: str = ""
-    seen_at_ms: int = 0
-
-    @classmethod
-    def make(cls, source: str, location: object, reason: str, raw: str | bytes, fmt: str = "") -> "Reject":
-        if isinstance(raw, bytes):
-            raw = raw.decode("utf-8", "backslashreplace")
-        if len(raw) > MAX_RAW_CHARS:
-            raw = raw[:MAX_RAW_CHARS] + f"...[{len(raw) - MAX_RAW_CHARS} more chars]"
-        return cls(source, str(location), reason, raw, fmt, int(time.time() * 1000))
+# the dead letter is a shared record (the dead-letter topic's message): defined in the core
+from smtpguard.core.deadletter import MAX_RAW_CHARS, Reject  # noqa: E402,F401
 
 
 @dataclass
@@ -46,7 +23,7 @@ class Batch:
     """Output of one parse step."""
 
     records: pa.Table
-    """kept SMTP client-to-server records, with :data:`smtpguard.record.SCHEMA`"""
+    """kept SMTP client-to-server records, with :data:`smtpguard.core.record.SCHEMA`"""
     rejects: list[Reject] = field(default_factory=list)
     read: int = 0
     """input units (lines, flow records) consumed"""

@@ -1,6 +1,6 @@
 """The collector shell: inputs -> parser -> Kafka (``smtp.flows`` and ``smtp.flows.dlq``).
 
-Records travel in Arrow IPC batches grouped by partition (see :mod:`smtpguard.wire`);
+Records travel in Arrow IPC batches grouped by partition (see :mod:`smtpguard.core.wire`);
 rejects travel one per message as JSON with their reason. The producer is idempotent;
 every delivery error is counted and reported, and the run fails (exit 1) if any message
 could not be delivered.
@@ -28,9 +28,9 @@ from typing import Any, Iterator, Sequence
 
 import msgspec
 
-from smtpguard import metrics, wire
-from smtpguard.config import Config
-from smtpguard.errors import BrokerError
+from smtpguard.core import metrics, wire
+from smtpguard.core.config import Config
+from smtpguard.core.errors import BrokerError
 
 from .base import Batch, Reject
 from .reader import Progress, read_batches
@@ -138,13 +138,13 @@ class Collector:
     def __init__(self, cfg: Config, producer: Any | None = None):
         from confluent_kafka import Producer
 
-        from smtpguard.kafka import partitions_of, producer_settings
+        from smtpguard.core.kafka import partitions_of, producer_settings
 
         self.cfg = cfg
         self.topics = cfg.kafka.topics
         self.producer = producer or Producer(producer_settings(cfg))
         self.partitions = partitions_of(cfg, self.topics.flows)
-        from smtpguard.inventory import Inventory, SourceKeys
+        from smtpguard.core.inventory import Inventory, SourceKeys
 
         # the partition of a record is its source key's: the detectors' keys (IPv6 prefixes) stay whole
         inventory = Inventory.from_csv(cfg.detect.inventory_csv) if cfg.detect.inventory_csv else None
@@ -281,7 +281,7 @@ def _ids_on_topics(cfg: Config, frames: list[SpooledMessage], timeout_s: float =
     shortly before the first frame's produce time (or its start) to its end, headers only."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-    from smtpguard.kafka import consumer_settings, read_partitions
+    from smtpguard.core.kafka import consumer_settings, read_partitions
 
     wanted: dict[tuple[str, int], set[bytes]] = {}
     since: dict[tuple[str, int], int] = {}

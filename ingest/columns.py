@@ -3,7 +3,7 @@
 Every parser here works the same way: the input becomes Arrow columns of text, vector
 checks mark the rows that cannot become records, a per-row Python twin of those checks
 explains each bad row (only bad rows pay for Python), and the good rows are cast and
-assembled into a record table with :data:`smtpguard.record.SCHEMA`.
+assembled into a record table with :data:`smtpguard.core.record.SCHEMA`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from smtpguard import record
-from smtpguard.errors import ConfigError
+from smtpguard.core import record
+from smtpguard.core.errors import ConfigError
 
 DEFAULT_SMTP_PORTS: tuple[int, ...] = (25, 465, 587, 2525)
 #: Largest counter accepted (packets, bytes): what a ClickHouse UInt64 and the record hold.

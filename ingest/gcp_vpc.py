@@ -57,7 +57,7 @@ from smtpguard.ingest.columns import (
     short,
     smtp_ports_config,
 )
-from smtpguard.ingest.iputil import canonical_ip, canonicalize_ips
+from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "gcp-vpc"
 #: Longest line accepted (a flow log entry with every metadata field is ~3 KB).

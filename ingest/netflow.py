@@ -67,8 +67,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from smtpguard import record
-from smtpguard.errors import ConfigError
+from smtpguard.core import record
+from smtpguard.core.errors import ConfigError
 from smtpguard.ingest import ipfix, netflow_v5, netflow_v9
 from smtpguard.ingest.base import Batch, Reject
 from smtpguard.ingest.ipfix import DecodeError, Template

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from smtpguard.errors import ConfigError, InputError, SmtpguardError
+from smtpguard.core.errors import ConfigError, InputError, SmtpguardError
 
 from .base import Batch
 from .pcap_smtp import SmtpCaptureParser, _check_ports
@@ -235,7 +235,7 @@ def live_capture(iface: str, smtp_ports: Sequence[int] | None, on_batch: Callabl
     then on are seen. ``parser`` (default: a new one with ``smtp_ports``) keeps the
     connection state and its counters.
 
-    Raises :class:`~smtpguard.errors.InputError` when the interface does not exist, the
+    Raises :class:`~smtpguard.core.errors.InputError` when the interface does not exist, the
     process may not capture (needs root or CAP_NET_RAW), or ``bpf`` does not compile.
     """
     ports = _check_ports(smtp_ports)

@@ -86,8 +86,8 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from smtpguard import record
-from smtpguard.errors import ConfigError
+from smtpguard.core import record
+from smtpguard.core.errors import ConfigError
 from smtpguard.ingest.base import Batch, Reject
 from smtpguard.ingest.netflow import PcapError, iter_frames, sniff_pcap as _sniff_netflow_pcap
 

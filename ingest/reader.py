@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
-from smtpguard.errors import InputError
+from smtpguard.core.errors import InputError
 
 SNIFF_BYTES = 64 * 1024
 

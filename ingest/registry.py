@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from smtpguard.errors import InputError
+from smtpguard.core.errors import InputError
 
 
 @dataclass(frozen=True)

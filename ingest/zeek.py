@@ -70,7 +70,7 @@ from smtpguard.ingest.columns import (
     smtp_ports_config,
     uint_problem,
 )
-from smtpguard.ingest.iputil import canonical_ip, canonicalize_ips
+from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "zeek"
 #: Longest line accepted (an smtp.log line with 500 recipients is ~20 KB).

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from smtpguard.errors import ConfigError, SmtpguardError
+from smtpguard.core.errors import ConfigError, SmtpguardError
 
 MODEL_KIND = "isolation-forest-v1"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from smtpguard import config
-from smtpguard.kafka import LocalBroker
+from smtpguard.core import config
+from smtpguard.core.kafka import LocalBroker
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED / "data"

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from smtpguard import scenario
-from smtpguard.analyze import analyze
-from smtpguard.config import Config
-from smtpguard.detectors.alerts import Alert
+from smtpguard.lab import scenario
+from smtpguard.app.analyze import analyze
+from smtpguard.core.config import Config
+from smtpguard.core.alert import Alert
+from smtpguard.detectors import storage
 from smtpguard.detectors.features import to_store
-from smtpguard.exemptions import Exemptions
+from smtpguard.core.exemptions import Exemptions
 from smtpguard.ingest.reader import read_batches
-from smtpguard.response.registry import Registry
-from smtpguard.store import Store
+from smtpguard.core.registry import Registry
+from smtpguard.core.store import Store
 
 
 @dataclass
@@ -63,7 +64,7 @@ def fill(store: Store, cfg: Config, out_dir: Path, *, seed: int = SEED, instance
     res = analyze(cfg, flows, "aws-vpc", exemptions, keep_features=True)
     store.insert_alerts(res.alerts)
     for f in res.features:
-        store.insert_features(to_store(f))
+        storage.insert_features(store, to_store(f))
     Registry(store).import_csv(paths["exemptions"], actor="import")
     truth = {a["ip"]: a["label"] for a in json.loads(Path(paths["truth"]).read_text()) if a["label"] != "benign"}
     return Filled(res.raised(), truth, {str(e.network.network_address) for e in exemptions.entries})

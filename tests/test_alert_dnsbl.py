@@ -10,17 +10,17 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import replace
-from smtpguard import scenario
-from smtpguard.cli import Ctx, alerts_show
+from smtpguard.lab import scenario
+from smtpguard.cli.main import Ctx, alerts_show
 from smtpguard.console.queries import stored_dnsbl
-from smtpguard.dnsbl import Code, Zone
-from smtpguard.exemptions import Exemptions
+from smtpguard.response.dnsbl import Code, Zone
+from smtpguard.core.exemptions import Exemptions
 from smtpguard.ingest.collector import Collector
-from smtpguard.kafka import ensure_topics
-from smtpguard.rbldnsd import Dataset, Rbldnsd
+from smtpguard.core.kafka import ensure_topics
+from smtpguard.lab.rbldnsd import Dataset, Rbldnsd
 from smtpguard.response.lookups import ACTOR, AlertLookups
-from smtpguard.store import SEVERITIES, Store
-from test_streaming import run_detector_until_idle
+from smtpguard.core.store import SEVERITIES, Store
+from test_streaming import run_detector_until_idle, run_responder_until_idle
 
 ZONE = Zone("evidence-bl", "evidence.dnsbl.test",
             {"127.0.0.2": Code("spam source"), "127.0.0.10": Code("dynamic range", "policy")},
@@ -47,6 +47,7 @@ def test_medium_alerts_carry_their_dnsbl_answers(cfg, scen, tmp_path):
         stats = Collector(cfg).run([str(paths["flows"])], "aws-vpc")
         with Store(cfg.store_dsn, cfg.store.database) as store:
             runner = run_detector_until_idle(cfg, store, Exemptions.from_csv(paths["exemptions"]), stats.kept)
+            responder = run_responder_until_idle(cfg, store, runner.stats.alerts_raised)
             alerts = store.list_alerts(min_severity="info", limit=10_000)
             rows = store.query(f"SELECT alert_id, ip, zone, status, codes, txt, actor, delist_url "
                                f"FROM {cfg.store.database}.dnsbl_checks")
@@ -65,7 +66,7 @@ def test_medium_alerts_carry_their_dnsbl_answers(cfg, scen, tmp_path):
     assert len(rows) == len(medium)
     assert {r[1] for r in rows} == {a["src_ip"] for a in medium}
     assert all(a["alert_id"] not in by_alert for a in lower)
-    assert runner.lookups.stats.alerts_checked == len(medium) and runner.lookups.stats.skipped == 0
+    assert responder.lookups.stats.alerts_checked == len(medium) and responder.lookups.stats.skipped == 0
     for a in medium:
         _aid, ip, zone, status, codes, txt, actor, delist = by_alert[a["alert_id"]]
         assert zone == ZONE.name and actor == ACTOR and delist == ZONE.delist_url
@@ -124,8 +125,8 @@ def test_check_alerts_from_off_looks_nothing_up(cfg):
 
 @pytest.mark.parametrize("bad", [{"check_alerts_from": "severe"}, {"alert_queue_max": 0}])
 def test_bad_lookup_settings_are_config_errors(tmp_path, bad):
-    from smtpguard import config
-    from smtpguard.errors import ConfigError
+    from smtpguard.core import config
+    from smtpguard.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dnsbl"):
         config.load(environ={}, overrides={"data_dir": str(tmp_path), "dnsbl": bad})

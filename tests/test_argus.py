@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpguard import record
+from smtpguard.core import record
 from smtpguard.ingest.argus import ArgusParser, Layout, _row_problem, labels, sniff
 from smtpguard.ingest.base import Batch
 

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from smtpguard import audit
-from smtpguard.cli_audit import audit_cmd
-from smtpguard.detectors.alerts import Alert
-from smtpguard.dnsbl import Code, Zone
-from smtpguard.response.registry import Registry
-from smtpguard.store import Store
+from smtpguard.response import audit
+from smtpguard.cli.audit import audit_cmd
+from smtpguard.core.alert import Alert
+from smtpguard.response.dnsbl import Code, Zone
+from smtpguard.core.registry import Registry
+from smtpguard.core.store import Store
 
 from conftest import make_config, replace
-from smtpguard.rbldnsd import Dataset, Rbldnsd
+from smtpguard.lab.rbldnsd import Dataset, Rbldnsd
 
 DELIST = "https://dnsbl.test/remove"
 FLAKY_DELIST = "https://flaky.dnsbl.test/remove"
@@ -194,7 +194,7 @@ def test_a_second_concurrent_audit_is_refused(tmp_path, chdb_dir, servers, silen
     def long_audit() -> None:
         # the silent zone holds this audit for its 600 ms timeout
         with audit.AuditLock(cfg.data_dir), Store(cfg.store_dsn, cfg.store.database) as store:
-            from smtpguard.dnsbl import Checker
+            from smtpguard.response.dnsbl import Checker
 
             done.append(audit.run_audit(store, Checker(slow.dnsbl), ["192.0.2.0/30"],
                                         report_dir=tmp_path / "reports"))
@@ -253,9 +253,9 @@ def test_every_repeats_until_sigterm(tmp_path, chdb_dir, servers, silent):
 def test_the_store_migrations_create_the_audit_tables(chdb_dir, monkeypatch):
     import uuid
 
-    from smtpguard import store as store_mod
+    from smtpguard.core import store as store_mod
 
-    monkeypatch.setattr(store_mod, "MIGRATION_PROVIDERS", (*store_mod.MIGRATION_PROVIDERS, "smtpguard.audit"))
+    monkeypatch.setattr(store_mod, "MIGRATION_PROVIDERS", (*store_mod.MIGRATION_PROVIDERS, "smtpguard.response.audit"))
     with Store(f"chdb://{chdb_dir}", f"a_{uuid.uuid4().hex[:8]}") as s:
         versions = {r[0] for r in s.query(f"SELECT version FROM {s.database}.schema_migrations")}
         assert "audit-1" in versions

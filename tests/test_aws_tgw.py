@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from smtpguard import record
+from smtpguard.core import record
 from smtpguard.ingest.aws_vpc import TGW_FIELDS, AwsVpcParser, sniff
 from smtpguard.ingest.base import Batch
 

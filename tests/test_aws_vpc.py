@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from smtpguard import record
-from smtpguard.errors import ConfigError
+from smtpguard.core import record
+from smtpguard.core.errors import ConfigError
 from smtpguard.ingest.aws_vpc import HEADERLESS_LAYOUTS, AwsVpcParser, _row_problem, sniff
 from smtpguard.ingest.base import Batch
 

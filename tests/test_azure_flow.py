@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpguard import record
+from smtpguard.core import record
 from smtpguard.ingest.azure_flow import AzureFlowParser, sniff
 from smtpguard.ingest.base import Batch
 

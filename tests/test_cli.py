@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpguard import scenario
+from smtpguard.lab import scenario
 
 SMTPGUARD = str(Path(sys.executable).with_name("smtpguard"))
 
@@ -135,10 +135,10 @@ def test_decode_json_and_rejects(tmp_path):
 
 def test_alerts_list_show_and_store_lock(tmp_path, scen_files):
     """alerts list/show read the store; a second process on an owned embedded store gets a clear error."""
-    from smtpguard.analyze import analyze
-    from smtpguard.config import load
-    from smtpguard.exemptions import Exemptions
-    from smtpguard.store import Store
+    from smtpguard.app.analyze import analyze
+    from smtpguard.core.config import load
+    from smtpguard.core.exemptions import Exemptions
+    from smtpguard.core.store import Store
 
     _scen, paths = scen_files
     data = tmp_path / "data"

@@ -17,20 +17,20 @@ import pytest
 from markupsafe import escape
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from smtpguard.rbldnsd import Dataset, Rbldnsd
+from smtpguard.lab.rbldnsd import Dataset, Rbldnsd
 
 from conftest import make_config, replace
 from console_data import Filled, abuser, fill, plan
-from smtpguard.cli_console import console_cmd, users_group
+from smtpguard.cli.console import console_cmd, users_group
 from smtpguard.console import schema
 from smtpguard.console.app import ConsoleSettings, create_app
 from smtpguard.console.auth import ApiTokens, AuthError, Users, sha256
-from smtpguard.dnsbl import Code, Zone
-from smtpguard.errors import ConfigError, InputError
+from smtpguard.response.dnsbl import Code, Zone
+from smtpguard.core.errors import ConfigError, InputError
 from smtpguard.response.enforce import read_state
 from smtpguard.response.policy import Executor
-from smtpguard.response.registry import Registry
-from smtpguard.store import Store
+from smtpguard.core.registry import Registry
+from smtpguard.core.store import Store
 
 PASSWORD = "correct horse battery"
 BL_ZONE = Zone("test-bl", "bl.dnsbl.test", {"127.0.0.2": Code("spam source")}, delist_url="https://bl.example/remove")
@@ -105,7 +105,7 @@ def test_console_tables_match_their_definitions(env):
 
     for table, cols in ((schema.USERS, schema.USER_COLUMNS), (schema.SESSIONS, schema.SESSION_COLUMNS),
                         (schema.API_TOKENS, schema.API_TOKEN_COLUMNS), (schema.ALERT_ACTIONS, schema.ALERT_ACTION_COLUMNS),
-                        (schema.REVIEW_LABELS, schema.REVIEW_LABEL_COLUMNS), (schema.DNSBL_CHECKS, schema.DNSBL_CHECK_COLUMNS)):
+                        (schema.REVIEW_LABELS, schema.REVIEW_LABEL_COLUMNS)):
         assert columns(table) == {n: t.replace(" ", "") for n, t in cols}, table
     assert env.store.migrate() == 0
 
@@ -517,7 +517,7 @@ def test_console_listens_on_loopback_by_default_and_needs_a_user_first(tmp_path,
 
 def test_every_alert_action_has_a_cli_command_with_json(env, bl_server):
     """CLI parity: `smtpguard alerts ack|confirm|dismiss|dnsbl` do what the console's buttons do."""
-    from smtpguard.cli_console import ALERT_ACTION_COMMANDS
+    from smtpguard.cli.console import ALERT_ACTION_COMMANDS
     from smtpguard.console import queries
 
     api = env.api(env.app(), "viewer")

@@ -20,8 +20,8 @@ from smtpguard.console.app import create_app
 from smtpguard.console.auth import Users
 from smtpguard.console.server import ConsoleServer
 from smtpguard.response.enforce import read_state
-from smtpguard.response.registry import Registry
-from smtpguard.store import Store
+from smtpguard.core.registry import Registry
+from smtpguard.core.store import Store
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpguard.rbldnsd import available
+from smtpguard.lab.rbldnsd import available
 
 SMTPGUARD = str(Path(sys.executable).with_name("smtpguard"))
 

@@ -12,8 +12,8 @@ import pytest
 from smtpguard.detectors.history import SourceHistory, HistoryParams
 from smtpguard.detectors.pipeline import Pipeline
 from smtpguard.detectors.tenants import hll_estimate, hll_partials, relative_error
-from smtpguard.errors import ConfigError
-from smtpguard.evaluate import EvalResult, score_run
+from smtpguard.core.errors import ConfigError
+from smtpguard.lab.evaluate import EvalResult, score_run
 
 from test_detection_unit import T0, flows, table
 
@@ -141,7 +141,7 @@ def test_eval_scoring_counts_every_alert_from_the_first_minute():
         {"ip": "10.0.0.7", "tenant": "t", "kind": "web", "label": "tenant_spam", "abuse_start_ms": start,
          "abuse_end_ms": end},
     ]
-    from smtpguard.detectors.alerts import Alert, iso
+    from smtpguard.core.alert import Alert, iso
 
     def alert(ip, minute, sev="high", tenant="a"):
         ws = start + minute * 60_000

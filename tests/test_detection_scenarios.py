@@ -1,6 +1,6 @@
 """Detection quality on traffic the thresholds were not chosen on, counted from the first minute.
 
-The evaluation seeds (``smtpguard.evaluate.EVALUATION_SEEDS``) are never used to choose a
+The evaluation seeds (``smtpguard.lab.evaluate.EVALUATION_SEEDS``) are never used to choose a
 threshold; each is a two-hour scenario of 600 instances with every abuse kind among the wide
 benign population, detected once as AWS VPC flow logs and once re-exported as NetFlow v9.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from smtpguard import evaluate, scenario
+from smtpguard.lab import evaluate, scenario
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,15 @@ import datetime as dt
 import polars as pl
 import pytest
 
-from smtpguard import record
-from smtpguard.detectors.alerts import AlertGate, alert_id, severity_of
+from smtpguard.core import record
+from smtpguard.detectors.alerts import AlertGate, severity_of
+from smtpguard.core.alert import alert_id
 from smtpguard.detectors.features import BASE_FEATURES, window_features
 from smtpguard.detectors.pipeline import Pipeline
 from smtpguard.detectors.rules import build_detectors
 from smtpguard.detectors.windows import WindowEngine
-from smtpguard.errors import ConfigError
-from smtpguard.exemptions import Exemption, Exemptions
+from smtpguard.core.errors import ConfigError
+from smtpguard.core.exemptions import Exemption, Exemptions
 
 T0 = dt.datetime(2026, 1, 5, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -244,7 +245,7 @@ def test_ipv6_addresses_rotating_in_a_prefix_are_one_source(offline_cfg):
 
 def test_the_inventory_names_a_wider_prefix_and_fills_tenants(offline_cfg):
     """Rotation over the /64s of a delegated /56 is one source with the inventory, 256 without."""
-    from smtpguard.inventory import Inventory
+    from smtpguard.core.inventory import Inventory
 
     rows = [dict(r, src_ip=f"2001:db8:9:{i % 256:x}::{i + 1:x}", tenant="")
             for i, r in enumerate(flows("x", 200, dsts=200))]

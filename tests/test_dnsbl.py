@@ -19,13 +19,13 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
-from smtpguard import dnsbl
-from smtpguard.cli_dnsbl import dnsbl_group
-from smtpguard.dnsbl import (Cache, Checker, DnsblConfig, Error, Listed, NotListed, PolicyListed, TokenBucket, Zone,
+from smtpguard.response import dnsbl
+from smtpguard.cli.dnsbl import dnsbl_group
+from smtpguard.response.dnsbl import (Cache, Checker, DnsblConfig, Error, Listed, NotListed, PolicyListed, TokenBucket, Zone,
                              check, check_sync, summary)
-from smtpguard.errors import ConfigError, InputError
+from smtpguard.core.errors import ConfigError, InputError
 
-from smtpguard.rbldnsd import Dataset, Rbldnsd
+from smtpguard.lab.rbldnsd import Dataset, Rbldnsd
 
 CATALOGUE = {z.name: z for z in dnsbl.CATALOGUE}
 # The catalogue's Spamhaus ZEN codes, served from a local test zone.

@@ -14,14 +14,14 @@ import threading
 import msgspec
 import pytest
 
-from smtpguard.errors import SmtpguardError
-from smtpguard.kafka import free_port
-from smtpguard.response.config import ResponseConfig, WebhookConfig
+from smtpguard.core.errors import SmtpguardError
+from smtpguard.core.kafka import free_port
+from smtpguard.core.config import ResponseConfig, WebhookConfig
 from smtpguard.response.enforce import (EnforcementEvent, KafkaOutput, Outputs, decode, messages_for, nft_check,
                                         read_state, state_messages, write_nftables)
-from smtpguard.response.registry import Registry, from_ms, now_ms, write_atomically
+from smtpguard.core.registry import Registry, from_ms, now_ms, write_atomically
 from smtpguard.response.webhook import WebhookSender, backoff_delays_ms
-from smtpguard.store import Store
+from smtpguard.core.store import Store
 
 SECRET = "s3cret-key"
 

@@ -30,7 +30,7 @@ from test_netflow import (FLOW4, ipfix_message, ipfix_options_template, ipfix_se
 from test_pcap_smtp import Conv, pcap
 from test_zeek import CONN_HEADER, conn
 
-from smtpguard.errors import SmtpguardError
+from smtpguard.core.errors import SmtpguardError
 from smtpguard.ingest import ipfix, registry
 from smtpguard.ingest.netflow import (MAX_SHARED_TEMPLATES, Datagram, NetflowDatParser, NetflowDecoder,
                                       NetflowPcapParser)

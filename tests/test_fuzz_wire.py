@@ -22,7 +22,7 @@ from fuzz.hostile import BYTE_EDITS, EPOCHS, HUGE, IPS, JSON_VALUES, NUMBERS, TE
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from smtpguard import config, record, wire
+from smtpguard.core import config, record, wire
 from smtpguard.detectors.pipeline import Pipeline
 
 CFG = config.load(environ={}, overrides={})
@@ -180,7 +180,7 @@ def test_arrow_batches_with_wrong_types(n: int, columns: list, drop: list, versi
         base[name] = _array(cells[:n], typ)
     for name in drop:
         base.pop(name, None)
-    meta = {b"smtpguard.record.version": version} if version is not None else None
+    meta = {b"smtpguard.core.record.version": version} if version is not None else None
     table = pa.table(base).replace_schema_metadata(meta)
     decode(_arrow_message(table), wire.HEADERS, n if version == b"1" else None)
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpguard import record
+from smtpguard.core import record
 from smtpguard.ingest.base import Batch
 from smtpguard.ingest.gcp_vpc import GcpVpcParser, sniff
 

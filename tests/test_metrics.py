@@ -26,13 +26,15 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from smtpguard import dnsbl, metrics, scenario
+from smtpguard.response import dnsbl
+from smtpguard.core import metrics
+from smtpguard.lab import scenario
 from smtpguard.detectors.runner import DetectorRunner
-from smtpguard.exemptions import Exemptions
+from smtpguard.core.exemptions import Exemptions
 from smtpguard.ingest.collector import Collector
-from smtpguard.kafka import ensure_topics, free_port
-from smtpguard.rbldnsd import Dataset, Rbldnsd
-from smtpguard.store import Store
+from smtpguard.core.kafka import ensure_topics, free_port
+from smtpguard.lab.rbldnsd import Dataset, Rbldnsd
+from smtpguard.core.store import Store
 
 from conftest import replace
 
@@ -320,7 +322,7 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
 
 
 def test_enforcement_deliveries_and_webhook_dead_letters_are_counted(cfg, endpoint):
-    from smtpguard.response.config import WebhookConfig
+    from smtpguard.core.config import WebhookConfig
     from smtpguard.response.enforce import EnforcementEvent, KafkaOutput, encode
     from smtpguard.response.webhook import DEAD_LETTER_TABLE, WebhookSender
 

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smtpguard import record
-from smtpguard.errors import ConfigError
+from smtpguard.core import record
+from smtpguard.core.errors import ConfigError
 from smtpguard.ingest.base import Batch, concat
 from smtpguard.ingest.netflow import (Datagram, NetflowDatParser, NetflowDecoder, NetflowPcapParser, iter_frames,
                                       sniff, sniff_dat, sniff_pcap, split_packets, udp_of)

@@ -23,7 +23,7 @@ import pytest
 from nbclient import NotebookClient
 
 from smtpguard.models import anomaly
-from smtpguard.store import SEVERITIES
+from smtpguard.core.store import SEVERITIES
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -69,9 +69,9 @@ def demo(tmp_path_factory) -> Demo:
 REVIEW = """
 import json, sys
 from pathlib import Path
-from smtpguard import config
+from smtpguard.core import config
 from smtpguard.console import actions
-from smtpguard.store import Store
+from smtpguard.core.store import Store
 
 store_dir, truth_path = sys.argv[1], sys.argv[2]
 truth = {a["ip"]: a["label"] for a in json.loads(Path(truth_path).read_text())}

@@ -19,11 +19,12 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from conftest import make_config, replace
-from smtpguard import scenario, wire
-from smtpguard.exemptions import Exemptions
+from smtpguard.lab import scenario
+from smtpguard.core import wire
+from smtpguard.core.exemptions import Exemptions
 from smtpguard.ingest.collector import Collector
-from smtpguard.kafka import LocalBroker, consumer_settings, ensure_topics, read_partitions
-from smtpguard.store import Store
+from smtpguard.core.kafka import LocalBroker, consumer_settings, ensure_topics, read_partitions
+from smtpguard.core.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +248,7 @@ def _committed(cfg) -> dict[int, int]:
 def test_store_outage_stops_commits_and_resumes_without_loss(cfg, tmp_path, flow_lines):
     """ClickHouse refuses writes (the flows table is renamed away): the detector retries with
     backoff, commits nothing meanwhile, counts the failures, and stores everything once writes work."""
-    from smtpguard import metrics
+    from smtpguard.core import metrics
 
     cfg = replace(cfg, detect={"checkpoint_interval_ms": 500})
     ensure_topics(cfg)

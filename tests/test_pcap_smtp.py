@@ -28,8 +28,8 @@ from scapy.layers.l2 import ARP, CookedLinux, Dot1Q, Ether
 from scapy.packet import Raw
 from scapy.utils import PcapNgWriter, rdpcap
 
-from smtpguard import record
-from smtpguard.errors import ConfigError, InputError
+from smtpguard.core import record
+from smtpguard.core.errors import ConfigError, InputError
 from smtpguard.ingest import registry
 from smtpguard.ingest.base import Batch, concat
 from smtpguard.ingest.pcap_live import MAX_FILTER_PORTS, live_capture, smtp_filter
@@ -1061,7 +1061,7 @@ def test_live_capture_on_missing_interface():
 
 def test_live_capture_without_the_capture_privilege():
     code = ("import threading\n"
-            "from smtpguard.errors import InputError\n"
+            "from smtpguard.core.errors import InputError\n"
             "from smtpguard.ingest.pcap_live import live_capture\n"
             "try:\n"
             "    live_capture('lo', [25], print, threading.Event())\n"

@@ -16,11 +16,11 @@ import pyarrow as pa
 from confluent_kafka import Consumer, Producer, TopicPartition
 from test_streaming import read_topic, run_detector_until_idle
 
-from smtpguard import record, wire
-from smtpguard.exemptions import Exemptions
+from smtpguard.core import record, wire
+from smtpguard.core.exemptions import Exemptions
 from smtpguard.ingest.collector import Collector
-from smtpguard.kafka import consumer_settings, ensure_topics, producer_settings
-from smtpguard.store import Store
+from smtpguard.core.kafka import consumer_settings, ensure_topics, producer_settings
+from smtpguard.core.store import Store
 
 JSON = [("content-type", b"application/json")]
 DAY_MS = 86_400_000
@@ -38,7 +38,7 @@ def arrow(rows: list[dict]) -> bytes:
 
 
 def arrow_raw(columns: dict[str, pa.Array], version: bytes = b"1") -> bytes:
-    table = pa.table(columns).replace_schema_metadata({b"smtpguard.record.version": version})
+    table = pa.table(columns).replace_schema_metadata({b"smtpguard.core.record.version": version})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)

@@ -13,18 +13,18 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from smtpguard.cli_response import ResponseContext, enforce_group, exemptions_group
-from smtpguard.detectors.alerts import Alert, iso
-from smtpguard.errors import ConfigError, InputError
-from smtpguard.exemptions import Exemptions, parse_time
+from smtpguard.cli.response import ResponseContext, enforce_group, exemptions_group
+from smtpguard.core.alert import Alert, iso
+from smtpguard.core.errors import ConfigError, InputError
+from smtpguard.core.exemptions import Exemptions, parse_time
 from smtpguard.response import policy as policy_mod
-from smtpguard.response.config import ResponseConfig, TenantAllowance
+from smtpguard.core.config import ResponseConfig, TenantAllowance
 from smtpguard.response.enforce import read_state
 from smtpguard.response.policy import DAY_MS, DecisionLog, Executor, History, apply_policy
-from smtpguard.response.registry import (EVENT_COLUMNS, ExemptionEvent, Registry, RegistryError, fold, from_ms,
+from smtpguard.core.registry import (EVENT, ExemptionEvent, Registry, RegistryError, fold, from_ms,
                                          now_ms)
 from smtpguard.response.webhook import DEAD_LETTER_COLUMNS
-from smtpguard.store import Store
+from smtpguard.core.store import Store
 
 HOUR_MS = 3_600_000
 INJECTION = "x'); DROP TABLE exemption_events; -- {ip:String} \\' \" `"
@@ -60,8 +60,7 @@ def test_response_tables_match_their_definitions(store):
             "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
             {"db": store.database, "t": table})}
 
-    assert columns("exemption_events") == {n: t.replace(" ", "") for n, t in EVENT_COLUMNS}
-    assert list(ExemptionEvent.__struct_fields__) == [n for n, _ in EVENT_COLUMNS]
+    assert columns("exemption_events") == {n: t.replace(" ", "") for n, t in EVENT.clickhouse_columns()}
     assert set(columns("response_decisions")) == {n for n, _ in policy_mod.DECISION_COLUMNS}
     assert set(columns("webhook_dead_letters")) == {n for n, _ in DEAD_LETTER_COLUMNS}
     assert store.migrate() == 0
@@ -320,7 +319,6 @@ def test_what_is_never_a_revocation():
 @pytest.mark.parametrize("section,needle", [
     ({"actions": {"high": "nuke"}}, "'nuke' is not an action"),
     ({"actions": {"severe": "revoke"}}, "'severe' is not a severity"),
-    ({"detectors": {"no_such": {"high": "revoke"}}}, "unknown detector 'no_such'"),
     ({"tenant_allowlist": [{"tenant": "a", "until": "soon"}]}, "until 'soon'"),
     ({"webhook": {"url": "https://hooks.example/x"}}, "secret is required"),
     ({"webhook": {"url": "ftp://x", "secret": "s"}}, "http:// or https://"),
@@ -328,6 +326,16 @@ def test_what_is_never_a_revocation():
 def test_bad_response_config_is_refused(section, needle):
     with pytest.raises(msgspec.ValidationError, match=needle):
         msgspec.convert(section, ResponseConfig)
+
+
+def test_a_detector_the_response_config_names_must_exist(tmp_path):
+    """The core config does not know the detectors; a run's config loading does (app.settings)."""
+    from smtpguard.app import settings
+
+    f = tmp_path / "c.toml"
+    f.write_text('[response.detectors.no_such]\nhigh = "revoke"\n')
+    with pytest.raises(ConfigError, match="unknown detector 'no_such'"):
+        settings.load(f, environ={})
 
 
 # -- executor (store + broker) ------------------------------------------------------------------------

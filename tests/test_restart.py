@@ -13,17 +13,17 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from smtpguard import scenario
-from smtpguard.detectors.alerts import from_json
+from smtpguard.lab import scenario
+from smtpguard.core.alert import from_json
 from smtpguard.response.enforce import decode
-from smtpguard.response.registry import Registry
+from smtpguard.core.registry import Registry
 from fuzz.hostile import SOAK
 from test_streaming import read_topic
-from smtpguard.analyze import analyze
-from smtpguard.exemptions import Exemptions
+from smtpguard.app.analyze import analyze
+from smtpguard.core.exemptions import Exemptions
 from smtpguard.ingest.collector import Collector
-from smtpguard.kafka import consumer_settings, ensure_topics, read_partitions
-from smtpguard.store import Store
+from smtpguard.core.kafka import consumer_settings, ensure_topics, read_partitions
+from smtpguard.core.store import Store
 
 SMTPGUARD = str(Path(sys.executable).with_name("smtpguard"))
 KILLS = 3 * SOAK

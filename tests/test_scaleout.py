@@ -29,9 +29,9 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from smtpguard import scenario
+from smtpguard.lab import scenario
 from smtpguard.ingest.collector import Collector
-from smtpguard.kafka import consumer_settings, ensure_topics, producer_settings
+from smtpguard.core.kafka import consumer_settings, ensure_topics, producer_settings
 
 from conftest import make_config, replace
 
@@ -41,7 +41,7 @@ PARTITIONS = 4
 
 _READ_STORE = """
 import json, sys
-from smtpguard.store import Store
+from smtpguard.core.store import Store
 with Store(sys.argv[1], sys.argv[2], create=False) as s:
     db = sys.argv[2]
     alerts = s.query(f"SELECT alert_id, severity, suppressed, src_ip, detector FROM {db}.alerts FINAL")
@@ -262,8 +262,8 @@ def test_rebalance_hands_partition_state_over_through_checkpoints(broker, chdb_d
     (watermark, source history, panes, cooldowns) and replayed from the committed offsets, and the
     alerts equal one detector's."""
     from smtpguard.detectors.runner import DetectorRunner
-    from smtpguard.serve import import_exemptions
-    from smtpguard.store import Store
+    from smtpguard.app.serve import import_exemptions
+    from smtpguard.core.store import Store
 
     # idle flush well above the pause for the rebalance: windows open at the hand-over are not
     # closed early (their later records would then be late, as for any partition idle that long)

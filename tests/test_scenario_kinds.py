@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from smtpguard import scenario as sc
+from smtpguard.lab import scenario as sc
 
 SEED = 13
 INSTANCES = 300

@@ -17,7 +17,7 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from smtpguard.dnsbl import check_sync
+from smtpguard.response.dnsbl import check_sync
 from test_console import bl_server, env  # noqa: F401 - the shared fixtures
 from test_console import login
 from test_dnsbl import Responder
@@ -90,10 +90,10 @@ def test_injection_strings_through_every_alert_filter(env, field):  # noqa: F811
 def test_injection_strings_through_the_exemption_filters_and_the_cli(env):  # noqa: F811
     from click.testing import CliRunner
 
-    from smtpguard.cli_console import ALERT_ACTION_COMMANDS
-    from smtpguard.cli_response import exemptions_group
+    from smtpguard.cli.console import ALERT_ACTION_COMMANDS
+    from smtpguard.cli.response import exemptions_group
 
-    from smtpguard.cli import Ctx
+    from smtpguard.cli.main import Ctx
 
     ctx = Ctx.of(env.cfg)
     api = env.api(env.app(), "viewer")
@@ -156,7 +156,7 @@ FORGED: list[int] = []
 
 
 def test_a_reply_with_another_query_id_is_never_a_listing():
-    from smtpguard.dnsbl import Code, DnsblConfig, Zone
+    from smtpguard.response.dnsbl import Code, DnsblConfig, Zone
 
     zone = Zone("t", "bl.dnsbl.test", {"127.0.0.2": Code("spam")})
     with Responder(listing_under_another_id) as srv:

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from smtpguard import scenario
+from smtpguard.lab import scenario
 
 ABUSE = ("spam_burst", "spam_first_minute", "spam_exempted_new", "flood", "blocked_attempts", "tenant_spam",
          "spam_ipv6_rotating", "spam_ipv6_wide")

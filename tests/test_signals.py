@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpguard import scenario
+from smtpguard.lab import scenario
 
 SMTPGUARD = str(Path(sys.executable).with_name("smtpguard"))
 
@@ -165,7 +165,7 @@ def test_sigkill_leaves_no_broker_behind(flows, tmp_path):
 
 def test_rbldnsd_under_its_guard_dies_with_its_parent(tmp_path):
     """rbldnsd drops root, which makes the kernel forget the parent-death signal: its guard keeps it."""
-    code = ("import sys, time; from pathlib import Path; from smtpguard.rbldnsd import Dataset, Rbldnsd; "
+    code = ("import sys, time; from pathlib import Path; from smtpguard.lab.rbldnsd import Dataset, Rbldnsd; "
             "s = Rbldnsd(Path(sys.argv[1]), [Dataset('bl.test', 'ip4set', ['192.0.2.1'])]).start(); "
             "print(s.pid, flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "z")], stdout=subprocess.PIPE, text=True)

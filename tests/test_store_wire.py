@@ -7,9 +7,10 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from smtpguard import record, wire
+from smtpguard.core import record, wire
 from smtpguard.detectors.features import FEATURES
-from smtpguard.store import ALERT_COLUMNS, Store
+from smtpguard.core.alert import ALERT
+from smtpguard.core.store import Store
 
 T = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -39,12 +40,13 @@ def test_tables_match_the_definitions(store):
             "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
             {"db": store.database, "t": table})}
 
-    from smtpguard.store import FLOW_POSITION_COLUMNS
+    from smtpguard.core.store import FLOW_POSITION_COLUMNS
 
     want = {f.name: _normalise(f.clickhouse) for f in record.FIELDS} | {k: v for k, v in FLOW_POSITION_COLUMNS}
     assert {k: _normalise(v) for k, v in columns("flows").items()} == want
     assert {k: _normalise(v) for k, v in columns("window_features").items()} == {f.name: _normalise(f.clickhouse) for f in FEATURES}
-    assert set(columns("alerts")) == {c for c, _ in ALERT_COLUMNS}
+    assert {k: _normalise(v) for k, v in columns("alerts").items()} == {
+        n: _normalise(t) for n, t in ALERT.clickhouse_columns()}
 
 
 def test_migration_is_idempotent_and_records_round_trip(store):
@@ -65,7 +67,7 @@ def test_second_process_gets_a_clear_error_naming_the_owner(tmp_path):
 
     path = tmp_path / "owned"
     with Store(f"chdb://{path}"):
-        code = ("import sys\nfrom smtpguard.store import Store\nfrom smtpguard.errors import StoreLockedError\n"
+        code = ("import sys\nfrom smtpguard.core.store import Store\nfrom smtpguard.core.errors import StoreLockedError\n"
                 f"try:\n    Store('chdb://{path}')\nexcept StoreLockedError as e:\n    print(e); sys.exit(3)\n")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     import os
@@ -89,7 +91,7 @@ def test_arrow_wire_round_trip_and_partitioning():
 
 def test_wire_rejects_wrong_version_and_garbage():
     t = sample(1)
-    old = t.replace_schema_metadata({b"smtpguard.record.version": b"0"})
+    old = t.replace_schema_metadata({b"smtpguard.core.record.version": b"0"})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, old.schema) as w:
         w.write_table(old)

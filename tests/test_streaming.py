@@ -13,14 +13,14 @@ import time
 import pytest
 from confluent_kafka import Consumer
 
-from smtpguard import scenario
-from smtpguard.analyze import analyze
-from smtpguard.detectors.alerts import from_json
+from smtpguard.lab import scenario
+from smtpguard.app.analyze import analyze
+from smtpguard.core.alert import from_json
 from smtpguard.detectors.runner import DetectorRunner
-from smtpguard.exemptions import Exemptions
+from smtpguard.core.exemptions import Exemptions
 from smtpguard.ingest.collector import Collector
-from smtpguard.kafka import consumer_settings, ensure_topics
-from smtpguard.store import Store
+from smtpguard.core.kafka import consumer_settings, ensure_topics
+from smtpguard.core.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,27 @@ def run_detector_until_idle(cfg, store, exemptions, expected_records, timeout_s=
         stop.set()
         th.join(30)
     return runner
+
+
+def run_responder_until_idle(cfg, store, expected_alerts, timeout_s=90, lookups=True):
+    """The response service over the alerts topic until it has acted on ``expected_alerts`` and owes nothing."""
+    from smtpguard.response.service import Responder
+
+    stop = threading.Event()
+    responder = Responder(cfg, store, stop, lookups=lookups)
+    th = threading.Thread(target=responder.run, daemon=True)
+    th.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while responder.stats.alerts < expected_alerts:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the response acted on {responder.stats.alerts} of {expected_alerts} alerts")
+            time.sleep(0.2)
+        assert responder.wait_idle(max(1.0, deadline - time.monotonic()))
+    finally:
+        stop.set()
+        th.join(30)
+    return responder
 
 
 def read_topic(cfg, topic, expect_at_least, timeout_s=30):
@@ -121,8 +142,8 @@ def test_replay_raises_no_alert_twice(cfg, small_scenario):
 def test_bad_messages_are_dead_lettered_and_do_not_stop_the_partition(cfg):
     from confluent_kafka import Producer
 
-    from smtpguard import record, wire
-    from smtpguard.kafka import producer_settings
+    from smtpguard.core import record, wire
+    from smtpguard.core.kafka import producer_settings
 
     ensure_topics(cfg)
     p = Producer(producer_settings(cfg))
@@ -152,8 +173,8 @@ def test_collect_netflow_over_udp_into_kafka(cfg, shared_data):
     import sys
     from pathlib import Path
 
-    from smtpguard import wire
-    from smtpguard.kafka import free_port
+    from smtpguard.core import wire
+    from smtpguard.core.kafka import free_port
 
     ensure_topics(cfg)
     port = free_port()

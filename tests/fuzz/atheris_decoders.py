@@ -30,7 +30,7 @@ import pyarrow  # noqa: E402,F401
 import pyarrow.compute  # noqa: E402,F401
 
 import smtpguard.ingest.base  # noqa: E402,F401
-import smtpguard.wire  # noqa: E402,F401
+import smtpguard.core.wire  # noqa: E402,F401
 
 with atheris.instrument_imports():
     from smtpguard.ingest import ipfix, netflow, netflow_v5, netflow_v9, pcap_smtp  # noqa: F401
@@ -39,7 +39,7 @@ with atheris.instrument_imports():
 
 from fuzz.hostile import check_batch  # noqa: E402
 
-from smtpguard.errors import SmtpguardError  # noqa: E402
+from smtpguard.core.errors import SmtpguardError  # noqa: E402
 
 #: One decoder for the whole run, as a collector has: templates learned from one input decode
 #: the next, and its state must stay bounded whatever it was fed.

@@ -2,10 +2,10 @@
 atheris harnesses.
 
 The invariant: a parser never raises anything but the project's errors
-(:class:`smtpguard.errors.SmtpguardError`); every unit of input is a kept record, a
+(:class:`smtpguard.core.errors.SmtpguardError`); every unit of input is a kept record, a
 skipped one or a dead letter (``read == rows + skipped + rejects``); a kept record
 obeys the record's rules as the detector checks them on the wire
-(:func:`smtpguard.wire.check_records`); a dead letter has a reason and a place, and can
+(:func:`smtpguard.core.wire.check_records`); a dead letter has a reason and a place, and can
 be published as JSON.
 """
 
@@ -18,7 +18,7 @@ import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from smtpguard import record, wire
+from smtpguard.core import record, wire
 from smtpguard.ingest.base import MAX_RAW_CHARS, Batch
 
 #: Failures hypothesis finds are kept in the project's (git-ignored) .hypothesis directory

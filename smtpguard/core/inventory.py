@@ -1,0 +1,160 @@
+"""The provider's inventory: which tenant and instance own an address or prefix, and which
+prefix is the unit a source is judged by.
+
+A provider knows its own address space (its IPAM): every instance's IPv4 address and the
+IPv6 prefix assigned to it (a /64 of its own, an AWS /80 delegated to an interface, a /56
+routed to a customer's server). smtpguard uses it for two things:
+
+- **Enrichment**: records whose source has no tenant or instance id (NetFlow, IPFIX, sFlow
+  and packet captures carry none) get them from the inventory, so tenant-level detection
+  works on every input format.
+- **Source keys**: detection judges a source by the unit the provider assigns. An IPv4
+  address is its own key; an IPv6 address is judged by the inventory prefix that holds it,
+  or else by its /64 (``detect.ipv6_prefix_len``), because an instance can take any address
+  of its prefix and a spammer rotating addresses inside it must not look like thousands of
+  one-off senders.
+
+The CSV has the header ``ip,tenant,instance_id,interface_id`` (more columns allowed; only
+``ip`` is required), ``ip`` an address or a CIDR prefix. The most specific entry wins.
+
+>>> inv = Inventory.from_rows([("2001:db8:0:1::/64", "acct-1", "i-1", "")])
+>>> SourceKeys(inv).key_of("2001:db8:0:1::25")
+'2001:db8:0:1::/64'
+>>> SourceKeys(inv).key_of("2001:db8:0:2::25"), SourceKeys(inv).key_of("192.0.2.7")
+('2001:db8:0:2::/64', '192.0.2.7')
+"""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import polars as pl
+
+from smtpguard.core.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+INVENTORY_COLUMNS = ("ip", "tenant", "instance_id", "interface_id")
+
+
+@dataclass(frozen=True)
+class Entry:
+    network: IPNetwork
+    tenant: str
+    instance_id: str
+    interface_id: str
+
+
+class Inventory:
+    """Entries by prefix length, for longest-prefix matches."""
+
+    def __init__(self, entries: Iterable[Entry] = ()):
+        self.entries = list(entries)
+        self._by_len: dict[tuple[int, int], dict[int, Entry]] = {}
+        for e in self.entries:
+            self._by_len.setdefault((e.network.version, e.network.prefixlen), {})[int(e.network.network_address)] = e
+        self._lens = {v: sorted((pl_ for ver, pl_ in self._by_len if ver == v), reverse=True) for v in (4, 6)}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple[str, str, str, str]]) -> "Inventory":
+        return cls(Entry(ipaddress.ip_network(ip, strict=False), t, i, f) for ip, t, i, f in rows)
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> "Inventory":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"inventory file {path} not found")
+        entries = []
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if "ip" not in (reader.fieldnames or []):
+                raise ConfigError(f"inventory file {path}: header must include ip (and tenant, instance_id, "
+                                  "interface_id where known)")
+            for n, row in enumerate(reader, start=2):
+                try:
+                    net = ipaddress.ip_network((row.get("ip") or "").strip(), strict=False)
+                except ValueError as e:
+                    raise ConfigError(f"inventory file {path} line {n}: {e}") from None
+                entries.append(Entry(net, (row.get("tenant") or "").strip(), (row.get("instance_id") or "").strip(),
+                                     (row.get("interface_id") or "").strip()))
+        return cls(entries)
+
+    def lookup(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Entry | None:
+        """The most specific entry holding ``addr``, or None."""
+        v = addr.version
+        bits = 32 if v == 4 else 128
+        a = int(addr)
+        for plen in self._lens[v]:
+            e = self._by_len[(v, plen)].get(a >> (bits - plen) << (bits - plen))
+            if e is not None:
+                return e
+        return None
+
+
+class SourceKeys:
+    """Maps record source addresses to detection keys, and fills tenant and instance from the inventory."""
+
+    def __init__(self, inventory: Inventory | None = None, ipv6_prefix_len: int = 64):
+        if not 1 <= ipv6_prefix_len <= 128:
+            raise ConfigError("invalid config: detect.ipv6_prefix_len must be between 1 and 128")
+        self.inventory = inventory if inventory is not None and len(inventory) else None
+        self.ipv6_prefix_len = ipv6_prefix_len
+        self._cache: dict[str, tuple[str, str, str]] = {}
+
+    def key_of(self, ip: str) -> str:
+        return self._resolve(ip)[0]
+
+    def _resolve(self, ip: str) -> tuple[str, str, str]:
+        """(key, tenant, instance id) of one source address ('' where the inventory says nothing)."""
+        got = self._cache.get(ip)
+        if got is not None:
+            return got
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip, "", ""
+        e = self.inventory.lookup(addr) if self.inventory is not None else None
+        if addr.version == 4:
+            key = ip
+        elif e is not None:
+            key = str(e.network)
+        else:
+            key = str(ipaddress.IPv6Network((int(addr) >> (128 - self.ipv6_prefix_len) << (128 - self.ipv6_prefix_len),
+                                             self.ipv6_prefix_len)))
+        got = (key, e.tenant if e else "", e.instance_id if e else "")
+        if len(self._cache) > 1_000_000:
+            self._cache.clear()
+        self._cache[ip] = got
+        return got
+
+    def apply(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """Rows with ``src_addr`` (the record's source address) and ``src_ip`` replaced by the key;
+        empty ``tenant`` and ``instance_id`` filled from the inventory."""
+        rows = rows.with_columns(src_addr=pl.col("src_ip"))
+        if self.inventory is None and not rows["src_ip"].str.contains(":", literal=True).any():
+            return rows  # IPv4 without an inventory: every address is its own key
+        uniq = rows["src_ip"].unique().to_list()
+        resolved = [self._resolve(ip) for ip in uniq]
+        m = pl.DataFrame({"src_addr": uniq, "_key": [r[0] for r in resolved], "_tenant": [r[1] for r in resolved],
+                          "_inst": [r[2] for r in resolved]},
+                         schema={"src_addr": pl.String, "_key": pl.String, "_tenant": pl.String, "_inst": pl.String})
+        out = rows.join(m, on="src_addr", how="left", maintain_order="left")
+        return out.with_columns(
+            src_ip=pl.col("_key"),
+            tenant=pl.when(pl.col("tenant") == "").then(pl.col("_tenant")).otherwise(pl.col("tenant")),
+            instance_id=pl.when(pl.col("instance_id") == "").then(pl.col("_inst")).otherwise(pl.col("instance_id")),
+        ).drop("_key", "_tenant", "_inst")
+
+
+def key_network(key: str) -> IPNetwork | None:
+    """The network a source key names (an address is a /32 or /128), or None if it is not an address."""
+    try:
+        return ipaddress.ip_network(key, strict=False)
+    except ValueError:
+        return None

@@ -1,0 +1,308 @@
+"""The ClickHouse store, through clickhouse-connect only.
+
+The same SQL runs on the embedded engine (``chdb:///dir``) and on a server
+(``http(s)://user:pass@host:8123/db``). Table definitions derive from the record and
+feature definitions; the schema is created and migrated when a :class:`Store` opens.
+
+Embedded mode: one process at a time may own a chdb directory. The owner holds a lock
+file beside it naming its PID; another process gets :class:`StoreLockedError` naming
+the owner instead of a corrupted store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+
+from smtpguard.core import metrics, record
+from smtpguard.core.alert import ALERT
+from smtpguard.core.errors import StoreError, StoreLockedError
+
+log = logging.getLogger(__name__)
+
+#: Embedded store locks this process holds: lock path -> [fd, users]. Several Store objects
+#: in one process (the detector and the console of `serve`) share one engine and one lock.
+_HELD: dict[str, list[int]] = {}
+_HELD_MUTEX = threading.Lock()
+
+SEVERITIES = record.SEVERITIES
+
+
+def _columns(fields: Iterable[tuple[str, str]]) -> str:
+    return ",\n    ".join(f"`{name}` {ch}" for name, ch in fields)
+
+
+#: Where a stored flow came from on the flows topic: a replay after a restart rewrites the same
+#: (partition, offset, row), which the table folds into one row.
+FLOW_POSITION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("kafka_partition", "UInt32"), ("kafka_offset", "Int64"), ("kafka_row", "UInt32"))
+
+#: The alerts table as release 1 created it (step core-1, never to be edited); the alert's columns
+#: now derive from its one definition, :data:`smtpguard.core.alert.ALERT`, and later steps add to it.
+_ALERT_COLUMNS_1: tuple[tuple[str, str], ...] = (
+    ("alert_id", "String"), ("detector", "LowCardinality(String)"), ("severity", "LowCardinality(String)"),
+    ("severity_rank", "UInt8"), ("score", "Float64"), ("src_ip", "Nullable(String)"), ("tenant", "String"),
+    ("window_start", "DateTime64(3, 'UTC')"), ("window_end", "DateTime64(3, 'UTC')"), ("reasons", "Array(String)"),
+    ("evidence", "String"), ("exempted", "Bool"), ("suppressed", "LowCardinality(String)"),
+    ("status", "LowCardinality(String)"), ("created_at", "DateTime64(3, 'UTC')"), ("incident_id", "String"),
+)
+
+
+#: The modules that own tables, by name, in the order their steps run; each has
+#: ``migrations(db) -> list[(step_id, [sql, ...])]``. Steps run once each and are recorded in
+#: ``schema_migrations``. The table's owner is the layer that defines its records (the core owns
+#: flows and alerts; the detectors their features and checkpoints; the response the registry and
+#: decisions; the console its users): the core names them here and imports them only to migrate.
+MIGRATION_PROVIDERS = ("smtpguard.core.store", "smtpguard.core.registry", "smtpguard.detectors.storage",
+                       "smtpguard.response", "smtpguard.console", "smtpguard.response.audit")
+
+
+def migrations(db: str) -> list[tuple[str, list[str]]]:
+    """The core tables' schema steps. Append a step; never edit a released one."""
+    return [
+        ("core-1", [
+            f"""CREATE TABLE IF NOT EXISTS {db}.flows (
+    {_columns([(f.name, f.clickhouse) for f in record.FIELDS] + list(FLOW_POSITION_COLUMNS))}
+) ENGINE = ReplacingMergeTree PARTITION BY toYYYYMMDD(`start`)
+ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)""",
+            f"""CREATE TABLE IF NOT EXISTS {db}.alerts (
+    {_columns(_ALERT_COLUMNS_1)}
+) ENGINE = ReplacingMergeTree(`created_at`) ORDER BY (`alert_id`)""",
+        ]),
+        # which alerts the broker acknowledged on the alerts topic: a detector that stored an alert
+        # and died before publishing it publishes it on replay; one that published it does not again
+        ("core-2", [
+            f"""CREATE TABLE IF NOT EXISTS {db}.alert_publications (
+    `alert_id` String, `topic` String, `published_at` DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(`published_at`) ORDER BY (`topic`, `alert_id`)""",
+        ]),
+        # alerts carry their recommended next step
+        ("core-3", [f"ALTER TABLE {db}.alerts ADD COLUMN IF NOT EXISTS `next_step` String"]),
+    ]
+
+
+class Store:
+    """Open (and migrate) the store named by ``dsn``; use as a context manager."""
+
+    def __init__(self, dsn: str, database: str = "smtpguard", *, create: bool = True):
+        import clickhouse_connect
+
+        self.dsn = dsn
+        self.database = database
+        self._lock_path: str | None = None
+        self._mutex = threading.RLock()
+        self.embedded = dsn.startswith("chdb://")
+        try:
+            if self.embedded:
+                path = dsn[len("chdb://"):]
+                if not path:
+                    raise StoreError("store DSN chdb:// needs a directory, e.g. chdb:///var/lib/smtpguard/store")
+                Path(path).mkdir(parents=True, exist_ok=True)
+                self._take_lock(path)
+            self.client = clickhouse_connect.get_client(dsn=dsn)
+        except StoreError:
+            self._release_lock()
+            raise
+        except Exception as e:  # connection refused, bad credentials, bad DSN
+            self._release_lock()
+            from smtpguard.core.config import mask_dsn
+
+            raise StoreError(f"cannot open store {mask_dsn(dsn)}: {e}") from None
+        if create:
+            self.migrate()
+
+    # -- embedded ownership -------------------------------------------------------------
+    def _take_lock(self, path: str) -> None:
+        lock_path = os.path.realpath(path).rstrip("/") + ".lock"
+        with _HELD_MUTEX:
+            held = _HELD.get(lock_path)
+            if held is not None:
+                held[1] += 1
+                self._lock_path = lock_path
+                return
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise StoreLockedError(
+                    f"the embedded store {path} is in use by another process ({owner}); "
+                    "stop it, or give this command a server DSN with --store/SMTPGUARD_STORE__DSN"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: {' '.join(os.sys.argv[:2])}".encode(), 0)
+            _HELD[lock_path] = [fd, 1]
+            self._lock_path = lock_path
+
+    def _release_lock(self) -> None:
+        path = getattr(self, "_lock_path", None)
+        if path is None:
+            return
+        self._lock_path = None
+        with _HELD_MUTEX:
+            held = _HELD.get(path)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[path]
+                os.ftruncate(held[0], 0)
+                os.close(held[0])
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+            self.client = None
+        self._release_lock()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------------------
+    def migrate(self) -> int:
+        db = self.database
+        with self._mutex:
+            self.client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+            self.client.command(
+                f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version String, applied_at DateTime64(3, 'UTC'))"
+                " ENGINE = MergeTree ORDER BY version"
+            )
+            done = {r[0] for r in self.client.query(f"SELECT version FROM {db}.schema_migrations").result_rows}
+            applied = 0
+            import importlib
+
+            steps_all = [step for mod in MIGRATION_PROVIDERS for step in importlib.import_module(mod).migrations(db)]
+            for version, steps in steps_all:
+                if version in done:
+                    continue
+                for sql in steps:
+                    self.client.command(sql)
+                self.client.insert(f"{db}.schema_migrations", [[version, dt.datetime.now(dt.timezone.utc)]],
+                                   column_names=["version", "applied_at"])
+                done.add(version)  # a step listed twice runs once
+                applied += 1
+            return applied
+
+    # -- writes ---------------------------------------------------------------------------
+    def insert_arrow(self, table: str, data: pa.Table, settings: dict[str, Any] | None = None) -> None:
+        if data.num_rows == 0:
+            return
+        t0 = time.perf_counter()
+        try:
+            with self._mutex:
+                self.client.insert_arrow(f"{self.database}.{table}", data, settings=settings)
+        except Exception as e:
+            metrics.STORE_WRITE_FAILURES.labels(table).inc()
+            raise StoreError(f"writing {data.num_rows} rows to {table} failed: {e}") from e
+        self.last_write_s = time.perf_counter() - t0
+        metrics.STORE_WRITE_SECONDS.labels(table).observe(self.last_write_s)
+
+    def insert_flows(self, flows: pa.Table) -> None:
+        """Records with their topic position columns (kafka_partition, kafka_offset, kafka_row).
+
+        The table is partitioned by day, and one poll may hold flows of any number of days
+        (a backlog, or old records): ClickHouse's default of at most 100 partitions per
+        insert would refuse such a write for ever and stop the consumer."""
+        self.insert_arrow("flows", flows, settings={"max_partitions_per_insert_block": 0})
+
+    def insert_alerts(self, alerts: Sequence[Any]) -> None:
+        if alerts:
+            self.insert_arrow(ALERT.table, ALERT.to_arrow(alerts))
+
+    def existing_alerts(self, ids: Sequence[str]) -> dict[str, str]:
+        """Of ``ids``, the alerts already stored, with their ``suppressed`` reason ('' = raised)."""
+        if not ids:
+            return {}
+        rows = self.query(f"SELECT alert_id, argMax(suppressed, created_at) FROM {self.database}.alerts "
+                          "WHERE alert_id IN {ids:Array(String)} GROUP BY alert_id", {"ids": list(ids)})
+        return {r[0]: r[1] for r in rows}
+
+    def published_alert_ids(self, topic: str, ids: Sequence[str]) -> set[str]:
+        """Of ``ids``, the alerts already acknowledged on ``topic``."""
+        if not ids:
+            return set()
+        rows = self.query(f"SELECT DISTINCT alert_id FROM {self.database}.alert_publications "
+                          "WHERE topic = {topic:String} AND alert_id IN {ids:Array(String)}",
+                          {"topic": topic, "ids": list(ids)})
+        return {r[0] for r in rows}
+
+    def mark_published(self, topic: str, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        self.insert_arrow("alert_publications", pa.table({
+            "alert_id": list(ids), "topic": [topic] * len(ids),
+            "published_at": pa.array([now] * len(ids), pa.timestamp("ms", tz="UTC"))}))
+
+    # -- reads ----------------------------------------------------------------------------
+    def query(self, sql: str, parameters: dict[str, Any] | None = None,
+              column_formats: dict[str, str] | None = None) -> list[tuple]:
+        """Rows of ``sql`` (``column_formats``: e.g. ``{"blob": "bytes"}`` for binary String columns)."""
+        try:
+            with self._mutex:
+                return self.client.query(sql, parameters=parameters or {}, column_formats=column_formats).result_rows
+        except Exception as e:
+            raise StoreError(f"query failed: {e}") from e
+
+    def query_df(self, sql: str, parameters: dict[str, Any] | None = None):
+        """A pandas DataFrame (for notebooks and the console)."""
+        with self._mutex:
+            return self.client.query_df(sql, parameters=parameters or {})
+
+    def list_alerts(self, *, min_severity: str | None = None, since: dt.datetime | None = None,
+                    ip: str | None = None, include_suppressed: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        where = ["1"]
+        params: dict[str, Any] = {"limit": limit}
+        if min_severity:
+            where.append("severity_rank >= {rank:UInt8}")
+            params["rank"] = SEVERITIES.index(min_severity)
+        if since:
+            where.append("window_end >= {since:DateTime64(3, 'UTC')}")
+            params["since"] = since
+        if ip:
+            where.append("src_ip = {ip:String}")
+            params["ip"] = ip
+        if not include_suppressed:
+            where.append("suppressed = ''")
+        names = list(ALERT.names)
+        sql = (f"SELECT {', '.join(names)} FROM {self.database}.alerts FINAL WHERE {' AND '.join(where)} "
+               "ORDER BY window_start DESC, severity_rank DESC, alert_id LIMIT {limit:UInt32}")
+        return [dict(zip(names, row)) for row in self.query(sql, params)]
+
+    def list_incidents(self, *, since: dt.datetime | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Alerts grouped by incident: scope, first and last window, count, worst severity, detectors."""
+        where, params = ["suppressed = ''", "incident_id != ''"], {"limit": limit}
+        if since:
+            where.append("window_end >= {since:DateTime64(3, 'UTC')}")
+            params["since"] = since
+        sql = (f"SELECT incident_id, any(src_ip), any(tenant), min(window_start), max(window_end), count(), "
+               f"max(severity_rank), groupUniqArray(detector) FROM {self.database}.alerts FINAL "
+               f"WHERE {' AND '.join(where)} GROUP BY incident_id ORDER BY max(window_end) DESC LIMIT {{limit:UInt32}}")
+        names = ("incident_id", "src_ip", "tenant", "first_window", "last_window", "alerts", "severity", "detectors")
+        rows = [dict(zip(names, r)) for r in self.query(sql, params)]
+        for r in rows:
+            r["severity"] = SEVERITIES[r["severity"]]
+            r["detectors"] = sorted(r["detectors"])
+        return rows
+
+    def get_alert(self, alert_id: str) -> dict[str, Any] | None:
+        names = list(ALERT.names)
+        rows = self.query(f"SELECT {', '.join(names)} FROM {self.database}.alerts FINAL WHERE alert_id = {{id:String}}",
+                          {"id": alert_id})
+        return dict(zip(names, rows[0])) if rows else None
+
+    def count(self, table: str) -> int:
+        return int(self.query(f"SELECT count() FROM {self.database}.{table}")[0][0])
