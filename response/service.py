@@ -59,8 +59,7 @@ class ResponseStats:
 class Responder:
     """The consumer loop; :meth:`run` until ``stop`` is set (a clean stop writes and commits first)."""
 
-    def __init__(self, cfg: Config, store: Store, stop: threading.Event | None = None, *, lookups: bool = True,
-                 poll_messages: int = 200):
+    def __init__(self, cfg: Config, store: Store, stop: threading.Event | None = None, *, lookups: bool = True):
         from confluent_kafka import Consumer
 
         from smtpguard.core.kafka import consumer_settings
@@ -74,7 +73,7 @@ class Responder:
         self.deliverer = Deliverer(cfg, store, self.stop_event)
         self.lookups = AlertLookups(cfg, store) if lookups else None
         self.consumer = Consumer(consumer_settings(cfg, group_id=cfg.kafka.response_group_id))
-        self.poll_messages = poll_messages
+        self.poll_messages = cfg.response.poll_alerts
         self.stats = ResponseStats()
         self._pending: dict[int, int] = {}
 

@@ -75,9 +75,17 @@ def offline_cfg(tmp_path) -> config.Config:
 
 
 def replace(cfg: config.Config, **sections: dict) -> config.Config:
+    """``cfg`` with some options of some sections replaced; a nested table (``response={"webhook": {...}}``)
+    is converted to its type, so it is validated as the config file's would be."""
     out = cfg
     for name, values in sections.items():
-        out = msgspec.structs.replace(out, **{name: msgspec.structs.replace(getattr(out, name), **values)})
+        section = getattr(out, name)
+        typed = {}
+        for k, v in values.items():
+            current = getattr(section, k)
+            typed[k] = msgspec.convert(v, type(current)) if isinstance(v, dict) and isinstance(current, msgspec.Struct) \
+                else v
+        out = msgspec.structs.replace(out, **{name: msgspec.structs.replace(section, **typed)})
     return out
 
 

@@ -413,6 +413,8 @@ class ResponseConfig(msgspec.Struct, forbid_unknown_fields=True):
     """graduated: an offence within this many days after a restore revokes at once"""
     tenant_allowlist: list[TenantAllowance] = msgspec.field(default_factory=list)
     """tenants for which an automatic revoke becomes a proposal for review, each until its date"""
+    poll_alerts: int = 200
+    """alerts the response service takes per poll at most (its offsets are committed after each poll)"""
     actor: str = "smtpguard-policy"
     """the actor recorded on registry events written by the policy (people are recorded by name)"""
     nftables_table: str = "smtpguard"
@@ -426,6 +428,8 @@ class ResponseConfig(msgspec.Struct, forbid_unknown_fields=True):
         # (smtpguard.app.settings), which knows them
         for name, by_severity in self.detectors.items():
             _check_actions(f"response.detectors.{name}", by_severity)
+        if self.poll_alerts < 1:
+            raise ValueError("response.poll_alerts must be >= 1")
         if self.graduated_window_days < 1 or self.restore_probation_days < 0:
             raise ValueError("response.graduated_window_days must be >= 1 and response.restore_probation_days >= 0")
         for a in self.tenant_allowlist:
