@@ -250,14 +250,27 @@ def test_every_repeats_until_sigterm(tmp_path, chdb_dir, servers, silent):
         assert store.count("audit_runs") >= 2
 
 
-def test_the_store_migrations_create_the_audit_tables(chdb_dir, monkeypatch):
+def test_the_store_migrations_create_the_audit_tables(chdb_dir):
+    """The audit module is one of the table owners every store migrates (no help from the test)."""
+    import uuid
+
+    from smtpguard.core import store as store_mod
+
+    assert "smtpguard.response.audit" in store_mod.MIGRATION_PROVIDERS
+    with Store(f"chdb://{chdb_dir}", f"a_{uuid.uuid4().hex[:8]}") as s:
+        versions = {r[0] for r in s.query(f"SELECT version FROM {s.database}.schema_migrations")}
+        assert "audit-1" in versions
+        audit.ensure_tables(s)   # the command's own creation is a no-op on a migrated store
+        assert s.count("audit_runs") == 0 and s.count("audit_results") == 0
+
+
+def test_a_step_listed_twice_runs_once(chdb_dir, monkeypatch):
+    """Migrations record each step as they go: a provider named twice does not run its steps again."""
     import uuid
 
     from smtpguard.core import store as store_mod
 
     monkeypatch.setattr(store_mod, "MIGRATION_PROVIDERS", (*store_mod.MIGRATION_PROVIDERS, "smtpguard.response.audit"))
     with Store(f"chdb://{chdb_dir}", f"a_{uuid.uuid4().hex[:8]}") as s:
-        versions = {r[0] for r in s.query(f"SELECT version FROM {s.database}.schema_migrations")}
-        assert "audit-1" in versions
-        audit.ensure_tables(s)   # the command's own creation is a no-op on a migrated store
-        assert s.count("audit_runs") == 0 and s.count("audit_results") == 0
+        rows = s.query(f"SELECT version, count() FROM {s.database}.schema_migrations GROUP BY version")
+        assert rows and all(n == 1 for _v, n in rows), rows

@@ -1074,10 +1074,8 @@ def test_live_capture_without_the_capture_privilege():
 
 
 def test_live_capture_with_a_bpf_expression(smtp_server):
-    if ctypes.util.find_library("pcap") is None:
-        with pytest.raises(InputError, match="libpcap"):
-            live_capture("lo", [smtp_server], lambda b: None, threading.Event(), bpf=f"tcp port {smtp_server}")
-        return
+    # make test installs libpcap (Debian's libpcap0.8): a BPF filter needs it, and this test with it
+    assert ctypes.util.find_library("pcap"), "libpcap is missing: make test installs it (libpcap0.8)"
     cap = _Capture("lo", [smtp_server], bpf=f"tcp port {smtp_server}")
     _talk_smtp(smtp_server)
     (r,) = rows(cap.finish())

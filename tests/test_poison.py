@@ -183,3 +183,64 @@ def test_collect_sends_every_hostile_line_to_the_dead_letter_topic(cfg, tmp_path
     dead = [json.loads(m.value()) for m in read_topic(cfg, cfg.kafka.topics.dlq, len(hostile) + 1)]
     assert len(dead) == len(hostile) + 1
     assert any("after the message was produced" in d["reason"] and "10.32.0.1" in d["raw"] for d in dead)
+
+
+class _FlakyDlq:
+    """The detector's own producer, on the real broker, except that the first ``fails`` deliveries to the
+    dead-letter topic report an error (a broker that times out twice, then takes it)."""
+
+    def __init__(self, real, dlq: str, fails: int):
+        self.real, self.dlq, self.fails = real, dlq, fails
+
+    def produce(self, topic, value, key=None, on_delivery=None, **kw):
+        if topic == self.dlq and self.fails > 0:
+            self.fails -= 1
+            from confluent_kafka import KafkaError
+
+            def failed(_err, msg, report=on_delivery):
+                report(KafkaError(KafkaError._MSG_TIMED_OUT), msg)
+
+            return self.real.produce(topic, value, key=key, on_delivery=failed, **kw)
+        return self.real.produce(topic, value, key=key, on_delivery=on_delivery, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __len__(self):
+        return len(self.real)
+
+
+def test_dead_letters_delivered_on_the_second_retry_are_committed(cfg):
+    """Before the commit the detector makes sure every dead letter is on the DLQ: delivered only on the
+    second retry, it commits (this path once raised NameError just before the commit)."""
+    import threading
+
+    from smtpguard.detectors.runner import DetectorRunner
+
+    ensure_topics(cfg)
+    p = Producer(producer_settings(cfg))
+    p.produce(cfg.kafka.topics.flows, b"not an arrow batch", key=b"x", partition=0)
+    p.flush(10)
+    with Store(cfg.store_dsn, cfg.store.database) as store:
+        stop = threading.Event()
+        runner = DetectorRunner(cfg, store, Exemptions(), stop=stop)
+        runner.producer = _FlakyDlq(runner.producer, cfg.kafka.topics.dlq, fails=2)
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                runner.run()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        th = threading.Thread(target=run, daemon=True)
+        th.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and committed(cfg, 0) < 1 and not errors:
+            time.sleep(0.2)
+        stop.set()
+        th.join(30)
+    assert not errors, errors
+    assert runner.producer.fails == 0 and committed(cfg, 0) >= 1
+    dead = read_topic(cfg, cfg.kafka.topics.dlq, 1)
+    assert len(dead) >= 1 and json.loads(dead[0].value())["reason"].startswith("not an Arrow IPC record batch")
