@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
+from smtpguard.core.frames import encode
+
 
 @dataclass(frozen=True)
 class Feature:
@@ -98,84 +100,159 @@ NEEDED_COLUMNS = ("start", "end", "src_ip", "src_addr", "dst_ip", "dst_port", "a
                   "replies_5xx", "rcpt_count")
 
 
-def _net_expr() -> pl.Expr:
-    ip = pl.col("dst_ip")
+BITS = 16384
+"""width of a source's familiar-destination set (detectors/history.py)"""
+
+
+def _net_of(ip: pl.Expr) -> pl.Expr:
+    """The destination network a fan-out counts: the /24 of an IPv4 address, the /48 of an IPv6 one."""
     v4 = ip.str.replace(r"\.\d+$", "")
     # IPv6 text is canonical (compressed); the first three hextets name the /48 when present.
     v6 = ip.str.extract(r"^([0-9a-f]{0,4}:[0-9a-f]{0,4}:[0-9a-f]{0,4})", 1)
     return pl.when(ip.str.contains(":")).then(v6.fill_null(ip)).otherwise(v4)
 
 
-def window_features(rows: pl.DataFrame, window_ms: int) -> pl.DataFrame:
+def close_windows(rows: pl.DataFrame, window_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Aggregate record rows (with a ``window_start`` column in epoch ms) to one row per
-    (source IP, window), with the columns of :data:`FEATURES` in order.
+    (source IP, window), with the columns of :data:`FEATURES` in order, sorted by window start
+    then source; and the window's (source, destination) pairs for the source history: ``row``
+    (the feature row), ``bit`` (the destination's position in a familiar-destination set of
+    :data:`BITS` bits) and ``rej`` (a rejected port-25 connection), sorted by ``row``.
+
+    Every group-by runs on one integer key: the source, destination, tenant, instance and address
+    strings are dictionary-encoded once (sorted, so ties still break by the string); the (window,
+    source) pair is one integer whose order is the output's order. Rows are first reduced to one per
+    (window, source, destination), which carries every sum; the windows are built from those.
+    Strings come back only for the output.
     """
     if rows.height == 0:
-        return empty_features()
-    keys = ["src_ip", "window_start"]
-    weight = pl.col("sampling_rate").cast(pl.UInt64).clip(1)
-    rows = rows.with_columns(
-        w=weight,
-        dst_net=_net_expr(),
-        dur=(pl.col("end").cast(pl.Int64) - pl.col("start").cast(pl.Int64)).clip(0),
-    )
-    per_dst = (
-        rows.group_by(keys + ["dst_ip"]).agg(n=pl.col("w").sum())
-        .sort(["n", "dst_ip"], descending=[True, False])
-        .group_by(keys, maintain_order=True)
-        .agg(top_dst=pl.col("dst_ip").first(), top_dst_conns=pl.col("n").first(), top3_dst_conns=pl.col("n").head(3).sum())
-    )
-    per_addr = (
-        rows.group_by(keys + ["src_addr"]).agg(n=pl.col("w").sum())
-        .sort(["n", "src_addr"], descending=[True, False])
-        .group_by(keys, maintain_order=True)
-        .agg(top_address=pl.col("src_addr").first(), addresses=pl.len().cast(pl.UInt32))
-    )
-    tenant_mode = (
-        rows.filter(pl.col("tenant") != "")
-        .group_by(keys + ["tenant"]).agg(n=pl.len())
-        .sort(["n", "tenant"], descending=[True, False])
-        .group_by(keys, maintain_order=True).agg(tenant=pl.col("tenant").first())
-    )
+        return empty_features(), pl.DataFrame(schema={"row": pl.Int64, "bit": pl.Int64, "rej": pl.Boolean})
+    srcs, src = encode(rows["src_ip"])
+    dsts, dst = encode(rows["dst_ip"])
+    _nets, net_of_dst = encode(pl.select(_net_of(pl.lit(dsts))).to_series())
+    ws = rows["window_start"].cast(pl.Int64)
+    ws0 = int(ws.min())
+    nsrc, ndst = len(srcs), len(dsts)
+    nkeys = (int(ws.max()) - ws0) // window_ms * nsrc + nsrc
+    if nkeys * ndst >= 1 << 63:
+        raise ValueError(f"too many windows in one close ({nkeys:,} source windows x {ndst:,} destinations)")
+    key = ((ws - ws0) // window_ms).cast(pl.UInt64) * nsrc + src.cast(pl.UInt64)
+    instances, instance = encode(rows["instance_id"])
+    empty_instance = int(instances.search_sorted("")) if (instances == "").any() else -1
+
     w = pl.col("w")
-    agg = rows.group_by(keys).agg(
-        instance_id=pl.col("instance_id").filter(pl.col("instance_id") != "").first().fill_null(""),
-        connections=w.sum(),
-        accepted=w.filter(pl.col("action") == "accept").sum(),
-        rejected=w.filter(pl.col("action") == "reject").sum(),
-        distinct_dst=pl.col("dst_ip").n_unique().cast(pl.UInt32),
-        distinct_dst24=pl.col("dst_net").n_unique().cast(pl.UInt32),
-        bytes=(pl.col("bytes") * w).sum(),
-        packets=(pl.col("packets") * w).sum(),
-        rev_bytes=(pl.col("rev_bytes") * w).sum(),
-        mean_duration_ms=pl.col("dur").mean().cast(pl.Float64),
-        low_byte_conns=w.filter((pl.col("packets") <= 3) & (pl.col("bytes") <= 300)).sum(),
-        rejected_port25=w.filter((pl.col("action") == "reject") & (pl.col("dst_port") == 25)).sum(),
-        rejected_dst25=pl.col("dst_ip").filter((pl.col("action") == "reject") & (pl.col("dst_port") == 25))
-        .n_unique().cast(pl.UInt32),
-        unanswered=w.filter((pl.col("action") == "accept") & (pl.col("rev_packets") == 0)).sum(),
-        port25=w.filter(pl.col("dst_port") == 25).sum(),
-        port465=w.filter(pl.col("dst_port") == 465).sum(),
-        port587=w.filter(pl.col("dst_port") == 587).sum(),
-        port_other=w.filter(~pl.col("dst_port").is_in([25, 465, 587])).sum(),
-        smtp_sessions=w.filter(pl.col("reply_first").is_not_null()).sum(),
-        replies_5xx=(pl.col("replies_5xx").fill_null(0).cast(pl.UInt64) * w).sum(),
-        rcpt_total=(pl.col("rcpt_count").fill_null(0).cast(pl.UInt64) * w).sum(),
+    port = pl.col("dst_port")
+    accept, reject = pl.col("action") == "accept", pl.col("action") == "reject"
+
+    def wif(mask: pl.Expr) -> pl.Expr:
+        return w * mask.cast(pl.UInt64)
+
+    base = pl.DataFrame({"k": key, "d": dst, "i": instance}).hstack(rows.select(
+        "dst_port", "action", "packets", "bytes", "rev_bytes", "rev_packets", "start", "end", "reply_first",
+        "replies_5xx", "rcpt_count", "sampling_rate")).lazy()
+    base = base.with_columns(w=pl.col("sampling_rate").cast(pl.UInt64).clip(1)).select(
+        kd=pl.col("k") * ndst + pl.col("d").cast(pl.UInt64),
+        w=w,
+        accepted=wif(accept), rejected=wif(reject),
+        bytes=pl.col("bytes").cast(pl.UInt64) * w, packets=pl.col("packets").cast(pl.UInt64) * w,
+        rev_bytes=pl.col("rev_bytes").cast(pl.UInt64) * w,
+        dur=(pl.col("end").cast(pl.Int64) - pl.col("start").cast(pl.Int64)).clip(0),
+        low_byte_conns=wif((pl.col("packets") <= 3) & (pl.col("bytes") <= 300)),
+        rejected_port25=wif(reject & (port == 25)),
+        unanswered=wif(accept & (pl.col("rev_packets") == 0)),
+        port25=wif(port == 25), port465=wif(port == 465), port587=wif(port == 587),
+        port_other=wif(~port.is_in([25, 465, 587])),
+        smtp_sessions=wif(pl.col("reply_first").is_not_null()),
+        replies_5xx=pl.col("replies_5xx").fill_null(0).cast(pl.UInt64) * w,
+        rcpt_total=pl.col("rcpt_count").fill_null(0).cast(pl.UInt64) * w,
+        irow=pl.when(pl.col("i") != empty_instance).then(pl.int_range(pl.len(), dtype=pl.UInt32)),
     )
-    out = (
-        agg.join(per_dst, on=keys, how="left")
-        .join(per_addr, on=keys, how="left")
-        .join(tenant_mode, on=keys, how="left")
-        .with_columns(
-            tenant=pl.col("tenant").fill_null(""),
-            window_ms=pl.lit(window_ms, pl.UInt32),
-            window_end=pl.col("window_start") + window_ms,
-            bytes_per_conn=pl.col("bytes") / pl.col("connections"),
-            packets_per_conn=pl.col("packets") / pl.col("connections"),
-            top_dst_share=pl.col("top_dst_conns") / pl.col("connections"),
-        )
+    sums = ("accepted", "rejected", "bytes", "packets", "rev_bytes", "low_byte_conns", "rejected_port25",
+            "unanswered", "port25", "port465", "port587", "port_other", "smtp_sessions", "replies_5xx", "rcpt_total")
+    per_dst = base.group_by("kd").agg(
+        pl.col("w").sum().alias("n"), *[pl.col(c).sum() for c in sums],
+        dur=pl.col("dur").sum(), rows=pl.len(), irow=pl.col("irow").min(),
+    ).with_columns(k=pl.col("kd") // ndst, d=(pl.col("kd") % ndst).cast(pl.UInt32)).collect()
+    per_dst = per_dst.with_columns(net=net_of_dst.gather(per_dst["d"]))
+    by_key = per_dst.lazy().group_by("k").agg(
+        connections=pl.col("n").sum(), *[pl.col(c).sum() for c in sums],
+        mean_duration_ms=pl.col("dur").sum().cast(pl.Float64) / pl.col("rows").sum(),
+        irow=pl.col("irow").min(),
+        distinct_dst=pl.len().cast(pl.UInt32),
+        distinct_dst24=pl.col("net").n_unique().cast(pl.UInt32),
+        rejected_dst25=(pl.col("rejected_port25") > 0).sum().cast(pl.UInt32),
+        d_top=pl.col("d").sort_by(["n", "d"], descending=[True, False]).first(),
+        top_dst_conns=pl.col("n").max(),
+        top3_dst_conns=pl.col("n").top_k(3).sum(),
+    ).sort("k")
+    out = by_key.collect()
+    k = out["k"]
+    # the (source, destination) pairs of each output row, for the source history
+    bit_of_dst = (dsts.hash(seed=7) % BITS).cast(pl.Int64)
+    pairs = pl.DataFrame({"row": k.search_sorted(per_dst["k"]).cast(pl.Int64),
+                          "bit": bit_of_dst.gather(per_dst["d"]),
+                          "rej": per_dst["rejected_port25"] > 0}).sort("row")
+    out = out.with_columns(
+        src_ip=srcs.gather(k % nsrc),
+        window_start=(k // nsrc).cast(pl.Int64) * window_ms + ws0,
+        top_dst=dsts.gather(out["d_top"]),
+        instance_id=instances.gather(instance.gather(out["irow"])).fill_null(""),
     )
-    return _typed(out, BASE_FEATURES).sort(["window_start", "src_ip"])
+    out = out.join(_tenant_mode(rows, key), on="k", how="left", maintain_order="left")
+    addr = _addresses(rows, key, rows["sampling_rate"].cast(pl.UInt64).clip(1))
+    if addr is None:
+        out = out.with_columns(addresses=pl.lit(1, pl.UInt32), top_address=pl.col("src_ip"))
+    else:
+        out = out.join(addr, on="k", how="left", maintain_order="left").with_columns(
+            addresses=pl.col("addresses").fill_null(1), top_address=pl.col("top_address").fill_null(pl.col("src_ip")))
+    out = out.with_columns(
+        tenant=pl.col("tenant").fill_null(""),
+        window_ms=pl.lit(window_ms, pl.UInt32),
+        window_end=pl.col("window_start") + window_ms,
+        bytes_per_conn=pl.col("bytes") / pl.col("connections"),
+        packets_per_conn=pl.col("packets") / pl.col("connections"),
+        top_dst_share=pl.col("top_dst_conns") / pl.col("connections"),
+    )
+    return _typed(out, BASE_FEATURES), pairs
+
+
+def window_features(rows: pl.DataFrame, window_ms: int) -> pl.DataFrame:
+    """Aggregate record rows (with a ``window_start`` column in epoch ms) to one row per
+    (source IP, window), with the columns of :data:`FEATURES` in order."""
+    return close_windows(rows, window_ms)[0]
+
+
+def _top(frame: pl.LazyFrame, value: str) -> pl.LazyFrame:
+    """Per ``k``: the ``value`` with the largest ``n`` (ties: the smallest code, so the smallest string),
+    and how many values the key has."""
+    return frame.group_by("k").agg(top=pl.col(value).sort_by(["n", value], descending=[True, False]).first(),
+                                   count=pl.len().cast(pl.UInt32))
+
+
+def _tenant_mode(rows: pl.DataFrame, key: pl.Series) -> pl.DataFrame:
+    """Per key, the most frequent non-empty tenant by rows (ties: the smallest)."""
+    tenants, tenant = encode(rows["tenant"])
+    frame = pl.DataFrame({"k": key, "t": tenant}).lazy()
+    if (tenants == "").any():
+        frame = frame.filter(pl.col("t") != int(tenants.search_sorted("")))
+    got = _top(frame.group_by("k", "t").agg(n=pl.len()), "t").collect()
+    return got.select("k", tenant=tenants.gather(got["top"]))
+
+
+def _addresses(rows: pl.DataFrame, key: pl.Series, w: pl.Series) -> pl.DataFrame | None:
+    """``addresses`` and ``top_address`` of the keys whose rows carry other source addresses than the key
+    itself (IPv6 prefixes); None when every row's address is its key (IPv4): one address each."""
+    if "src_addr" not in rows.columns:
+        return None
+    differs = rows["src_addr"] != rows["src_ip"]
+    if not differs.any():
+        return None
+    mine = key.is_in(key.filter(differs).unique().implode())
+    addrs, addr = encode(rows["src_addr"].filter(mine))
+    per = pl.DataFrame({"k": key.filter(mine), "a": addr, "w": w.filter(mine)}).lazy().group_by("k", "a").agg(
+        n=pl.col("w").sum())
+    got = _top(per, "a").collect()
+    return got.select("k", top_address=addrs.gather(got["top"]), addresses=pl.col("count"))
 
 
 _POLARS_TYPES = {

@@ -28,7 +28,8 @@ from itertools import repeat
 import numpy as np
 import polars as pl
 
-BITS = 16384
+from .features import BITS
+
 WORDS = BITS // 64
 #: familiar-destination bits held inline per source before it gets a full row
 SMALL = 8
@@ -291,11 +292,11 @@ class SourceHistory:
         return out
 
     # -- per window -----------------------------------------------------------------------
-    def observe(self, rows: pl.DataFrame, feats: pl.DataFrame) -> pl.DataFrame:
+    def observe(self, feats: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
         """Add history columns to one closing batch of window features and learn from it.
 
-        ``rows`` are the raw records of the closing windows (``src_ip``, ``dst_ip``,
-        ``window_start``, ``action``, ``dst_port``); windows are taken in time order, so a
+        ``feats`` are sorted by window start and ``pairs`` are their (source, destination) pairs
+        (:func:`detectors.features.close_windows`); windows are taken in time order, so a
         destination first seen in minute 1 is familiar in minute 2. Columns added (values
         *before* this window): ``new_dst`` (destinations not seen before), ``new_dst_share``,
         ``base_conns``, ``base_distinct``, ``peak_distinct``, ``peak_conns``, ``history_minutes``,
@@ -310,22 +311,15 @@ class SourceHistory:
                 pl.lit(0, pl.Int64).alias("history_minutes"), pl.lit(0, pl.Int64).alias("seen_minutes"),
                 pl.lit(True).alias("learning"), pl.lit(0.0).alias("base_new"), pl.lit(0.0).alias("new_excess"),
                 pl.lit(0, pl.UInt8).alias("elevated"), pl.lit(0, pl.UInt32).alias("rejected_new_dst25"))
-        pairs = (rows.group_by("src_ip", "dst_ip", "window_start")
-                 .agg(rej=((pl.col("action") == "reject") & (pl.col("dst_port") == 25)).any())
-                 .with_columns(bit=(pl.col("dst_ip").hash(seed=7) % BITS).cast(pl.Int64)))
         # one pass of polars for the whole batch; the minutes are then walked in time order over
         # numpy slices (a destination first seen in minute 1 is familiar in minute 2)
         ws_all = feats["window_start"]
         ws_all = (ws_all.dt.epoch("ms") if ws_all.dtype.is_temporal() else ws_all.cast(pl.Int64)).to_numpy()
-        order = np.argsort(ws_all, kind="stable")
-        if not np.array_equal(order, np.arange(len(order))):
-            feats = feats[order]
-            ws_all = ws_all[order]
-        keyed = feats.select("src_ip", window_start=pl.Series(ws_all)).with_columns(_row=pl.int_range(pl.len(), dtype=pl.Int64))
-        p = pairs.join(keyed, on=["src_ip", "window_start"], how="inner").select("_row", "bit", "rej").sort("_row")
-        prow = p["_row"].to_numpy()
-        pbits = p["bit"].to_numpy()
-        prej = p["rej"].to_numpy()
+        if np.any(ws_all[1:] < ws_all[:-1]):
+            raise ValueError("window features must be sorted by window start")
+        prow = pairs["row"].to_numpy()
+        pbits = pairs["bit"].to_numpy()
+        prej = pairs["rej"].to_numpy()
         all_ips = feats["src_ip"].to_list()
         all_conns = feats["connections"].to_numpy().astype(float)
         all_distinct = feats["distinct_dst"].to_numpy().astype(float)

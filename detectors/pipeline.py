@@ -25,7 +25,7 @@ from smtpguard.core.inventory import Inventory, SourceKeys
 from smtpguard.core.alert import Alert
 
 from .alerts import AlertGate
-from .features import NEEDED_COLUMNS, empty_features, window_features
+from .features import NEEDED_COLUMNS, close_windows, empty_features
 from .history import HistoryParams, SourceHistory
 from .horizons import Panes, pane_types
 from .rules import Detector, build_detectors
@@ -137,9 +137,9 @@ class Pipeline:
         rows = s.engine.close_ready(force=force)
         if rows is None or rows.height == 0:
             return Output()
-        feats = window_features(rows, self.cfg.detect.window_ms)
+        feats, pairs = close_windows(rows, self.cfg.detect.window_ms)
         h, counted = s.history, (s.history.evicted, s.history.unremembered, s.history.saturated, s.panes.evicted)
-        feats = h.observe(rows, feats)
+        feats = h.observe(feats, pairs)
         feats = s.panes.add(feats)
         for k, before, now in zip(("sources", "sources_unremembered", "familiar_saturated", "panes"), counted,
                                   (h.evicted, h.unremembered, h.saturated, s.panes.evicted)):

@@ -35,6 +35,7 @@ from typing import Iterable
 import polars as pl
 
 from smtpguard.core.errors import ConfigError
+from smtpguard.core.frames import encode
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 INVENTORY_COLUMNS = ("ip", "tenant", "instance_id", "interface_id")
@@ -135,21 +136,30 @@ class SourceKeys:
 
     def apply(self, rows: pl.DataFrame) -> pl.DataFrame:
         """Rows with ``src_addr`` (the record's source address) and ``src_ip`` replaced by the key;
-        empty ``tenant`` and ``instance_id`` filled from the inventory."""
+        empty ``tenant`` and ``instance_id`` filled from the inventory.
+
+        Each distinct address is resolved once (and cached across batches); rows take their key by
+        index. Without an inventory only IPv6 addresses are looked at: an IPv4 address is its own key."""
         rows = rows.with_columns(src_addr=pl.col("src_ip"))
-        if self.inventory is None and not rows["src_ip"].str.contains(":", literal=True).any():
-            return rows  # IPv4 without an inventory: every address is its own key
-        uniq = rows["src_ip"].unique().to_list()
-        resolved = [self._resolve(ip) for ip in uniq]
-        m = pl.DataFrame({"src_addr": uniq, "_key": [r[0] for r in resolved], "_tenant": [r[1] for r in resolved],
-                          "_inst": [r[2] for r in resolved]},
-                         schema={"src_addr": pl.String, "_key": pl.String, "_tenant": pl.String, "_inst": pl.String})
-        out = rows.join(m, on="src_addr", how="left", maintain_order="left")
-        return out.with_columns(
-            src_ip=pl.col("_key"),
-            tenant=pl.when(pl.col("tenant") == "").then(pl.col("_tenant")).otherwise(pl.col("tenant")),
-            instance_id=pl.when(pl.col("instance_id") == "").then(pl.col("_inst")).otherwise(pl.col("instance_id")),
-        ).drop("_key", "_tenant", "_inst")
+        addrs = rows["src_ip"]
+        if self.inventory is None:
+            v6 = addrs.str.contains(":", literal=True)
+            if not v6.any():
+                return rows  # IPv4 without an inventory: every address is its own key
+            uniq = addrs.filter(v6).unique()
+            keys = pl.Series([self._resolve(ip)[0] for ip in uniq.to_list()], dtype=pl.String)
+            return rows.with_columns(src_ip=pl.when(v6).then(addrs.replace_strict(uniq, keys, default=addrs))
+                                     .otherwise(addrs))
+        uniq, code = encode(addrs)
+        resolved = [self._resolve(ip) for ip in uniq.to_list()]
+        keys = pl.Series([r[0] for r in resolved], dtype=pl.String).gather(code)
+        tenants = pl.Series([r[1] for r in resolved], dtype=pl.String).gather(code)
+        insts = pl.Series([r[2] for r in resolved], dtype=pl.String).gather(code)
+        return rows.with_columns(
+            src_ip=keys,
+            tenant=pl.when(pl.col("tenant") == "").then(tenants).otherwise(pl.col("tenant")),
+            instance_id=pl.when(pl.col("instance_id") == "").then(insts).otherwise(pl.col("instance_id")),
+        )
 
 
 def key_network(key: str) -> IPNetwork | None:
