@@ -13,6 +13,8 @@ import pyarrow as pa
 
 from smtpguard.core.frames import encode
 
+from .tenants import dst_hash
+
 
 @dataclass(frozen=True)
 class Feature:
@@ -112,12 +114,31 @@ def _net_of(ip: pl.Expr) -> pl.Expr:
     return pl.when(ip.str.contains(":")).then(v6.fill_null(ip)).otherwise(v4)
 
 
-def close_windows(rows: pl.DataFrame, window_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+@dataclass
+class Closed:
+    """What closing windows hands to the stages after it (:func:`close_windows`)."""
+
+    features: pl.DataFrame
+    """one row per (source, window): the columns of :data:`FEATURES`, sorted by window start then source"""
+    pairs: pl.DataFrame
+    """the (source, destination) pairs of each feature row, for the source history: ``row`` (the feature
+    row), ``bit`` (the destination's position in a familiar-destination set of :data:`BITS` bits) and
+    ``rej`` (a rejected port-25 connection), sorted by ``row``"""
+    tenant_rows: pl.DataFrame
+    """port-25 traffic of sources with a tenant, one row per (tenant, window, source, destination):
+    ``tenant``, ``window_start`` (ms), ``src_ip``, ``dst_hash``, ``conns``, ``rejected`` (for
+    :class:`detectors.tenants.TenantStage`)"""
+
+
+_NO_PAIRS = {"row": pl.Int64, "bit": pl.Int64, "rej": pl.Boolean}
+_NO_TENANT_ROWS = {"tenant": pl.String, "window_start": pl.Int64, "src_ip": pl.String, "dst_hash": pl.UInt64,
+                   "conns": pl.UInt32, "rejected": pl.UInt32}
+
+
+def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
     """Aggregate record rows (with a ``window_start`` column in epoch ms) to one row per
-    (source IP, window), with the columns of :data:`FEATURES` in order, sorted by window start
-    then source; and the window's (source, destination) pairs for the source history: ``row``
-    (the feature row), ``bit`` (the destination's position in a familiar-destination set of
-    :data:`BITS` bits) and ``rej`` (a rejected port-25 connection), sorted by ``row``.
+    (source IP, window), with the columns of :data:`FEATURES` in order; with the pairs and
+    tenant rows the later stages need (:class:`Closed`).
 
     Every group-by runs on one integer key: the source, destination, tenant, instance and address
     strings are dictionary-encoded once (sorted, so ties still break by the string); the (window,
@@ -126,7 +147,7 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> tuple[pl.DataFrame, pl.
     Strings come back only for the output.
     """
     if rows.height == 0:
-        return empty_features(), pl.DataFrame(schema={"row": pl.Int64, "bit": pl.Int64, "rej": pl.Boolean})
+        return Closed(empty_features(), pl.DataFrame(schema=_NO_PAIRS), pl.DataFrame(schema=_NO_TENANT_ROWS))
     srcs, src = encode(rows["src_ip"])
     dsts, dst = encode(rows["dst_ip"])
     _nets, net_of_dst = encode(pl.select(_net_of(pl.lit(dsts))).to_series())
@@ -137,25 +158,28 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> tuple[pl.DataFrame, pl.
     if nkeys * ndst >= 1 << 63:
         raise ValueError(f"too many windows in one close ({nkeys:,} source windows x {ndst:,} destinations)")
     key = ((ws - ws0) // window_ms).cast(pl.UInt64) * nsrc + src.cast(pl.UInt64)
-    instances, instance = encode(rows["instance_id"])
-    empty_instance = int(instances.search_sorted("")) if (instances == "").any() else -1
 
+    # sampled flows weigh their sampling rate; unsampled ones (most) skip the multiplications
+    sampled = int(rows["sampling_rate"].max() or 1) > 1
     w = pl.col("w")
     port = pl.col("dst_port")
     accept, reject = pl.col("action") == "accept", pl.col("action") == "reject"
 
     def wif(mask: pl.Expr) -> pl.Expr:
-        return w * mask.cast(pl.UInt64)
+        return w * mask.cast(pl.UInt64) if sampled else mask.cast(pl.UInt64)
 
-    base = pl.DataFrame({"k": key, "d": dst, "i": instance}).hstack(rows.select(
+    def times_w(col: str) -> pl.Expr:
+        c = pl.col(col).fill_null(0).cast(pl.UInt64)
+        return c * w if sampled else c
+
+    base = pl.DataFrame({"k": key, "d": dst}).hstack(rows.select(
         "dst_port", "action", "packets", "bytes", "rev_bytes", "rev_packets", "start", "end", "reply_first",
-        "replies_5xx", "rcpt_count", "sampling_rate")).lazy()
+        "replies_5xx", "rcpt_count", "sampling_rate", "instance_id")).lazy()
     base = base.with_columns(w=pl.col("sampling_rate").cast(pl.UInt64).clip(1)).select(
         kd=pl.col("k") * ndst + pl.col("d").cast(pl.UInt64),
         w=w,
         accepted=wif(accept), rejected=wif(reject),
-        bytes=pl.col("bytes").cast(pl.UInt64) * w, packets=pl.col("packets").cast(pl.UInt64) * w,
-        rev_bytes=pl.col("rev_bytes").cast(pl.UInt64) * w,
+        bytes=times_w("bytes"), packets=times_w("packets"), rev_bytes=times_w("rev_bytes"),
         dur=(pl.col("end").cast(pl.Int64) - pl.col("start").cast(pl.Int64)).clip(0),
         low_byte_conns=wif((pl.col("packets") <= 3) & (pl.col("bytes") <= 300)),
         rejected_port25=wif(reject & (port == 25)),
@@ -163,9 +187,9 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> tuple[pl.DataFrame, pl.
         port25=wif(port == 25), port465=wif(port == 465), port587=wif(port == 587),
         port_other=wif(~port.is_in([25, 465, 587])),
         smtp_sessions=wif(pl.col("reply_first").is_not_null()),
-        replies_5xx=pl.col("replies_5xx").fill_null(0).cast(pl.UInt64) * w,
-        rcpt_total=pl.col("rcpt_count").fill_null(0).cast(pl.UInt64) * w,
-        irow=pl.when(pl.col("i") != empty_instance).then(pl.int_range(pl.len(), dtype=pl.UInt32)),
+        replies_5xx=times_w("replies_5xx"), rcpt_total=times_w("rcpt_count"),
+        # the first row with an instance id names the window's instance
+        irow=pl.when(pl.col("instance_id") != "").then(pl.int_range(pl.len(), dtype=pl.UInt32)),
     )
     sums = ("accepted", "rejected", "bytes", "packets", "rev_bytes", "low_byte_conns", "rejected_port25",
             "unanswered", "port25", "port465", "port587", "port_other", "smtp_sessions", "replies_5xx", "rcpt_total")
@@ -196,9 +220,23 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> tuple[pl.DataFrame, pl.
         src_ip=srcs.gather(k % nsrc),
         window_start=(k // nsrc).cast(pl.Int64) * window_ms + ws0,
         top_dst=dsts.gather(out["d_top"]),
-        instance_id=instances.gather(instance.gather(out["irow"])).fill_null(""),
+        instance_id=rows["instance_id"].gather(out["irow"]).fill_null(""),
     )
-    out = out.join(_tenant_mode(rows, key), on="k", how="left", maintain_order="left")
+    tenants, tenant = encode(rows["tenant"])
+    no_tenant = int(tenants.search_sorted("")) if (tenants == "").any() else -1
+    out = out.join(_tenant_mode(tenants, tenant, no_tenant, key), on="k", how="left", maintain_order="left")
+    t25 = (pl.DataFrame({"k": key, "t": tenant, "d": dst}).hstack(rows.select("dst_port", "action")).lazy()
+           .filter((pl.col("dst_port") == 25) & (pl.col("t") != no_tenant))
+           .group_by("k", "t", "d").agg(conns=pl.len().cast(pl.UInt32),
+                                        rejected=(pl.col("action") == "reject").sum().cast(pl.UInt32))
+           .collect())
+    tenant_rows = pl.DataFrame({
+        "tenant": tenants.gather(t25["t"]),
+        "window_start": (t25["k"] // nsrc).cast(pl.Int64) * window_ms + ws0,
+        "src_ip": srcs.gather(t25["k"] % nsrc),
+        "dst_hash": dst_hash(dsts).gather(t25["d"]),
+        "conns": t25["conns"], "rejected": t25["rejected"],
+    }, schema=_NO_TENANT_ROWS)
     addr = _addresses(rows, key, rows["sampling_rate"].cast(pl.UInt64).clip(1))
     if addr is None:
         out = out.with_columns(addresses=pl.lit(1, pl.UInt32), top_address=pl.col("src_ip"))
@@ -213,13 +251,13 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> tuple[pl.DataFrame, pl.
         packets_per_conn=pl.col("packets") / pl.col("connections"),
         top_dst_share=pl.col("top_dst_conns") / pl.col("connections"),
     )
-    return _typed(out, BASE_FEATURES), pairs
+    return Closed(_typed(out, BASE_FEATURES), pairs, tenant_rows)
 
 
 def window_features(rows: pl.DataFrame, window_ms: int) -> pl.DataFrame:
     """Aggregate record rows (with a ``window_start`` column in epoch ms) to one row per
     (source IP, window), with the columns of :data:`FEATURES` in order."""
-    return close_windows(rows, window_ms)[0]
+    return close_windows(rows, window_ms).features
 
 
 def _top(frame: pl.LazyFrame, value: str) -> pl.LazyFrame:
@@ -229,12 +267,12 @@ def _top(frame: pl.LazyFrame, value: str) -> pl.LazyFrame:
                                    count=pl.len().cast(pl.UInt32))
 
 
-def _tenant_mode(rows: pl.DataFrame, key: pl.Series) -> pl.DataFrame:
-    """Per key, the most frequent non-empty tenant by rows (ties: the smallest)."""
-    tenants, tenant = encode(rows["tenant"])
+def _tenant_mode(tenants: pl.Series, tenant: pl.Series, no_tenant: int, key: pl.Series) -> pl.DataFrame:
+    """Per key, the most frequent non-empty tenant by rows (ties: the smallest); ``tenant`` are the rows'
+    codes into ``tenants``, ``no_tenant`` the code of the empty tenant (-1: none)."""
     frame = pl.DataFrame({"k": key, "t": tenant}).lazy()
-    if (tenants == "").any():
-        frame = frame.filter(pl.col("t") != int(tenants.search_sorted("")))
+    if no_tenant >= 0:
+        frame = frame.filter(pl.col("t") != no_tenant)
     got = _top(frame.group_by("k", "t").agg(n=pl.len()), "t").collect()
     return got.select("k", tenant=tenants.gather(got["top"]))
 

@@ -137,9 +137,9 @@ class Pipeline:
         rows = s.engine.close_ready(force=force)
         if rows is None or rows.height == 0:
             return Output()
-        feats, pairs = close_windows(rows, self.cfg.detect.window_ms)
+        closed = close_windows(rows, self.cfg.detect.window_ms)
         h, counted = s.history, (s.history.evicted, s.history.unremembered, s.history.saturated, s.panes.evicted)
-        feats = h.observe(feats, pairs)
+        feats = h.observe(closed.features, closed.pairs)
         feats = s.panes.add(feats)
         for k, before, now in zip(("sources", "sources_unremembered", "familiar_saturated", "panes"), counted,
                                   (h.evicted, h.unremembered, h.saturated, s.panes.evicted)):
@@ -147,7 +147,7 @@ class Pipeline:
         annotated = self.exemptions.annotate(feats)
         findings = [f for d in self.detectors for f in d.evaluate(annotated)]
         skip = annotated.filter(pl.col("exempted") & (pl.col("exemption_age_days") >= self.tenant_established_days))
-        self.tenants.add(rows, set(skip["src_ip"].to_list()))
+        self.tenants.add(closed.tenant_rows, set(skip["src_ip"].to_list()))
         lateness = self.cfg.detect.allowed_lateness_ms
         for f in findings:
             # the event time at which the watermark passes the window: when the alert is due, whatever the batch size

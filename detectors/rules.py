@@ -121,9 +121,17 @@ class Detector:
     @staticmethod
     def _findings(name: str, rows: pl.DataFrame, reasons_of, next_step_of=None) -> list[Finding]:
         out = []
+        if rows.height == 0:
+            return out
+        times = [k for k, t in rows.schema.items() if t.is_temporal() and not k.startswith("_")]
+        hidden = [k for k in rows.columns if k == "score" or k.startswith("_")]
         for r in rows.iter_rows(named=True):
-            evidence = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
-                        if k not in ("score",) and not k.startswith("_")}
+            evidence = dict(r)
+            for k in hidden:
+                del evidence[k]
+            for k in times:
+                if evidence[k] is not None:
+                    evidence[k] = evidence[k].isoformat()
             reasons = [x for x in reasons_of(r) if x]
             if r.get("src_ip") is not None and "learning" in r:
                 reasons.append(_history_note(r))

@@ -18,9 +18,15 @@ M = 256
 _ALPHA = 0.7213 / (1 + 1.079 / M)
 
 
+def dst_hash(ips: pl.Series) -> pl.Series:
+    """The 64-bit hash of each destination address the HyperLogLog registers are built from."""
+    return ips.hash(seed=11)
+
+
 def hll_partials(rows: pl.DataFrame) -> pl.DataFrame:
-    """(tenant, window_start, bucket) -> max rank, from raw rows with ``tenant`` and ``dst_ip``."""
-    h = rows["dst_ip"].hash(seed=11).to_numpy()
+    """(tenant, window_start, bucket) -> max rank, from rows with ``tenant``, ``window_start`` and
+    ``dst_hash`` (:func:`dst_hash` of the destination)."""
+    h = rows["dst_hash"].to_numpy()
     bucket = (h & np.uint64(M - 1)).astype(np.int16)
     w = h >> np.uint64(8)
     with np.errstate(divide="ignore"):
@@ -50,17 +56,20 @@ class TenantStage:
         self.closed_upto_ms: int | None = None
 
     def add(self, rows: pl.DataFrame, skip_ips: set[str]) -> None:
-        """Add a stream's closing rows (port 25, known tenant, not established-exempt)."""
-        r = rows.filter((pl.col("dst_port") == 25) & (pl.col("tenant") != ""))
+        """Add a stream's closing port-25 traffic of sources with a tenant: one row per (tenant, window,
+        source, destination) with ``dst_hash``, ``conns`` and ``rejected``
+        (:attr:`detectors.features.Closed.tenant_rows`); sources in ``skip_ips`` (established exempted
+        senders) are left out."""
+        r = rows
         if skip_ips:
-            r = r.filter(~pl.col("src_ip").is_in(list(skip_ips)))
+            r = r.filter(~pl.col("src_ip").is_in(pl.Series(list(skip_ips), dtype=pl.String).implode()))
         if self.closed_upto_ms is not None:
             r = r.filter(pl.col("window_start") >= self.closed_upto_ms)
         if r.height == 0:
             return
         regs = hll_partials(r)
         inst = r.group_by("tenant", "window_start", "src_ip").agg(
-            conns=pl.len().cast(pl.UInt64), rejected=(pl.col("action") == "reject").sum().cast(pl.UInt64))
+            conns=pl.col("conns").sum().cast(pl.UInt64), rejected=pl.col("rejected").sum().cast(pl.UInt64))
         self.registers = pl.concat([self.registers, regs]) if self.registers.height else regs
         self.instances = pl.concat([self.instances, inst]) if self.instances.height else inst
 

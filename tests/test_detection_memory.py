@@ -11,7 +11,7 @@ import pytest
 
 from smtpguard.detectors.history import SourceHistory, HistoryParams
 from smtpguard.detectors.pipeline import Pipeline
-from smtpguard.detectors.tenants import hll_estimate, hll_partials, relative_error
+from smtpguard.detectors.tenants import dst_hash, hll_estimate, hll_partials, relative_error
 from smtpguard.core.errors import ConfigError
 from smtpguard.lab.evaluate import EvalResult, score_run
 
@@ -49,7 +49,8 @@ def test_history_snapshot_restores_and_eviction_is_bounded():
 
 def test_hll_estimates_distinct_destinations():
     n = 3000
-    rows = pl.DataFrame({"tenant": ["t"] * n, "window_start": [0] * n, "dst_ip": [f"203.0.{i // 250}.{i % 250}" for i in range(n)]})
+    dsts = pl.Series([f"203.0.{i // 250}.{i % 250}" for i in range(n)])
+    rows = pl.DataFrame({"tenant": ["t"] * n, "window_start": [0] * n, "dst_hash": dst_hash(dsts)})
     est = hll_estimate(hll_partials(rows))["distinct_dst25"][0]
     assert abs(est - n) / n < 4 * relative_error()
     small = hll_estimate(hll_partials(rows.head(40)))["distinct_dst25"][0]
