@@ -36,6 +36,7 @@ import polars as pl
 
 from smtpguard.core.errors import ConfigError
 from smtpguard.core.frames import encode
+from smtpguard.core.iputil import ipv6_text, parse_ip
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 INVENTORY_COLUMNS = ("ip", "tenant", "instance_id", "interface_id")
@@ -88,11 +89,13 @@ class Inventory:
 
     def lookup(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Entry | None:
         """The most specific entry holding ``addr``, or None."""
-        v = addr.version
-        bits = 32 if v == 4 else 128
-        a = int(addr)
-        for plen in self._lens[v]:
-            e = self._by_len[(v, plen)].get(a >> (bits - plen) << (bits - plen))
+        return self.lookup_int(addr.version, int(addr))
+
+    def lookup_int(self, version: int, value: int) -> Entry | None:
+        """:meth:`lookup` of an address given as (version, integer value)."""
+        bits = 32 if version == 4 else 128
+        for plen in self._lens[version]:
+            e = self._by_len[(version, plen)].get(value >> (bits - plen) << (bits - plen))
             if e is not None:
                 return e
         return None
@@ -116,18 +119,18 @@ class SourceKeys:
         got = self._cache.get(ip)
         if got is not None:
             return got
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        parsed = parse_ip(ip)
+        if parsed is None:
             return ip, "", ""
-        e = self.inventory.lookup(addr) if self.inventory is not None else None
-        if addr.version == 4:
+        version, value = parsed
+        e = self.inventory.lookup_int(version, value) if self.inventory is not None else None
+        if version == 4:
             key = ip
         elif e is not None:
             key = str(e.network)
         else:
-            key = str(ipaddress.IPv6Network((int(addr) >> (128 - self.ipv6_prefix_len) << (128 - self.ipv6_prefix_len),
-                                             self.ipv6_prefix_len)))
+            plen = self.ipv6_prefix_len
+            key = f"{ipv6_text(value >> (128 - plen) << (128 - plen))}/{plen}"
         got = (key, e.tenant if e else "", e.instance_id if e else "")
         if len(self._cache) > 1_000_000:
             self._cache.clear()

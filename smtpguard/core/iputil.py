@@ -9,6 +9,7 @@ at a time, which is fine because those rows are few in flow logs.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import numpy as np
 import pyarrow as pa
@@ -19,18 +20,45 @@ _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 IPV4_RE = rf"^(?:{_OCTET}\.){{3}}{_OCTET}$"
 
 
+def parse_ip(text: str) -> tuple[int, int] | None:
+    """(version, integer value) of an IPv4 or IPv6 address, or None if ``text`` is not one
+    (scoped IPv6 addresses included, see :func:`canonical_ip`).
+
+    The C library's parser takes the common spellings (about ten times faster than
+    :mod:`ipaddress`); anything with an embedded dotted quad, or that it refuses, goes to
+    :mod:`ipaddress`, whose rules decide."""
+    if not text or len(text) > 45 or "%" in text:
+        return None
+    if ":" in text and "." not in text:
+        try:
+            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+        except OSError:
+            pass
+    try:
+        a = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return a.version, int(a)
+
+
+def ipv6_text(value: int) -> str:
+    """Canonical (RFC 5952, as :mod:`ipaddress` prints it) text of an IPv6 address."""
+    text = socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
+    # the C library prints IPv4-mapped and -compatible addresses with a dotted quad; ipaddress does not
+    return str(ipaddress.IPv6Address(value)) if "." in text else text
+
+
 def canonical_ip(text: str) -> str | None:
     """Canonical text of an IPv4 or IPv6 address, or None if ``text`` is not one.
 
     Scoped IPv6 addresses (``fe80::1%eth0``) are refused: a flow record has no use
     for the zone and it would make two spellings of one address.
     """
-    if not text or len(text) > 45 or "%" in text:
+    got = parse_ip(text)
+    if got is None:
         return None
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
+    version, value = got
+    return str(ipaddress.IPv4Address(value)) if version == 4 else ipv6_text(value)
 
 
 def canonicalize_ips(col: pa.Array, check: np.ndarray | None = None) -> tuple[pa.Array, np.ndarray]:
