@@ -25,7 +25,6 @@ from common import cpu_seconds, flow_file, machine, peak_rss_mb  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", type=int, default=2_000_000)
-    ap.add_argument("--no-respond", action="store_true", help="leave the revocation policy out of the detector")
     args = ap.parse_args()
 
     from smtpguard.core import config
@@ -49,7 +48,7 @@ def main() -> None:
               f"{wall:.2f} s -> {stats.read / wall:,.0f} lines/s ({stats.read / cpu:,.0f} per CPU-second)")
         with Store(cfg.store_dsn, cfg.store.database) as store:
             stop = threading.Event()
-            runner = DetectorRunner(cfg, store, stop=stop, respond=not args.no_respond)
+            runner = DetectorRunner(cfg, store, stop=stop)
             th = threading.Thread(target=runner.run, daemon=True)
             c0, t0 = cpu_seconds(), time.perf_counter()
             th.start()

@@ -52,3 +52,25 @@ def test_the_contract_can_fail(tmp_path):
     (core / "reversed.py").write_text("from smtpguard.detectors import rules  # noqa: F401\n")
     r = _lint(tree)
     assert r.returncode != 0 and "smtpguard.core is not allowed to import smtpguard.detectors" in r.stdout
+
+
+def test_every_module_imports():
+    """Every module of the package imports: a name moved to another stage breaks here, not in the
+    first notebook or command that happens to reach it."""
+    import importlib
+    import pkgutil
+
+    import smtpguard
+
+    names = [m.name for m in pkgutil.walk_packages(smtpguard.__path__, "smtpguard.")]
+    for folder in FOLDERS:  # the flow's folders, installed as sub-packages
+        pkg = importlib.import_module(f"smtpguard.{folder}")
+        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, f"smtpguard.{folder}.")]
+    assert {"smtpguard.detectors.pipeline", "smtpguard.lab.notebook", "smtpguard.response.service"} <= set(names)
+    failed = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - the test reports every module that fails
+            failed[name] = f"{type(e).__name__}: {e}"
+    assert not failed, failed

@@ -26,7 +26,8 @@ import pandas as pd
 from smtpguard.core.config import mask_dsn
 from smtpguard.console import queries, schema
 from smtpguard.core.errors import StoreError
-from smtpguard.response import policy, registry
+from smtpguard.core import registry
+from smtpguard.response import policy
 from smtpguard.core.store import SEVERITIES, Store
 
 #: Connections counted the way the window features count them: a sampled flow stands for N.
