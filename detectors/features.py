@@ -172,7 +172,10 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
         c = pl.col(col).fill_null(0).cast(pl.UInt64)
         return c * w if sampled else c
 
-    base = pl.DataFrame({"k": key, "d": dst}).hstack(rows.select(
+    tenants, tenant = encode(rows["tenant"])
+    no_tenant = int(tenants.search_sorted("")) if (tenants == "").any() else -1
+
+    base = pl.DataFrame({"k": key, "d": dst, "t": tenant}).hstack(rows.select(
         "dst_port", "action", "packets", "bytes", "rev_bytes", "rev_packets", "start", "end", "reply_first",
         "replies_5xx", "rcpt_count", "sampling_rate", "instance_id")).lazy()
     base = base.with_columns(w=pl.col("sampling_rate").cast(pl.UInt64).clip(1)).select(
@@ -190,12 +193,15 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
         replies_5xx=times_w("replies_5xx"), rcpt_total=times_w("rcpt_count"),
         # the first row with an instance id names the window's instance
         irow=pl.when(pl.col("instance_id") != "").then(pl.int_range(pl.len(), dtype=pl.UInt32)),
+        t=pl.col("t"),
+        p25=(port == 25).cast(pl.UInt32), r25=(reject & (port == 25)).cast(pl.UInt32),
     )
     sums = ("accepted", "rejected", "bytes", "packets", "rev_bytes", "low_byte_conns", "rejected_port25",
             "unanswered", "port25", "port465", "port587", "port_other", "smtp_sessions", "replies_5xx", "rcpt_total")
     per_dst = base.group_by("kd").agg(
         pl.col("w").sum().alias("n"), *[pl.col(c).sum() for c in sums],
         dur=pl.col("dur").sum(), rows=pl.len(), irow=pl.col("irow").min(),
+        t=pl.col("t").min(), t_hi=pl.col("t").max(), n25=pl.col("p25").sum(), r25=pl.col("r25").sum(),
     ).with_columns(k=pl.col("kd") // ndst, d=(pl.col("kd") % ndst).cast(pl.UInt32)).collect()
     per_dst = per_dst.with_columns(net=net_of_dst.gather(per_dst["d"]))
     by_key = per_dst.lazy().group_by("k").agg(
@@ -222,14 +228,23 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
         top_dst=dsts.gather(out["d_top"]),
         instance_id=rows["instance_id"].gather(out["irow"]).fill_null(""),
     )
-    tenants, tenant = encode(rows["tenant"])
-    no_tenant = int(tenants.search_sorted("")) if (tenants == "").any() else -1
-    out = out.join(_tenant_mode(tenants, tenant, no_tenant, key), on="k", how="left", maintain_order="left")
-    t25 = (pl.DataFrame({"k": key, "t": tenant, "d": dst}).hstack(rows.select("dst_port", "action")).lazy()
-           .filter((pl.col("dst_port") == 25) & (pl.col("t") != no_tenant))
-           .group_by("k", "t", "d").agg(conns=pl.len().cast(pl.UInt32),
-                                        rejected=(pl.col("action") == "reject").sum().cast(pl.UInt32))
-           .collect())
+    if (per_dst["t"] == per_dst["t_hi"]).all():
+        # one tenant per (window, source, destination), as records of one source have: counted from the pairs
+        named = per_dst.lazy().filter(pl.col("t") != no_tenant)
+        mode = named.group_by("k", "t").agg(n=pl.col("rows").sum())
+        t25 = (named.filter(pl.col("n25") > 0)
+               .select("k", "t", "d", conns=pl.col("n25").cast(pl.UInt32), rejected=pl.col("r25").cast(pl.UInt32))
+               .collect())
+    else:
+        named = pl.DataFrame({"k": key, "t": tenant, "d": dst}).hstack(rows.select("dst_port", "action")).lazy() \
+            .filter(pl.col("t") != no_tenant)
+        mode = named.group_by("k", "t").agg(n=pl.len())
+        t25 = (named.filter(pl.col("dst_port") == 25)
+               .group_by("k", "t", "d").agg(conns=pl.len().cast(pl.UInt32),
+                                            rejected=(pl.col("action") == "reject").sum().cast(pl.UInt32))
+               .collect())
+    mode = _top(mode, "t").collect()
+    out = out.join(mode.select("k", tenant=tenants.gather(mode["top"])), on="k", how="left", maintain_order="left")
     tenant_rows = pl.DataFrame({
         "tenant": tenants.gather(t25["t"]),
         "window_start": (t25["k"] // nsrc).cast(pl.Int64) * window_ms + ws0,
@@ -267,26 +282,14 @@ def _top(frame: pl.LazyFrame, value: str) -> pl.LazyFrame:
                                    count=pl.len().cast(pl.UInt32))
 
 
-def _tenant_mode(tenants: pl.Series, tenant: pl.Series, no_tenant: int, key: pl.Series) -> pl.DataFrame:
-    """Per key, the most frequent non-empty tenant by rows (ties: the smallest); ``tenant`` are the rows'
-    codes into ``tenants``, ``no_tenant`` the code of the empty tenant (-1: none)."""
-    frame = pl.DataFrame({"k": key, "t": tenant}).lazy()
-    if no_tenant >= 0:
-        frame = frame.filter(pl.col("t") != no_tenant)
-    got = _top(frame.group_by("k", "t").agg(n=pl.len()), "t").collect()
-    return got.select("k", tenant=tenants.gather(got["top"]))
-
-
 def _addresses(rows: pl.DataFrame, key: pl.Series, w: pl.Series) -> pl.DataFrame | None:
     """``addresses`` and ``top_address`` of the keys whose rows carry other source addresses than the key
-    itself (IPv6 prefixes); None when every row's address is its key (IPv4): one address each."""
-    if "src_addr" not in rows.columns:
+    itself (``src_addr`` not null: IPv6 prefixes); None when there are none (one address each)."""
+    if "src_addr" not in rows.columns or rows["src_addr"].null_count() == rows.height:
         return None
-    differs = rows["src_addr"] != rows["src_ip"]
-    if not differs.any():
-        return None
+    differs = rows["src_addr"].is_not_null()
     mine = key.is_in(key.filter(differs).unique().implode())
-    addrs, addr = encode(rows["src_addr"].filter(mine))
+    addrs, addr = encode(rows["src_addr"].fill_null(rows["src_ip"]).filter(mine))
     per = pl.DataFrame({"k": key.filter(mine), "a": addr, "w": w.filter(mine)}).lazy().group_by("k", "a").agg(
         n=pl.col("w").sum())
     got = _top(per, "a").collect()

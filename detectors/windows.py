@@ -57,7 +57,8 @@ class WindowEngine:
         """Add records; returns how many were late (and dropped)."""
         if not isinstance(records, pl.DataFrame):
             records = pl.from_arrow(records.select([c for c in NEEDED_COLUMNS if c != "src_addr"]))
-        df = records if "src_addr" in records.columns else records.with_columns(src_addr=pl.col("src_ip"))
+        # src_addr: the record's address where the key is not the address itself (SourceKeys.apply)
+        df = records if "src_addr" in records.columns else records.with_columns(src_addr=pl.lit(None, pl.String))
         if df.height == 0:
             return 0
         start = pl.col("start").cast(pl.Int64)

@@ -138,28 +138,32 @@ class SourceKeys:
         return got
 
     def apply(self, rows: pl.DataFrame) -> pl.DataFrame:
-        """Rows with ``src_addr`` (the record's source address) and ``src_ip`` replaced by the key;
-        empty ``tenant`` and ``instance_id`` filled from the inventory.
+        """Rows with ``src_ip`` replaced by the key and ``src_addr`` the record's source address where it
+        is not the key itself (null where it is: IPv4 addresses); empty ``tenant`` and ``instance_id``
+        filled from the inventory.
 
         Each distinct address is resolved once (and cached across batches); rows take their key by
         index. Without an inventory only IPv6 addresses are looked at: an IPv4 address is its own key."""
-        rows = rows.with_columns(src_addr=pl.col("src_ip"))
         addrs = rows["src_ip"]
+        none = pl.lit(None, pl.String)
         if self.inventory is None:
             v6 = addrs.str.contains(":", literal=True)
             if not v6.any():
-                return rows  # IPv4 without an inventory: every address is its own key
+                return rows.with_columns(src_addr=none)  # IPv4 without an inventory: every address is its own key
             uniq = addrs.filter(v6).unique()
             keys = pl.Series([self._resolve(ip)[0] for ip in uniq.to_list()], dtype=pl.String)
             return rows.with_columns(src_ip=pl.when(v6).then(addrs.replace_strict(uniq, keys, default=addrs))
-                                     .otherwise(addrs))
+                                     .otherwise(addrs),
+                                     src_addr=pl.when(v6).then(addrs).otherwise(none))
         uniq, code = encode(addrs)
         resolved = [self._resolve(ip) for ip in uniq.to_list()]
-        keys = pl.Series([r[0] for r in resolved], dtype=pl.String).gather(code)
+        keys = pl.Series([r[0] for r in resolved], dtype=pl.String)
+        differs = pl.Series([r[0] != ip for r, ip in zip(resolved, uniq.to_list())], dtype=pl.Boolean).gather(code)
         tenants = pl.Series([r[1] for r in resolved], dtype=pl.String).gather(code)
         insts = pl.Series([r[2] for r in resolved], dtype=pl.String).gather(code)
         return rows.with_columns(
-            src_ip=keys,
+            src_ip=keys.gather(code),
+            src_addr=pl.when(differs).then(addrs).otherwise(none),
             tenant=pl.when(pl.col("tenant") == "").then(tenants).otherwise(pl.col("tenant")),
             instance_id=pl.when(pl.col("instance_id") == "").then(insts).otherwise(pl.col("instance_id")),
         )
