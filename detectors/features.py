@@ -283,14 +283,16 @@ def _top(frame: pl.LazyFrame, value: str) -> pl.LazyFrame:
 
 
 def _addresses(rows: pl.DataFrame, key: pl.Series, w: pl.Series) -> pl.DataFrame | None:
-    """``addresses`` and ``top_address`` of the keys whose rows carry other source addresses than the key
-    itself (``src_addr`` not null: IPv6 prefixes); None when there are none (one address each)."""
-    if "src_addr" not in rows.columns or rows["src_addr"].null_count() == rows.height:
+    """``addresses`` and ``top_address`` of the keys that name a network (IPv6 prefixes): their rows carry
+    the address in ``src_addr``. A key is either an address (``src_addr`` null) or a network, never both.
+    None when no key is a network (one address each)."""
+    if "src_addr" not in rows.columns:
         return None
-    differs = rows["src_addr"].is_not_null()
-    mine = key.is_in(key.filter(differs).unique().implode())
-    addrs, addr = encode(rows["src_addr"].fill_null(rows["src_ip"]).filter(mine))
-    per = pl.DataFrame({"k": key.filter(mine), "a": addr, "w": w.filter(mine)}).lazy().group_by("k", "a").agg(
+    has = rows["src_addr"].is_not_null()
+    if not has.any():
+        return None
+    addrs, addr = encode(rows["src_addr"].filter(has))
+    per = pl.DataFrame({"k": key.filter(has), "a": addr, "w": w.filter(has)}).lazy().group_by("k", "a").agg(
         n=pl.col("w").sum())
     got = _top(per, "a").collect()
     return got.select("k", top_address=addrs.gather(got["top"]), addresses=pl.col("count"))
