@@ -265,7 +265,12 @@ class DetectorRunner:
             if unread:  # nothing consumed since the assignment: the group's committed offset
                 position.update((tp.partition, tp.offset) for tp in self.consumer.committed(unread, timeout=2))
             for p in parts:
-                low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=2)
+                tp = TopicPartition(topic, p)
+                # the high watermark the last fetch brought (no broker round trip in the consume loop); a
+                # partition not fetched yet asks the broker
+                low, high = self.consumer.get_watermark_offsets(tp, cached=True) or (-1, -1)
+                if high < 0:
+                    low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
                 metrics.CONSUMER_LAG.labels(topic, str(p)).set(max(high - max(position.get(p, -1), low), 0))
         except KafkaException as e:
             log.debug("consumer lag not refreshed: %s", e)
@@ -287,16 +292,21 @@ class DetectorRunner:
         delay = 0.5
         features = to_store(out.features) if out.features.height else None
         flows_table = pa.concat_tables(flows) if flows else None
+        alerts = out.alerts
         while True:
             try:
-                # each part is written once: a retry after a later part failed does not repeat it
+                # alerts first: they are small and someone is waiting for them; the bulk writes follow, and
+                # the offsets are committed only once all three are done. Each part is written once: a
+                # retry after a later part failed does not repeat it (alerts are idempotent by id anyway)
+                if alerts:
+                    self._publish_alerts(alerts)
+                    alerts = []
                 if flows_table is not None:
                     self.store.insert_flows(flows_table)
                     flows_table = None
                 if features is not None:
                     storage.insert_features(self.store, features)
                     features = None
-                self._publish_alerts(out.alerts)
                 break
             except StoreError as e:
                 self.stats.store_errors += 1
