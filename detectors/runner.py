@@ -100,6 +100,13 @@ class DetectorRunner:
         self._open_rows = 0
         self._lag_s = cfg.metrics.lag_interval_ms / 1000
         self._last_lag = 0.0
+        self._input_end: int | None = None
+
+    def end_of_input(self, records: int) -> None:
+        """The input is finite and holds ``records`` records (``serve FILE``, the demo): once they are
+        consumed, every window closes at once instead of after ``detect.idle_flush_ms`` of silence.
+        Records arriving later still count; those of an already closed window are late."""
+        self._input_end = records
 
     # -- group membership -------------------------------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
@@ -197,7 +204,9 @@ class DetectorRunner:
             offsets = pa.array(np.repeat(np.array([off for _, off in parts], np.int64),
                                          [t.num_rows for t, _ in parts]))
             out.extend(self.pipeline.process(table, key=p, offsets=offsets))
-        out.extend(self._flush_idle(exclude=touched))
+        ended = (self._input_end is not None and self.stats.records + consumed >= self._input_end
+                 and self._caught_up())
+        out.extend(self._flush_idle(exclude=set() if ended else touched, now_idle=ended))
         if flows or out.features.height or out.alerts:
             self._write(flows, out)
         # counted once processed and written: whoever waits for the count (serve, the demo, tests) then
@@ -275,9 +284,28 @@ class DetectorRunner:
         except KafkaException as e:
             log.debug("consumer lag not refreshed: %s", e)
 
-    def _flush_idle(self, exclude: set[int]) -> Output:
+    def _caught_up(self) -> bool:
+        """Every assigned partition consumed up to the high watermark the last fetch reported."""
+        from confluent_kafka import TopicPartition
+
+        for p in self.stats.assigned:
+            tp = TopicPartition(self.topics.flows, p)
+            got = self.consumer.get_watermark_offsets(tp, cached=True)
+            if not got or got[1] < 0:
+                return False  # not fetched yet
+            pos = self._next_offset.get(p)
+            if pos is None:  # nothing consumed from it: where the consumer stands (an empty partition: at 0)
+                pos = self.consumer.position([tp])[0].offset
+                pos = 0 if pos < 0 and got[1] == 0 else pos
+            if pos < got[1]:
+                return False
+        return True
+
+    def _flush_idle(self, exclude: set[int], now_idle: bool = False) -> Output:
+        """Close the windows of partitions without input for ``detect.idle_flush_ms`` (every partition
+        outside ``exclude`` with ``now_idle``: the input has ended)."""
         out = Output()
-        idle_s = self.cfg.detect.idle_flush_ms / 1000
+        idle_s = 0.0 if now_idle else self.cfg.detect.idle_flush_ms / 1000
         now = time.monotonic()
         for p, s in list(self.pipeline.streams.items()):
             if p in exclude or now - self._last_seen.get(p, now) < idle_s:

@@ -13,6 +13,7 @@ import time
 import pytest
 from confluent_kafka import Consumer
 
+from conftest import replace
 from smtpguard.lab import scenario
 from smtpguard.app.analyze import analyze
 from smtpguard.core.alert import from_json
@@ -202,3 +203,32 @@ def test_collect_netflow_over_udp_into_kafka(cfg, shared_data):
     records = sum(wire.decode_message(m.value(), m.headers()).num_rows for m in msgs)
     assert records == 6  # the six NTP flows of the sample (port 123 configured as a "mail" port here)
     assert len(read_topic(cfg, t.dlq, 1, timeout_s=20)) >= 1
+
+
+def test_a_finite_input_closes_its_last_windows_once_consumed(cfg, small_scenario):
+    """``serve FILE`` and the demo know where the input ends: the detector closes the last windows as soon
+    as it has consumed the collector's records, not after ``detect.idle_flush_ms`` of silence (here ten
+    minutes), and the windows and alerts are those of the file."""
+    _scen, paths = small_scenario
+    cfg = replace(cfg, detect={"idle_flush_ms": 600_000})
+    exemptions = Exemptions.from_csv(paths["exemptions"])
+    ensure_topics(cfg)
+    stats = Collector(cfg).run([str(paths["flows"])], "aws-vpc")
+    with Store(cfg.store_dsn, cfg.store.database) as store:
+        stop = threading.Event()
+        runner = DetectorRunner(cfg, store, exemptions, stop=stop)
+        runner.end_of_input(stats.kept)
+        th = threading.Thread(target=runner.run, daemon=True)
+        th.start()
+        try:
+            deadline = time.monotonic() + 90
+            while not (runner.stats.records >= stats.kept and runner.open_rows == 0):
+                assert time.monotonic() < deadline, f"{runner.open_rows} rows still open after 90 s"
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            th.join(30)
+        streamed = {a["alert_id"] for a in store.list_alerts(limit=10_000)}
+    offline = analyze(cfg, [str(paths["flows"])], "aws-vpc", exemptions)
+    assert runner.stats.windows == offline.windows
+    assert streamed == {a.alert_id for a in offline.raised()}

@@ -74,6 +74,11 @@ class LocalStack:
             self.error = e
             self.stop_event.set()
 
+    def end_of_input(self, records: int) -> None:
+        """The collectors are done and produced ``records`` records: the detector closes every window as
+        soon as it has consumed them (:meth:`DetectorRunner.end_of_input`)."""
+        self.runner.end_of_input(records)
+
     def wait_idle(self, expected_records: int, timeout_s: float = 300.0) -> bool:
         """Wait until the detector has consumed ``expected_records`` and closed every window, and the
         response service has acted on every alert it raised (decisions, owed events, DNSBL answers)."""

@@ -464,6 +464,8 @@ def serve_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None, 
                 finally:
                     bar.close()
                 _err(stats.summary())
+                # the files are the whole input: the last windows close once they are consumed
+                stack.end_of_input(stats.kept)
             if not sd.event.is_set():
                 _err("detector running; Ctrl-C or SIGTERM to stop")
             while not stack.stop_event.wait(1.0):

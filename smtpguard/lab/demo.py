@@ -106,6 +106,7 @@ def _run(cfg: Config, out: Path, paths: dict, abusers: dict, dnsbl_cfg) -> bool:
         finally:
             bar.close()
         _say(f"collector: {stats.summary()}")
+        stack.end_of_input(stats.kept)
         _say("detector: closing windows ...")
         if not stack.wait_idle(stats.kept, timeout_s=300):
             _say("the detector did not catch up within 300 s")
