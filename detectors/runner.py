@@ -11,6 +11,7 @@ topic (ids already in the store are not published again).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -101,6 +102,12 @@ class DetectorRunner:
         self._lag_s = cfg.metrics.lag_interval_ms / 1000
         self._last_lag = 0.0
         self._input_end: int | None = None
+        self._consumed = 0
+        """records consumed and processed (``stats.records`` counts them once written)"""
+        self._writes: queue.Queue = queue.Queue(maxsize=2)
+        self._write_error: BaseException | None = None
+        self._pending_windows = 0
+        self._pending_lock = threading.Lock()
 
     def end_of_input(self, records: int) -> None:
         """The input is finite and holds ``records`` records (``serve FILE``, the demo): once they are
@@ -143,6 +150,8 @@ class DetectorRunner:
     # -- main loop --------------------------------------------------------------------------
     def run(self) -> RunnerStats:
         self.consumer.subscribe([self.topics.flows], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        writer = threading.Thread(target=self._writer, name="detector-writer", daemon=True)
+        writer.start()
         try:
             while not self.stop_event.is_set():
                 self.step(timeout_s=0.5)
@@ -151,6 +160,8 @@ class DetectorRunner:
                 self._commit(list(self._next_offset))
             except Exception as e:  # noqa: BLE001
                 log.warning("final commit failed: %s", e)
+            self._writes.put(None)
+            writer.join(60)
             self.consumer.close()
             self._flush(10)
             metrics.forget_partitions(self.topics.flows, self.stats.assigned)
@@ -163,7 +174,7 @@ class DetectorRunner:
         flows: list[pa.Table] = []
         touched: set[int] = set()
         per_partition: dict[int, list[tuple[pa.Table, int]]] = {}
-        seen = (self.stats.messages, self.stats.records)
+        seen = (self.stats.messages,)
         consumed = 0
         for m in msgs:
             if m.error():
@@ -204,19 +215,18 @@ class DetectorRunner:
             offsets = pa.array(np.repeat(np.array([off for _, off in parts], np.int64),
                                          [t.num_rows for t, _ in parts]))
             out.extend(self.pipeline.process(table, key=p, offsets=offsets))
-        ended = (self._input_end is not None and self.stats.records + consumed >= self._input_end
+        ended = (self._input_end is not None and self._consumed + consumed >= self._input_end
                  and self._caught_up())
         out.extend(self._flush_idle(exclude=set() if ended else touched, now_idle=ended))
-        if flows or out.features.height or out.alerts:
-            self._write(flows, out)
-        # counted once processed and written: whoever waits for the count (serve, the demo, tests) then
-        # finds the windows, features and alerts of those records in the store
-        self.stats.records += consumed
+        self._consumed += consumed
         self._open_rows = sum(s.engine.open_rows for s in self.pipeline.streams.values())
+        if flows or out.features.height or out.alerts or consumed:
+            self._write(flows, out, consumed)
+        if self._write_error is not None:
+            self._drain()
         if msgs:
             self.stats.last_message_at = time.monotonic()
             metrics.DETECTOR_MESSAGES.inc(self.stats.messages - seen[0])
-            metrics.DETECTOR_RECORDS.inc(self.stats.records - seen[1])
         if touched or out.features.height:
             self._dirty = True
         if self._dirty and time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
@@ -316,34 +326,67 @@ class DetectorRunner:
         return out
 
     # -- output -----------------------------------------------------------------------------
-    def _write(self, flows: list[pa.Table], out: Output) -> None:
-        delay = 0.5
+    def _write(self, flows: list[pa.Table], out: Output, consumed: int) -> None:
+        """Alerts now (small, and someone is waiting for them); the step's flows and features go to the
+        writer thread, which writes them while the next poll is processed. Offsets are committed only
+        once every write before the commit is done (:meth:`_drain`); ``consumed`` records are counted
+        when their flows are written."""
+        self._retrying(lambda: self._publish_alerts(out.alerts) if out.alerts else None)
         features = to_store(out.features) if out.features.height else None
-        flows_table = pa.concat_tables(flows) if flows else None
-        alerts = out.alerts
+        job = (pa.concat_tables(flows) if flows else None, features, consumed, out.features.height)
+        with self._pending_lock:
+            self._pending_windows += out.features.height
+        self._writes.put(job)  # blocks while a write is behind: back-pressure on the consumer
+
+    def _retrying(self, write: Callable[[], Any]) -> None:
+        """Run a store write until it succeeds (a store outage holds up the commit, not the detector's
+        process); StoreError out once the runner is stopping."""
+        delay = 0.5
         while True:
             try:
-                # alerts first: they are small and someone is waiting for them; the bulk writes follow, and
-                # the offsets are committed only once all three are done. Each part is written once: a
-                # retry after a later part failed does not repeat it (alerts are idempotent by id anyway)
-                if alerts:
-                    self._publish_alerts(alerts)
-                    alerts = []
-                if flows_table is not None:
-                    self.store.insert_flows(flows_table)
-                    flows_table = None
-                if features is not None:
-                    storage.insert_features(self.store, features)
-                    features = None
-                break
+                write()
+                return
             except StoreError as e:
                 self.stats.store_errors += 1
                 log.error("store write failed, offsets not committed; retrying in %.1f s: %s", delay, e)
                 if self.stop_event.wait(delay):
                     raise
                 delay = min(delay * 2, 30)
-        self.stats.windows += out.features.height
-        metrics.DETECTOR_WINDOWS.inc(out.features.height)
+
+    def _writer(self) -> None:
+        """The writer thread: flows then features of each step, in step order (chdb works outside the GIL,
+        so this overlaps with the next step's processing on another core)."""
+        while True:
+            job = self._writes.get()
+            try:
+                if job is None:
+                    return
+                flows_table, features, consumed, windows = job
+                if self._write_error is None:
+                    try:
+                        if flows_table is not None:
+                            self._retrying(lambda: self.store.insert_flows(flows_table))
+                        if features is not None:
+                            self._retrying(lambda: storage.insert_features(self.store, features))
+                    except BaseException as e:  # noqa: BLE001 - re-raised by the consumer thread (_drain)
+                        self._write_error = e
+                        continue
+                    # counted once written: whoever waits for the count (serve, the demo, tests) then finds
+                    # the windows, features and alerts of those records in the store
+                    self.stats.windows += windows
+                    metrics.DETECTOR_WINDOWS.inc(windows)
+                    self.stats.records += consumed
+                    metrics.DETECTOR_RECORDS.inc(consumed)
+                with self._pending_lock:
+                    self._pending_windows -= windows
+            finally:
+                self._writes.task_done()
+
+    def _drain(self) -> None:
+        """Wait until every queued write is done; raise the writer's error if one failed."""
+        self._writes.join()
+        if self._write_error is not None:
+            raise self._write_error
 
     def _publish_alerts(self, alerts: list[Alert]) -> None:
         """Store the alerts, then publish the raised ones the topic does not have yet.
@@ -506,6 +549,7 @@ class DetectorRunner:
     def _commit(self, partitions: list[int]) -> None:
         from confluent_kafka import TopicPartition
 
+        self._drain()  # offsets only for what is written
         offsets = []
         states = {}
         for p in partitions:
@@ -530,6 +574,6 @@ class DetectorRunner:
 
     @property
     def open_rows(self) -> int:
-        """Records in open windows as of the end of the last step: a window that closed in a step counts
-        as open until the step has written its features and alerts."""
-        return self._open_rows
+        """Records in open windows as of the end of the last step, plus the windows closed but not yet
+        written: a window counts as open until its features and alerts are in the store."""
+        return self._open_rows + self._pending_windows
