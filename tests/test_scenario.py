@@ -362,3 +362,11 @@ def test_write_lines_exact_count(tmp_path):
     again = tmp_path / "again.log"
     sc.write_lines(again, 4, 123_457)
     assert again.read_bytes() == p.read_bytes()
+
+
+def test_short_scenarios_generate():
+    """A scenario of a few minutes (benchmarks, quick checks) has traffic even when some senders' first
+    burst would come later."""
+    for seed in range(1, 9):
+        scen = sc.generate(seed, instances=300, duration_s=11 * 60)
+        assert sum(1 for _ in sc.iter_lines(scen)) > 1000

@@ -1224,6 +1224,8 @@ def generate(seed: int, *, instances: int = 300, duration_s: int = 7200, start: 
             ev_t.append(rng.integers(int(t), max(int(t) + 1, b1), size=int(per.sum())))
             episodes.append((aid, "mailing_list", int(t), b1))
             t += period
+        if not ev_t:
+            continue  # a scenario shorter than the list's first post
         et, ed = np.concatenate(ev_t), np.concatenate(ev_d)
         keep = et < end_ms
         streams.append(_event_stream(_P["smtp_mx"], np.array([aid]), et[keep], np.zeros(int(keep.sum()), np.int64),
