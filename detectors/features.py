@@ -178,26 +178,36 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
     base = pl.DataFrame({"k": key, "d": dst, "t": tenant}).hstack(rows.select(
         "dst_port", "action", "packets", "bytes", "rev_bytes", "rev_packets", "start", "end", "reply_first",
         "replies_5xx", "rcpt_count", "sampling_rate", "instance_id")).lazy()
+    # the sums every window carries; those that are zero in this batch (no capture fields in flow logs,
+    # ports not seen) are not computed
+    ports = set(rows["dst_port"].unique().to_list())
+    sum_exprs = {
+        "accepted": wif(accept), "rejected": wif(reject),
+        "bytes": times_w("bytes"), "packets": times_w("packets"), "rev_bytes": times_w("rev_bytes"),
+        "low_byte_conns": wif((pl.col("packets") <= 3) & (pl.col("bytes") <= 300)),
+        "rejected_port25": wif(reject & (port == 25)),
+        "unanswered": wif(accept & (pl.col("rev_packets") == 0)),
+        "port25": wif(port == 25), "port465": wif(port == 465), "port587": wif(port == 587),
+        "port_other": wif(~port.is_in([25, 465, 587])),
+        "smtp_sessions": wif(pl.col("reply_first").is_not_null()),
+        "replies_5xx": times_w("replies_5xx"), "rcpt_total": times_w("rcpt_count"),
+    }
+    zero = {"port25": 25 not in ports, "port465": 465 not in ports, "port587": 587 not in ports,
+            "port_other": not ports - {25, 465, 587},
+            "smtp_sessions": rows["reply_first"].null_count() == rows.height,
+            "replies_5xx": rows["replies_5xx"].null_count() == rows.height,
+            "rcpt_total": rows["rcpt_count"].null_count() == rows.height}
+    sums = tuple(c for c in sum_exprs if not zero.get(c))
     base = base.with_columns(w=pl.col("sampling_rate").cast(pl.UInt64).clip(1)).select(
         kd=pl.col("k") * ndst + pl.col("d").cast(pl.UInt64),
         w=w,
-        accepted=wif(accept), rejected=wif(reject),
-        bytes=times_w("bytes"), packets=times_w("packets"), rev_bytes=times_w("rev_bytes"),
         dur=(pl.col("end").cast(pl.Int64) - pl.col("start").cast(pl.Int64)).clip(0),
-        low_byte_conns=wif((pl.col("packets") <= 3) & (pl.col("bytes") <= 300)),
-        rejected_port25=wif(reject & (port == 25)),
-        unanswered=wif(accept & (pl.col("rev_packets") == 0)),
-        port25=wif(port == 25), port465=wif(port == 465), port587=wif(port == 587),
-        port_other=wif(~port.is_in([25, 465, 587])),
-        smtp_sessions=wif(pl.col("reply_first").is_not_null()),
-        replies_5xx=times_w("replies_5xx"), rcpt_total=times_w("rcpt_count"),
+        **{c: sum_exprs[c] for c in sums},
         # the first row with an instance id names the window's instance
         irow=pl.when(pl.col("instance_id") != "").then(pl.int_range(pl.len(), dtype=pl.UInt32)),
         t=pl.col("t"),
         p25=(port == 25).cast(pl.UInt32), r25=(reject & (port == 25)).cast(pl.UInt32),
     )
-    sums = ("accepted", "rejected", "bytes", "packets", "rev_bytes", "low_byte_conns", "rejected_port25",
-            "unanswered", "port25", "port465", "port587", "port_other", "smtp_sessions", "replies_5xx", "rcpt_total")
     per_dst = base.group_by("kd").agg(
         pl.col("w").sum().alias("n"), *[pl.col(c).sum() for c in sums],
         dur=pl.col("dur").sum(), rows=pl.len(), irow=pl.col("irow").min(),
