@@ -51,26 +51,27 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from smtpguard.ingest.base import Batch, Reject
+from smtpguard.ingest.base import Batch
 from smtpguard.ingest.columns import (
     LineFrame,
-    DEFAULT_SMTP_PORTS,
     MAX_COUNTER,
     MAX_EPOCH_MS,
     IS_ALPHA,
-    Filler,
+    BadHeader,
+    ColumnParser,
     Split,
     datetime_exprs,
     datetime_maps,
     datetime_us,
+    header_states,
     line_problem,
-    line_text,
     ms_timestamps,
     np_,
+    segments,
     short,
-    smtp_ports_config,
     uint_problem,
 )
+from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, select_smtp
 from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "argus"
@@ -159,15 +160,8 @@ class Layout:
         self.line_no = line_no
 
 
-class _BadHeader:
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-def _classify_header(line: str) -> tuple[str, Layout | str | None]:
-    """('header', Layout) | ('bad', reason) | ('data', None)."""
+def _classify_header(line: str, line_no: int = 0) -> tuple[str, Layout | str | None]:
+    """('header', Layout) | ('bad', reason) | ('data', None) for the line at ``line_no``."""
     names = [n.strip() for n in line.split(",")]
     if not names or not all(_NAME_RE.match(n) for n in names):
         return "data", None
@@ -177,7 +171,7 @@ def _classify_header(line: str) -> tuple[str, Layout | str | None]:
     missing = [c for c in REQUIRED if c not in names]
     if missing:
         return "bad", "header lacks column(s) needed for a record: " + ", ".join(missing)
-    return "header", Layout(names, 0)
+    return "header", Layout(names, line_no)
 
 
 def _parse_port(tok: str) -> int | None:
@@ -235,66 +229,39 @@ def _row_problem(tokens: list[str], layout: Layout) -> str | None:
     return None
 
 
-class ArgusParser:
+class ArgusParser(ColumnParser):
     """Parser for Argus CSV flows; see the module docstring."""
 
     name = NAME
 
     def __init__(self, source: str, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS):
-        self.source = source
-        self.smtp_ports = smtp_ports_config(smtp_ports)
-        self._state: Layout | _BadHeader | None = None
-        self._fill = Filler(NAME, source)
+        super().__init__(source, smtp_ports)
+        self._state: Layout | BadHeader | None = None
 
     def parse_lines(self, lines: list[str], first_line_no: int) -> Batch:
-        n = len(lines)
-        if n == 0:
+        if len(lines) == 0:
             return Batch.empty()
         lf = LineFrame(lines)
-        arr, forced, raws, trimmed = lf.arr, lf.forced, lf.raws, lf.trimmed
-        first_b, blen, live, read = lf.first_b, lf.blen, lf.live, lf.read
-        problems: list[tuple[int, str]] = list(forced.items())
-
-        def text(i: int) -> str:
-            return line_text(lines, arr, i).rstrip("\r")
+        live, text = lf.live, lf.text
+        problems: list[tuple[int, str]] = list(lf.forced.items())
 
         # binary data, non-ASCII text and absurd lengths are rejected before splitting
-        bad_line = ~np_(pc.ascii_is_printable(trimmed)) | (blen > MAX_LINE_CHARS)
+        bad_line = ~np_(pc.ascii_is_printable(lf.trimmed)) | (lf.blen > MAX_LINE_CHARS)
         for i in np.flatnonzero(bad_line & live).tolist():
             problems.append((i, line_problem(text(i), MAX_LINE_CHARS)))
         live &= ~bad_line
 
         # header lines split the chunk into segments, each with its layout
-        cand = np.flatnonzero(live & IS_ALPHA[first_b])
-        hdr_rows: list[int] = []
-        states: list[Layout | _BadHeader | None] = [self._state]
-        skipped = 0
-        for i in cand.tolist():
-            kind, what = _classify_header(text(i))
-            if kind == "data":
-                continue
-            line_no = first_line_no + i
-            hdr_rows.append(i)
-            live[i] = False
-            if kind == "header":
-                assert isinstance(what, Layout)
-                what.line_no = line_no
-                states.append(what)
-                skipped += 1
-            else:
-                assert isinstance(what, str)
-                problems.append((i, what))
-                states.append(_BadHeader(f"no usable layout: the header at line {line_no} was rejected ({what})"))
+        cand = np.flatnonzero(live & IS_ALPHA[lf.first_b])
+        states, hdr_rows, skipped = header_states(
+            cand.tolist(), lambda i, line_no: _classify_header(text(i), line_no), self._state, live, first_line_no,
+            problems,
+        )
         self._state = states[-1]
 
-        split = Split(trimmed, ",")
-        rows_all = np.flatnonzero(live)
-        seg = np.searchsorted(np.asarray(hdr_rows, dtype=np.int64), rows_all, side="right") if hdr_rows else None
+        split = Split(lf.trimmed, ",")
         parts: list[tuple[np.ndarray, dict[str, pa.Array]]] = []
-        for s, state in enumerate(states):
-            rows = rows_all if seg is None else rows_all[seg == s]
-            if rows.size == 0:
-                continue
+        for state, rows in segments(live, hdr_rows, states):
             if state is None:
                 problems.extend(
                     (
@@ -305,7 +272,7 @@ class ArgusParser:
                     for i in rows.tolist()
                 )
                 continue
-            if isinstance(state, _BadHeader):
+            if isinstance(state, BadHeader):
                 problems.extend((i, state.reason) for i in rows.tolist())
                 continue
             ok_count = split.counts[rows] == len(state.names)
@@ -320,12 +287,7 @@ class ArgusParser:
                 if good.size:
                     parts.append((good, cols))
 
-        table = self._assemble(parts)
-        problems.sort()
-        rejects = [
-            Reject.make(self.source, first_line_no + i, reason, raws.get(i, lines[i]), NAME) for i, reason in problems
-        ]
-        return Batch(table, rejects, read, skipped)
+        return self._batch(self._assemble(parts), problems, lines, lf.raws, first_line_no, lf.read, skipped)
 
     # ---------------------------------------------------------------- internals
 
@@ -409,11 +371,8 @@ class ArgusParser:
         ok &= src_ok & dst_ok & ~non_ip
         bad = rows[~ok & ~non_ip]
         skipped = int(non_ip.sum())
-        sel = ok
-        if self.smtp_ports is not None:
-            smtp = np.isin(dport_v, self.smtp_ports)
-            skipped += int((ok & ~smtp).sum())
-            sel = ok & smtp
+        sel, other = select_smtp(dport_v, self.smtp_ports, ok)
+        skipped += other
         keep = pa.array(sel)
         q = q.filter(pl.Series(sel))
         conn_state, flags = _tcp_state(q["State"], np_(q["proto"]) == 6)
@@ -440,15 +399,6 @@ class ArgusParser:
             "tcp_flags": flags,
         }
         return rows[sel], out, skipped, bad
-
-    def _assemble(self, parts: list[tuple[np.ndarray, dict[str, pa.Array]]]) -> pa.Table:
-        if not parts:
-            return self._fill.table({}, 0)
-        tables = [self._fill.table(cols, len(rows)) for rows, cols in parts]
-        if len(tables) == 1:
-            return tables[0]
-        order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
-        return pa.concat_tables(tables).take(pa.array(order))
 
 
 def _state_info(state: str) -> tuple[str, int | None]:

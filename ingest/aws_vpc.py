@@ -37,8 +37,9 @@ SMTP selection (``smtp_ports`` not None)
     account (the k-th reverse flow of a connection, in input order, with the k-th
     forward one; for Transit Gateway records, the same attachment and account); its
     packets and bytes become the forward record's ``rev_packets`` /
-    ``rev_bytes``. Reverse flows, paired or not, count as skipped, as do other ports
-    and NODATA/SKIPDATA rows. With ``smtp_ports=None`` every valid flow is kept as is.
+    ``rev_bytes`` (:func:`smtpguard.ingest.selection.pair_reverse`). Reverse flows,
+    paired or not, count as skipped, as do other ports and NODATA/SKIPDATA rows. With
+    ``smtp_ports=None`` every valid flow is kept as is.
 """
 
 from __future__ import annotations
@@ -47,20 +48,33 @@ import re
 from typing import Iterable, Sequence
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from smtpguard.core import record
-from smtpguard.core.errors import ConfigError
-from smtpguard.ingest.base import Batch, Reject
+from smtpguard.ingest.base import Batch
 from smtpguard.ingest.columns import IS_WS as _IS_WS
+from smtpguard.ingest.columns import (
+    MAX_EPOCH_S,
+    MAX_ID_CHARS,
+    BadHeader,
+    ColumnParser,
+    Split,
+    char_problem,
+    header_states,
+    line_text,
+    lines_to_arrow,
+    ms_timestamps,
+    segments,
+    short,
+    uint_problem,
+)
 from smtpguard.ingest.columns import edge_bytes as _edge_bytes
 from smtpguard.ingest.columns import np_ as _np
+from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, pair_reverse, smtp_directions
 from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "aws-vpc"
-DEFAULT_SMTP_PORTS: tuple[int, ...] = (25, 465, 587, 2525)
 
 V2_FIELDS = (
     "version", "account-id", "interface-id", "srcaddr", "dstaddr", "srcport", "dstport",
@@ -95,12 +109,8 @@ _TUPLE_FIELDS = ("srcaddr", "dstaddr", "srcport", "dstport", "protocol")
 
 #: Longest line accepted (a v5 all-fields line is ~250 chars, with every ECS field ~2 KB).
 MAX_LINE_CHARS = 8192
-#: Longest id/text value kept in a record (account, interface, instance).
-MAX_ID_CHARS = 255
-#: Largest epoch second accepted (9999-12-31T23:59:59Z).
-MAX_EPOCH_S = 253402300799
 
-_UINT_RULES: dict[str, tuple[int, int]] = {  # field -> (max digits, max value)
+_UINT_RULES: dict[str, tuple[int, int]] = {  # field -> (max digits: those of the max value, max value)
     "srcport": (5, 65535),
     "dstport": (5, 65535),
     "protocol": (3, 255),
@@ -122,7 +132,6 @@ _PAIR_COLS = ("_pair_if", "_pair_acct")
 _TOKEN = r"(?:\$\{[A-Za-z][A-Za-z0-9_-]*\}|[A-Za-z][A-Za-z_-]*)"
 #: Lines that may be a header: only name-like tokens (checked against KNOWN_FIELDS after).
 _HEADER_CANDIDATE_RE = rf"^{_TOKEN}(?: {_TOKEN})*$"
-_NOT_PRINTABLE = re.compile(r"[^ -~]")
 _WS = " \t\n\v\f\r"  # what pyarrow's ascii_trim_whitespace trims
 
 
@@ -151,19 +160,6 @@ HEADERLESS_LAYOUTS: dict[tuple[str, int], Layout] = {
 _HEADERLESS_COUNT = {v: c for v, c in HEADERLESS_LAYOUTS}
 
 
-class _BadHeader:
-    """State after a rejected header: the lines under it cannot be decoded."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-def _short(tok: str, limit: int = 40) -> str:
-    return repr(tok if len(tok) <= limit else tok[:limit] + "...")
-
-
 def _header_tokens(line: str) -> list[str]:
     out = []
     for t in line.strip(_WS).split(" "):
@@ -173,22 +169,22 @@ def _header_tokens(line: str) -> list[str]:
     return out
 
 
-def _classify_header(line: str) -> tuple[str, Layout | str | None]:
-    """('header', Layout) | ('bad', reason) | ('data', None) for a header-like line."""
+def _classify_header(line: str, line_no: int = 0) -> tuple[str, Layout | str | None]:
+    """('header', Layout) | ('bad', reason) | ('data', None) for a header-like line at ``line_no``."""
     names = _header_tokens(line)
     known = [n for n in names if n in KNOWN_FIELDS]
     if not known:
         return "data", None
     unknown = [n for n in names if n not in KNOWN_FIELDS]
     if unknown:
-        return "bad", "invalid header: unknown field name(s) " + ", ".join(_short(n) for n in unknown[:10])
+        return "bad", "invalid header: unknown field name(s) " + ", ".join(short(n) for n in unknown[:10])
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
         return "bad", "invalid header: duplicate field name(s) " + ", ".join(dups)
     missing = [f for f in REQUIRED_FIELDS if f not in names]
     if missing:
         return "bad", "header lacks field(s) needed for a record: " + ", ".join(missing)
-    return "header", Layout(names, "")
+    return "header", Layout(names, f"header at line {line_no}")
 
 
 def _headerless_problem(tokens: list[str]) -> str:
@@ -208,42 +204,23 @@ def _headerless_problem(tokens: list[str]) -> str:
             "other layouts need a header line"
         )
     if ver.isascii() and ver.isdigit():
-        return f"unknown layout: version {_short(ver)} line with {n} fields and no header line declaring the columns"
+        return f"unknown layout: version {short(ver)} line with {n} fields and no header line declaring the columns"
     return (
-        f"unknown layout: first field {_short(ver)} is not a flow log version (2-6) "
+        f"unknown layout: first field {short(ver)} is not a flow log version (2-6) "
         "and no header line declares the columns"
     )
 
 
 def _line_problem(line: str) -> str | None:
     """Line-level problems: binary data, non-ASCII text, excessive length."""
-    m = _NOT_PRINTABLE.search(line)
-    if m:
-        ch = m.group()
-        col = m.start() + 1
-        if ch == "\ufffd":
-            return f"undecodable bytes (U+FFFD replacement character at column {col})"
-        if "\ud800" <= ch <= "\udfff":
-            return f"undecodable bytes (lone surrogate at column {col})"
-        if ord(ch) < 32 or ord(ch) == 127:
-            return f"binary data: control character {ch!r} at column {col}"
-        return f"non-ASCII character U+{ord(ch):04X} at column {col} (flow logs are ASCII text)"
-    if len(line) > MAX_LINE_CHARS:
+    problem = char_problem(line, non_ascii=" (flow logs are ASCII text)")
+    if problem is None and len(line) > MAX_LINE_CHARS:
         return f"line too long: {len(line)} chars (limit {MAX_LINE_CHARS})"
-    return None
+    return problem
 
 
 def _uint_problem(name: str, tok: str) -> str | None:
-    digits, top = _UINT_RULES[name]
-    if tok == "-":
-        return f"missing {name} ('-')"
-    if tok[:1] == "-" and tok[1:].isascii() and tok[1:].isdigit():
-        return f"negative {name}: {_short(tok)}"
-    if not (tok.isascii() and tok.isdigit()):
-        return f"non-numeric {name}: {_short(tok)}"
-    if len(tok) > digits or int(tok) > top:
-        return f"{name} out of range: {_short(tok)} (max {top})"
-    return None
+    return uint_problem(name, tok, _UINT_RULES[name][1], missing="-")
 
 
 def _row_problem(tokens: list[str], layout: Layout) -> str | None:
@@ -259,7 +236,7 @@ def _row_problem(tokens: list[str], layout: Layout) -> str | None:
         if tok == "-":
             return f"missing {f} ('-')"
         if canonical_ip(tok) is None:
-            return f"invalid IP address in {f}: {_short(tok)}"
+            return f"invalid IP address in {f}: {short(tok)}"
     for f in ("srcport", "dstport", "protocol", "packets", "bytes", "start", "end"):
         p = _uint_problem(f, get(f))
         if p:
@@ -267,7 +244,7 @@ def _row_problem(tokens: list[str], layout: Layout) -> str | None:
     if int(get("end")) < int(get("start")):
         return f"end before start: start {get('start')} > end {get('end')}"
     if "action" in layout.pos and get("action") not in _ACTIONS:
-        return f"unknown action: {_short(get('action'))} (expected ACCEPT, REJECT or -)"
+        return f"unknown action: {short(get('action'))} (expected ACCEPT, REJECT or -)"
     if "tcp-flags" in layout.pos and get("tcp-flags") != "-":
         p = _uint_problem("tcp-flags", get("tcp-flags"))
         if p:
@@ -282,68 +259,15 @@ _MAY_START_HEADER = np.zeros(256, dtype=bool)
 _MAY_START_HEADER[[ord(ch) for ch in "$ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"]] = True
 
 
-def _to_arrow(lines: list[str]) -> tuple[pa.Array, dict[int, str], dict[int, str]]:
-    """Lines as one Arrow string array. Lines that cannot be text (lone surrogates from
-    ``surrogateescape`` decoding, invalid UTF-8 bytes, non-strings) are replaced by a
-    NUL placeholder and reported in ``forced`` (row -> reason) with a printable ``raw``."""
-    forced: dict[int, str] = {}
-    raws: dict[int, str] = {}
-    try:
-        arr = pa.array(lines, pa.string())
-    except (UnicodeError, pa.ArrowException, TypeError, ValueError):
-        fixed: list[str] = []
-        for i, line in enumerate(lines):
-            if isinstance(line, str):
-                try:
-                    line.encode("utf-8")
-                    fixed.append(line)
-                    continue
-                except UnicodeEncodeError:
-                    forced[i] = "undecodable bytes (invalid UTF-8 in the input)"
-                    raws[i] = line.encode("utf-8", "backslashreplace").decode("utf-8")
-            elif isinstance(line, (bytes, bytearray, memoryview)):
-                try:
-                    fixed.append(bytes(line).decode("utf-8"))
-                    continue
-                except UnicodeDecodeError:
-                    forced[i] = "undecodable bytes (invalid UTF-8 in the input)"
-                    raws[i] = bytes(line).decode("utf-8", "backslashreplace")
-            else:
-                forced[i] = f"not a text line ({type(line).__name__})"
-                raws[i] = repr(line)
-            fixed.append("\x00")
-        arr = pa.array(fixed, pa.string())
-    if isinstance(arr, pa.ChunkedArray):  # more than 2 GiB of text
-        arr = pa.concat_arrays([c.cast(pa.large_string()) for c in arr.chunks])
-    if arr.null_count:  # None in the list
-        for i in np.flatnonzero(_np(arr.is_null())).tolist():
-            forced[i] = f"not a text line ({type(lines[i]).__name__})"
-            raws[i] = repr(lines[i])
-        arr = pc.fill_null(arr, "\x00")
-    return arr, forced, raws
-
-
-class AwsVpcParser:
+class AwsVpcParser(ColumnParser):
     """Parser for AWS VPC Flow Logs text; see the module docstring."""
 
     name = NAME
 
     def __init__(self, source: str, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS):
-        self.source = source
-        if smtp_ports is not None:
-            ports = []
-            for p in smtp_ports:
-                if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= int(p) <= 65535:
-                    raise ConfigError(f"SMTP port {p!r} is not a port number (0-65535)")
-                ports.append(int(p))
-            if not ports:
-                raise ConfigError("smtp_ports is empty: give at least one port, or None to keep every flow")
-            self.smtp_ports: tuple[int, ...] | None = tuple(sorted(set(ports)))
-        else:
-            self.smtp_ports = None
+        super().__init__(source, smtp_ports)
         #: layout declared by the last header (None: no header seen, route by version)
-        self._state: Layout | _BadHeader | None = None
-        self._fill: dict[str, pa.Scalar] | None = None
+        self._state: Layout | BadHeader | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -351,7 +275,7 @@ class AwsVpcParser:
         n = len(lines)
         if n == 0:
             return Batch.empty()
-        arr, forced, raws = _to_arrow(lines)
+        arr, forced, raws = lines_to_arrow(lines)
         first_b, last_b, blen = _edge_bytes(arr)
         if (_IS_WS[first_b] | _IS_WS[last_b]).any():  # leading/trailing blanks, CRLF ends
             trimmed = pc.ascii_trim_whitespace(arr)
@@ -363,9 +287,8 @@ class AwsVpcParser:
             blank[list(forced)] = False
         read = int(n - blank.sum())
 
-        def text(i: int) -> str:  # the line as str (bytes input was accepted as UTF-8)
-            s = lines[i]
-            return s if isinstance(s, str) else arr[i].as_py()
+        def text(i: int) -> str:
+            return line_text(lines, arr, i)
 
         problems: list[tuple[int, str]] = []  # (row, reason)
         skipped = 0
@@ -384,41 +307,20 @@ class AwsVpcParser:
         cand = np.flatnonzero(_MAY_START_HEADER[first_b] & live)
         if cand.size:
             cand = cand[_np(pc.match_substring_regex(trimmed.take(cand), _HEADER_CANDIDATE_RE))]
-        hdr_rows: list[int] = []
-        states: list[Layout | _BadHeader | None] = [self._state]
-        for i in cand.tolist():
-            kind, what = _classify_header(text(i))
-            if kind == "data":
-                continue
-            line_no = first_line_no + i
-            hdr_rows.append(i)
-            live[i] = False
-            if kind == "header":
-                assert isinstance(what, Layout)
-                what.desc = f"header at line {line_no}"
-                states.append(what)
-                skipped += 1
-            else:
-                assert isinstance(what, str)
-                problems.append((i, what))
-                states.append(_BadHeader(f"no usable layout: the header at line {line_no} was rejected ({what})"))
+        states, hdr_rows, skipped = header_states(
+            cand.tolist(), lambda i, line_no: _classify_header(text(i), line_no), self._state, live, first_line_no,
+            problems,
+        )
         self._state = states[-1]
 
-        sp = pc.split_pattern(trimmed, " ")
-        counts = _np(pc.list_value_length(sp))
-        offsets = _np(sp.offsets)[:-1].astype(np.int64)
-        values = sp.values
+        split = Split(trimmed, " ")
+        counts = split.counts
 
         # route every live row to a layout group
         groups: dict[tuple[str, ...], tuple[Layout, list[np.ndarray]]] = {}
-        rows_all = np.flatnonzero(live)
-        seg = np.searchsorted(np.asarray(hdr_rows, dtype=np.int64), rows_all, side="right") if hdr_rows else None
-        for s, state in enumerate(states):
-            rows = rows_all if seg is None else rows_all[seg == s]
-            if rows.size == 0:
-                continue
+        for state, rows in segments(live, hdr_rows, states):
             if state is None:
-                first = values.take(offsets[rows])
+                first = split.field(rows, 0)
                 cnt = counts[rows]
                 matched = np.zeros(rows.size, dtype=bool)
                 for (ver, want), layout in HEADERLESS_LAYOUTS.items():
@@ -428,7 +330,7 @@ class AwsVpcParser:
                         self._add(groups, layout, rows[m])
                 for i in rows[~matched].tolist():
                     problems.append((i, _headerless_problem(text(i).strip(_WS).split(" "))))
-            elif isinstance(state, _BadHeader):
+            elif isinstance(state, BadHeader):
                 problems.extend((i, state.reason) for i in rows.tolist())
             else:
                 ok = counts[rows] == len(state.fields)
@@ -439,22 +341,15 @@ class AwsVpcParser:
         parts: list[tuple[np.ndarray, dict[str, pa.Array]]] = []
         for layout, chunks in groups.values():
             rows = chunks[0] if len(chunks) == 1 else np.sort(np.concatenate(chunks))
-            good_rows, cols, nodata, bad = self._decode_group(layout, rows, values, offsets)
+            good_rows, cols, nodata, bad = self._decode_group(layout, rows, split)
             skipped += nodata
             for i in bad.tolist():
                 problems.append((i, _row_problem(text(i).strip(_WS).split(" "), layout) or "invalid record"))
             if good_rows.size:
                 parts.append((good_rows, cols))
 
-        table, more_skipped = self._assemble(parts)
-        skipped += more_skipped
-
-        problems.sort()
-        rejects = [
-            Reject.make(self.source, first_line_no + i, reason, raws[i] if i in raws else lines[i], NAME)
-            for i, reason in problems
-        ]
-        return Batch(table, rejects, read, skipped)
+        table, more_skipped = self._assemble_paired(parts)
+        return self._batch(table, problems, lines, raws, first_line_no, read, skipped + more_skipped)
 
     # ---------------------------------------------------------------- internals
 
@@ -469,7 +364,7 @@ class AwsVpcParser:
             entry[1].append(rows)
 
     def _decode_group(
-        self, layout: Layout, rows: np.ndarray, values: pa.Array, offsets: np.ndarray
+        self, layout: Layout, rows: np.ndarray, split: Split
     ) -> tuple[np.ndarray, dict[str, pa.Array], int, np.ndarray]:
         """Vector-decode rows that all have ``layout``'s field count.
 
@@ -477,10 +372,8 @@ class AwsVpcParser:
         Skipped are NODATA/SKIPDATA rows and, when ``smtp_ports`` is set, valid flows
         with no SMTP port on either side; the rows decoded are the other valid ones.
         """
-        base = offsets[rows]
-
         def col(name: str) -> pa.Array:
-            return values.take(base + layout.pos[name])
+            return split.field(rows, layout.pos[name])
 
         c = {f: col(f) for f in REQUIRED_FIELDS}
         for f in ("action", "tcp-flags", "account-id", "interface-id", "instance-id") + _TGW_ID_FIELDS:
@@ -538,10 +431,9 @@ class AwsVpcParser:
         sel = ok2
         other = 0
         if self.smtp_ports is not None:
-            ports = pa.array(self.smtp_ports, pa.int32())
-            smtp = _np(pc.is_in(dport, value_set=ports)) | _np(pc.is_in(sport, value_set=ports))
-            other = int((ok2 & ~smtp).sum())
-            sel = ok2 & smtp
+            fwd, rev = smtp_directions(_np(sport), _np(dport), self.smtp_ports)
+            other = int((ok2 & ~(fwd | rev)).sum())
+            sel = ok2 & (fwd | rev)
         if not sel.all():
             keep = pa.array(sel)
             sport, dport, proto, start, end, packets, nbytes = (
@@ -552,8 +444,8 @@ class AwsVpcParser:
             good = good[sel]
 
         out: dict[str, pa.Array] = {
-            "start": pc.multiply(start, 1000).cast(pa.timestamp("ms", tz="UTC")),
-            "end": pc.multiply(end, 1000).cast(pa.timestamp("ms", tz="UTC")),
+            "start": ms_timestamps(pc.multiply(start, 1000)),
+            "end": ms_timestamps(pc.multiply(end, 1000)),
             "src_ip": c["srcaddr"],
             "dst_ip": c["dstaddr"],
             "src_port": sport,
@@ -583,29 +475,12 @@ class AwsVpcParser:
             out["_pair_acct"] = c["account-id"]
         return good, out, int(nodata.sum()) + other, bad
 
-    def _fill_values(self) -> dict[str, pa.Scalar]:
-        """The value of every record column this source does not give (record defaults,
-        source_format, exporter), taken from :func:`record.conform` once."""
-        if self._fill is None:
-            one = {
-                "start": pa.array([0], pa.timestamp("ms", tz="UTC")),
-                "end": pa.array([0], pa.timestamp("ms", tz="UTC")),
-                "src_ip": pa.array([""]),
-                "dst_ip": pa.array([""]),
-            }
-            for f in ("src_port", "dst_port", "protocol", "packets", "bytes"):
-                one[f] = pa.array([0], pa.int64())
-            proto = record.conform(pa.table(one), source_format=NAME, exporter=self.source)
-            self._fill = {f.name: proto.column(f.name)[0] for f in record.FIELDS}
-        return self._fill
-
-    def _assemble(self, parts: list[tuple[np.ndarray, dict[str, pa.Array]]]) -> tuple[pa.Table, int]:
+    def _assemble_paired(self, parts: list[tuple[np.ndarray, dict[str, pa.Array]]]) -> tuple[pa.Table, int]:
         """One record table in input order, SMTP-filtered when configured; returns the
         table and how many decoded flows were skipped (non-SMTP and reverse halves)."""
         if not parts:
             return record.empty_table(), 0
         names = [f.name for f in record.FIELDS] + list(_PAIR_COLS)
-        fill = self._fill_values()
         if len(parts) == 1:
             rows, cols = parts[0]
             n = len(rows)
@@ -622,7 +497,7 @@ class AwsVpcParser:
                     for prow, pcols in parts:
                         a = pcols.get(k)
                         if a is None:
-                            a = self._constant(k, len(prow), fill)
+                            a = self._constant(k, len(prow))
                         pieces.append(a.cast(pa.string() if k in _PAIR_COLS else record.SCHEMA.field(k).type))
                     arrays[k] = pa.concat_arrays(pieces).take(order)
                 else:
@@ -632,11 +507,12 @@ class AwsVpcParser:
         if self.smtp_ports is not None:
             dport = _np(arrays["dst_port"])
             sport = _np(arrays["src_port"])
-            fwd = np.isin(dport, self.smtp_ports)
-            rev = np.isin(sport, self.smtp_ports) & ~fwd
+            fwd, rev = smtp_directions(sport, dport, self.smtp_ports)
             rev_packets = rev_bytes = None
             if fwd.any() and rev.any():
-                fi, ri = self._pair(arrays, fwd, rev)
+                scope = [arrays.get(k) for k in _PAIR_COLS]
+                fi, ri = pair_reverse(arrays["src_ip"], arrays["dst_ip"], sport, dport, _np(arrays["protocol"]),
+                                      fwd, rev, scope)
                 if fi.size:
                     rp = np.zeros(n, dtype=np.uint64)
                     rb = np.zeros(n, dtype=np.uint64)
@@ -651,91 +527,12 @@ class AwsVpcParser:
                 arrays = {k: (None if v is None else v.filter(keep)) for k, v in arrays.items()}
                 n = int(fwd.sum())
 
-        cols = []
-        for f in record.FIELDS:
-            a = arrays.get(f.name)
-            if a is None:
-                a = self._constant(f.name, n, fill)
-            elif a.type != f.arrow:
-                a = a.cast(f.arrow)
-            cols.append(a)
-        return record.conform(pa.Table.from_arrays(cols, schema=record.SCHEMA)), skipped
+        return record.conform(self._fill.table(arrays, n)), skipped
 
-    @staticmethod
-    def _constant(name: str, n: int, fill: dict[str, pa.Scalar]) -> pa.Array:
+    def _constant(self, name: str, n: int) -> pa.Array:
         if name in _PAIR_COLS:
             return pa.repeat(pa.scalar(""), n)
-        s = fill[name]
-        return pa.nulls(n, s.type) if not s.is_valid else pa.repeat(s, n)
-
-    @staticmethod
-    def _pair(arrays: dict[str, pa.Array | None], fwd: np.ndarray, rev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pair reverse flows with forward flows of the same connection: reversed 5-tuple,
-        same interface (Transit Gateway: attachment) and account; the k-th of a
-        connection in input order with the k-th. Returns positions (forward, reverse)
-        in ``arrays``.
-
-        Vectorised: string columns are hashed (polars), the parts are mixed into one
-        64-bit key per row, keys are matched by sorting, and every pair is checked again
-        part by part, so a collision of the mixed key cannot pair two connections.
-        """
-        fi = np.flatnonzero(fwd)
-        ri = np.flatnonzero(rev)
-        nf = fi.size
-        sub = np.concatenate([fi, ri])
-        take = pa.array(sub)
-
-        def hashed(name: str) -> np.ndarray:
-            a = arrays.get(name)
-            if a is None:
-                return np.zeros(sub.size, dtype=np.uint64)
-            return pl.from_arrow(a.take(take)).hash(seed=0).to_numpy().astype(np.uint64, copy=False)
-
-        def ints(name: str) -> np.ndarray:
-            return _np(arrays[name]).astype(np.uint64)[sub]
-
-        hs, hd, he, ht = hashed("src_ip"), hashed("dst_ip"), hashed("_pair_if"), hashed("_pair_acct")
-        sp, dp, pr = ints("src_port"), ints("dst_port"), ints("protocol")
-        # forward rows keyed (src, dst, sport, dport), reverse rows (dst, src, dport, sport)
-        a = np.concatenate([hs[:nf], hd[nf:]])
-        b = np.concatenate([hd[:nf], hs[nf:]])
-        pa_ = np.concatenate([sp[:nf], dp[nf:]])
-        pb = np.concatenate([dp[:nf], sp[nf:]])
-        with np.errstate(over="ignore"):
-            ports = (pa_ << np.uint64(24)) | (pb << np.uint64(8)) | pr
-            key = _mix64(a * _K1 ^ _mix64(b * _K2) ^ ports * _K3 ^ _mix64(he * _K4 ^ ht * _K5))
-        kf, kr = key[:nf], key[nf:]
-        of = np.argsort(kf, kind="stable")
-        sf = kf[of]
-        orv = np.argsort(kr, kind="stable")
-        sr = kr[orv]
-        rank = np.arange(sr.size) - np.searchsorted(sr, sr, side="left")
-        cand = np.searchsorted(sf, sr, side="left") + rank
-        inside = cand < sf.size
-        cand = np.minimum(cand, sf.size - 1)
-        hit = inside & (sf[cand] == sr)
-        f = of[cand[hit]]
-        r = orv[hit] + nf
-        same = (a[f] == a[r]) & (b[f] == b[r]) & (pa_[f] == pa_[r]) & (pb[f] == pb[r]) & (pr[f] == pr[r])
-        same &= (he[f] == he[r]) & (ht[f] == ht[r])
-        return sub[f[same]], sub[r[same]]
-
-
-_K1 = np.uint64(0x9E3779B97F4A7C15)
-_K2 = np.uint64(0xC2B2AE3D27D4EB4F)
-_K3 = np.uint64(0x165667B19E3779F9)
-_K4 = np.uint64(0xD6E8FEB86659FD93)
-_K5 = np.uint64(0xFF51AFD7ED558CCD)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (wrapping uint64 arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> np.uint64(30))
-        x = x * np.uint64(0xBF58476D1CE4E5B9)
-        x = x ^ (x >> np.uint64(27))
-        x = x * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+        return self._fill.column(name, n)
 
 
 def sniff(head: str) -> bool:

@@ -36,7 +36,7 @@ SMTP selection
 from __future__ import annotations
 
 import re
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator
 
 import msgspec
 import numpy as np
@@ -45,16 +45,18 @@ import pyarrow as pa
 
 from smtpguard.ingest.base import Batch, Reject
 from smtpguard.ingest.columns import (
-    DEFAULT_SMTP_PORTS,
     MAX_COUNTER,
-    Filler,
+    MAX_EPOCH_MS,
+    MAX_EPOCH_S,
+    ColumnParser,
     Split,
+    json_problem,
     ms_timestamps,
     np_,
     short,
-    smtp_ports_config,
     uint_problem,
 )
+from smtpguard.ingest.selection import select_smtp
 from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "azure-flow"
@@ -63,7 +65,6 @@ MAX_DOCUMENT_BYTES = 1 << 30
 #: Fields per tuple, by flow log version.
 TUPLE_FIELDS = {1: 8, 2: 13, 4: 13}
 _SUBSCRIPTION_RE = re.compile(r"/subscriptions/([^/]+)/", re.IGNORECASE)
-_MAX_EPOCH_S = 253402300799
 
 
 class _NsgFlow(msgspec.Struct, gc=False):
@@ -200,7 +201,7 @@ def _tuple_problem(t: str, ver: int) -> str | None:
     want = TUPLE_FIELDS[ver]
     if len(f) != want:
         return f"wrong field count: expected {want} fields (version {ver} tuple), got {len(f)}"
-    top_ts = _MAX_EPOCH_S * 1000 + 999 if ver == 4 else _MAX_EPOCH_S
+    top_ts = MAX_EPOCH_MS if ver == 4 else MAX_EPOCH_S
     p = uint_problem("timestamp", f[0], top_ts)
     if p:
         return p
@@ -236,15 +237,10 @@ def _tuple_problem(t: str, ver: int) -> str | None:
     return None
 
 
-class AzureFlowParser:
+class AzureFlowParser(ColumnParser):
     """Parser for Azure NSG (v1, v2) and VNet (v4) flow logs; see the module docstring."""
 
     name = NAME
-
-    def __init__(self, source: str, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS):
-        self.source = source
-        self.smtp_ports = smtp_ports_config(smtp_ports)
-        self._fill = Filler(NAME, source)
 
     def parse_stream(self, fh: BinaryIO, source: str) -> Iterator[Batch]:
         data = fh.read(MAX_DOCUMENT_BYTES + 1)
@@ -304,7 +300,7 @@ class AzureFlowParser:
                 try:
                     whole = msgspec.json.decode(ln)
                 except _NOT_JSON as e:
-                    yield f"line {no}", None, f"invalid JSON: {e}", ln
+                    yield f"line {no}", None, json_problem(e), ln
                     continue
                 yield from self._checked(whole, f"line {no}: ")
             return
@@ -312,7 +308,7 @@ class AzureFlowParser:
             msgspec.json.decode(data)
             reason = "not an Azure flow log document"
         except _NOT_JSON as e:
-            reason = f"invalid JSON: {e}"
+            reason = json_problem(e)
         yield "document", None, reason, data
 
     def _top_records(self, top: _Top, prefix: str) -> Iterator[tuple[str, _Record | None, str | None, Any]]:
@@ -341,7 +337,7 @@ class AzureFlowParser:
             try:
                 yield where, msgspec.convert(r, _Record), None, None
             except msgspec.ValidationError as e:
-                yield where, None, f"wrong JSON type: {e}", msgspec.json.encode(r)
+                yield where, None, json_problem(e), msgspec.json.encode(r)
 
     def _decode(self, tuples: _Tuples) -> tuple[pa.Table, int, list[tuple[int, str]]]:
         n = len(tuples.text)
@@ -377,7 +373,7 @@ class AzureFlowParser:
         is1 = v == 1
         ts, g = digits(field(0), 16)
         ts_ms = np.where(is4, ts, ts * 1000).astype(np.int64)
-        g &= np.where(is4, ts <= _MAX_EPOCH_S * 1000 + 999, ts <= _MAX_EPOCH_S)
+        g &= np.where(is4, ts <= MAX_EPOCH_MS, ts <= MAX_EPOCH_S)
         sub_ok = g
         sport, g1 = digits(field(3), 5)
         dport, g2 = digits(field(4), 5)
@@ -449,11 +445,10 @@ class AzureFlowParser:
                 "rb": counters[3][good],
             }
         )
-        skipped = 0
-        if self.smtp_ports is not None:  # the port is part of a flow's identity: filter before merging
-            smtp = df["dport"].is_in(list(self.smtp_ports))
-            skipped += int((~smtp).sum())
-            df = df.filter(smtp)
+        # the port is part of a flow's identity: filter before merging
+        smtp, skipped = select_smtp(np_(df["dport"]), self.smtp_ports)
+        if skipped:
+            df = df.filter(pl.Series(smtp))
         agg = _merge(df)
         skipped += df.height - agg.height
         cols = {

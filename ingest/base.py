@@ -7,7 +7,7 @@ stay in the collector shell (:mod:`smtpguard.ingest.collector`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import BinaryIO, Iterable, Iterator, Protocol
 
 import pyarrow as pa
@@ -33,6 +33,15 @@ class Batch:
     @classmethod
     def empty(cls) -> "Batch":
         return cls(record.empty_table())
+
+
+class Counters:
+    """Base of a parser's counters, a dataclass of numbers: :meth:`add` sums another's
+    into these, field by field."""
+
+    def add(self, other: "Counters") -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class LineParser(Protocol):

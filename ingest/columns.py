@@ -4,45 +4,40 @@ Every parser here works the same way: the input becomes Arrow columns of text, v
 checks mark the rows that cannot become records, a per-row Python twin of those checks
 explains each bad row (only bad rows pay for Python), and the good rows are cast and
 assembled into a record table with :data:`smtpguard.core.record.SCHEMA`.
+
+What they share: lines as Arrow (:func:`lines_to_arrow`, :class:`LineFrame`), header
+lines that declare the columns below them (:func:`header_states`, :func:`segments`),
+checks and casts of fields, reject reasons, epoch times (:func:`ms_timestamps`,
+:func:`datetime_us`; the last time a record can hold is
+:data:`smtpguard.core.wire.MAX_EPOCH_MS`), and the base class :class:`ColumnParser`.
+Which flows are SMTP is :mod:`smtpguard.ingest.selection`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import msgspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from smtpguard.core import record
-from smtpguard.core.errors import ConfigError
+from smtpguard.core.wire import MAX_EPOCH_MS
+from smtpguard.ingest.base import Batch, Reject
+from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, smtp_ports_config
 
-DEFAULT_SMTP_PORTS: tuple[int, ...] = (25, 465, 587, 2525)
 #: Largest counter accepted (packets, bytes): what a ClickHouse UInt64 and the record hold.
 MAX_COUNTER = 2**64 - 1
-#: Largest epoch millisecond accepted (9999-12-31T23:59:59.999Z).
-MAX_EPOCH_MS = 253402300799999
+#: Largest epoch second accepted (9999-12-31T23:59:59Z; milliseconds: :data:`MAX_EPOCH_MS`).
+MAX_EPOCH_S = MAX_EPOCH_MS // 1000
 #: Longest id/text value kept in a record (tenant, instance, interface, helo, domain).
 MAX_ID_CHARS = 255
 
 _TS_MS = pa.timestamp("ms", tz="UTC")
-
-
-def smtp_ports_config(smtp_ports: Sequence[int] | None) -> tuple[int, ...] | None:
-    """Validate the SMTP ports a parser keeps (None keeps every flow)."""
-    if smtp_ports is None:
-        return None
-    ports = []
-    for p in smtp_ports:
-        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= int(p) <= 65535:
-            raise ConfigError(f"SMTP port {p!r} is not a port number (0-65535)")
-        ports.append(int(p))
-    if not ports:
-        raise ConfigError("smtp_ports is empty: give at least one port, or None to keep every flow")
-    return tuple(sorted(set(ports)))
 
 
 def np_(a: pa.Array | pa.ChunkedArray | pl.Series) -> np.ndarray:
@@ -144,10 +139,11 @@ def decimal_ok(col: pa.Array, max_digits: int) -> np.ndarray:
     return np_(pc.ascii_is_decimal(col)) & (np_(pc.binary_length(col)) <= max_digits) & (np_(pc.binary_length(col)) > 0)
 
 
-def uint_problem(name: str, tok: str, top: int) -> str | None:
-    """Why ``tok`` is not an unsigned integer in 0..top (None when it is)."""
-    if tok == "":
-        return f"missing {name} (empty)"
+def uint_problem(name: str, tok: str, top: int, missing: str = "") -> str | None:
+    """Why ``tok`` is not an unsigned integer in 0..top (None when it is); ``missing`` is
+    the token that stands for no value."""
+    if tok == missing:
+        return f"missing {name} ({'empty' if missing == '' else repr(missing)})"
     if tok[:1] == "-" and tok[1:].isascii() and tok[1:].isdigit():
         return f"negative {name}: {short(tok)}"
     if not (tok.isascii() and tok.isdigit()):
@@ -155,6 +151,12 @@ def uint_problem(name: str, tok: str, top: int) -> str | None:
     if len(tok) > len(str(top)) or int(tok) > top:
         return f"{name} out of range: {short(tok)} (max {top})"
     return None
+
+
+def json_problem(e: Exception) -> str:
+    """The reject reason for JSON text that msgspec could not decode: the wrong type for
+    the expected structure, or not JSON at all."""
+    return f"wrong JSON type: {e}" if isinstance(e, msgspec.ValidationError) else f"invalid JSON: {e}"
 
 
 def int_problem(name: str, v: object, top: int) -> str | None:
@@ -213,15 +215,19 @@ class Filler:
         proto = record.conform(pa.table(one), source_format=source_format, exporter=exporter)
         self.scalars = {f.name: proto.column(f.name)[0] for f in record.FIELDS}
 
-    def table(self, cols: dict[str, pa.Array], n: int) -> pa.Table:
+    def column(self, name: str, n: int) -> pa.Array:
+        """The constant column ``name`` for ``n`` rows."""
+        s = self.scalars[name]
+        return pa.nulls(n, s.type) if not s.is_valid else pa.repeat(s, n)
+
+    def table(self, cols: dict[str, pa.Array | None], n: int) -> pa.Table:
         """A record table from the given columns (cast to the record types) and
         constants for the others."""
         out = []
         for f in record.FIELDS:
             a = cols.get(f.name)
             if a is None:
-                s = self.scalars[f.name]
-                a = pa.nulls(n, f.arrow) if not s.is_valid else pa.repeat(s, n)
+                a = self.column(f.name, n)
             else:
                 if isinstance(a, pa.ChunkedArray):
                     a = a.combine_chunks()
@@ -235,57 +241,6 @@ def ms_timestamps(ms: pa.Array | np.ndarray) -> pa.Array:
     if isinstance(ms, np.ndarray):
         ms = pa.array(ms.astype(np.int64))
     return pc.cast(ms, pa.int64()).cast(_TS_MS)
-
-
-def pair_reverse(
-    src: pa.Array,
-    dst: pa.Array,
-    sport: np.ndarray,
-    dport: np.ndarray,
-    proto: np.ndarray,
-    fwd_scope: pa.Array,
-    rev_scope: pa.Array,
-    fwd: np.ndarray,
-    rev: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pair reverse (server-to-client) flows with forward (client-to-server) flows of
-    the same connection: reversed 5-tuple and the same scope (the client's account or
-    project as each row names it); the k-th reverse of a connection, in input order,
-    with the k-th forward one. Returns row positions (forward, reverse).
-
-    An exact join on the key columns (polars), so two connections are never mixed up.
-    """
-    fi = np.flatnonzero(fwd)
-    ri = np.flatnonzero(rev)
-    if fi.size == 0 or ri.size == 0:
-        return fi[:0], ri[:0]
-    f = pl.DataFrame(
-        {
-            "a": pl.from_arrow(src.take(pa.array(fi))),
-            "b": pl.from_arrow(dst.take(pa.array(fi))),
-            "pa": sport[fi],
-            "pb": dport[fi],
-            "pr": proto[fi],
-            "s": pl.from_arrow(fwd_scope.take(pa.array(fi))),
-            "row": fi,
-        }
-    )
-    r = pl.DataFrame(
-        {
-            "a": pl.from_arrow(dst.take(pa.array(ri))),
-            "b": pl.from_arrow(src.take(pa.array(ri))),
-            "pa": dport[ri],
-            "pb": sport[ri],
-            "pr": proto[ri],
-            "s": pl.from_arrow(rev_scope.take(pa.array(ri))),
-            "row": ri,
-        }
-    )
-    key = ["a", "b", "pa", "pb", "pr", "s"]
-    f = f.with_columns(k=pl.int_range(pl.len()).over(key))
-    r = r.with_columns(k=pl.int_range(pl.len()).over(key))
-    j = f.join(r, on=key + ["k"], how="inner", suffix="_r")
-    return j["row"].to_numpy(), j["row_r"].to_numpy()
 
 
 IS_WS = np.zeros(256, dtype=bool)
@@ -314,12 +269,11 @@ def edge_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 _NOT_PRINTABLE = re.compile(r"[^ -~]")
 
 
-def line_problem(line: str, max_chars: int, allow: str = "") -> str:
-    """Why a line of an ASCII text format is unusable: binary data, undecodable bytes,
-    non-ASCII text or excessive length (``allow``: control characters the format uses,
-    such as a tab separator)."""
-    if len(line) > max_chars:
-        return f"line too long: {len(line)} chars (limit {max_chars})"
+def char_problem(line: str, allow: str = "", non_ascii: str = "") -> str | None:
+    """Why a line of an ASCII text format cannot be read, from its first character that
+    the format cannot hold: binary data, undecodable bytes or non-ASCII text (``allow``:
+    control characters the format uses, such as a tab separator; ``non_ascii``: said
+    after a non-ASCII character). None when every character is fine."""
     for m in _NOT_PRINTABLE.finditer(line):
         ch = m.group()
         if ch in allow:
@@ -331,8 +285,16 @@ def line_problem(line: str, max_chars: int, allow: str = "") -> str:
             return f"undecodable bytes (lone surrogate at column {col})"
         if ord(ch) < 32 or ord(ch) == 127:
             return f"binary data: control character {ch!r} at column {col}"
-        return f"non-ASCII character U+{ord(ch):04X} at column {col}"
-    return "invalid line"
+        return f"non-ASCII character U+{ord(ch):04X} at column {col}{non_ascii}"
+    return None
+
+
+def line_problem(line: str, max_chars: int, allow: str = "") -> str:
+    """Why a line of an ASCII text format is unusable: excessive length, else what
+    :func:`char_problem` says."""
+    if len(line) > max_chars:
+        return f"line too long: {len(line)} chars (limit {max_chars})"
+    return char_problem(line, allow) or "invalid line"
 
 
 def datetime_maps(st: pl.Series) -> tuple[dict[str, int | None], dict[str, int | None]]:
@@ -412,6 +374,7 @@ class LineFrame:
     are left to parse (``live``), and how many input lines count as read (blank ones do not)."""
 
     def __init__(self, lines: list[Any]):
+        self.lines = lines
         self.n = len(lines)
         self.arr, self.forced, self.raws = lines_to_arrow(lines)
         self.first_b, self.last_b, self.blen = edge_bytes(self.arr)
@@ -431,3 +394,107 @@ class LineFrame:
         self.blank = blank
         self.live = live
         self.read = int(self.n - blank.sum())
+
+    def text(self, i: int) -> str:
+        """Line ``i`` as str, without its CR end."""
+        return line_text(self.lines, self.arr, i).rstrip("\r")
+
+
+class BadHeader:
+    """The state after a rejected header line: the lines under it cannot be decoded."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def header_states(
+    rows: Iterable[int],
+    classify: Callable[[int, int], tuple[str, Any]],
+    state: Any,
+    live: np.ndarray,
+    first_line_no: int,
+    problems: list[tuple[int, str]],
+) -> tuple[list[Any], list[int], int]:
+    """The header lines among ``rows``, in order, for formats whose header line declares
+    the columns of the lines below it. ``classify(row, line_no)`` tells what a row is:
+    ``("header", layout)``, ``("bad", reason)`` or ``("data", None)``. Header lines leave
+    ``live``; a rejected one is a problem, and the lines below it get a :class:`BadHeader`.
+
+    Returns (the states in force: ``state`` and one per header line, the header rows, how
+    many headers were accepted); :func:`segments` splits the chunk by them.
+    """
+    states = [state]
+    hdr_rows: list[int] = []
+    accepted = 0
+    for i in rows:
+        line_no = first_line_no + i
+        kind, what = classify(i, line_no)
+        if kind == "data":
+            continue
+        hdr_rows.append(i)
+        live[i] = False
+        if kind == "header":
+            states.append(what)
+            accepted += 1
+        else:
+            problems.append((i, what))
+            states.append(BadHeader(f"no usable layout: the header at line {line_no} was rejected ({what})"))
+    return states, hdr_rows, accepted
+
+
+def segments(
+    live: np.ndarray, hdr_rows: Sequence[int] | np.ndarray, states: list[Any]
+) -> Iterator[tuple[Any, np.ndarray]]:
+    """(state, live rows under it) for each state in force in a chunk, in order: header
+    row k (in ``hdr_rows``, ascending) starts ``states[k + 1]``. States with no live row
+    are left out."""
+    rows_all = np.flatnonzero(live)
+    seg = np.searchsorted(np.asarray(hdr_rows, dtype=np.int64), rows_all, side="right") if len(hdr_rows) else None
+    for s, state in enumerate(states):
+        rows = rows_all if seg is None else rows_all[seg == s]
+        if rows.size:
+            yield state, rows
+
+
+class ColumnParser:
+    """Base of the parsers built on these helpers: the source they read, the SMTP ports
+    they keep, the constants of the record columns their format does not give, and how
+    their rows become a batch."""
+
+    name = ""
+
+    def __init__(self, source: str, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS):
+        self.source = source
+        self.smtp_ports = smtp_ports_config(smtp_ports)
+        self._fill = Filler(self.name, source)
+
+    def _assemble(self, parts: list[tuple[np.ndarray, dict[str, pa.Array]]]) -> pa.Table:
+        """One record table from parts of (input rows, record columns), in input order."""
+        if not parts:
+            return self._fill.table({}, 0)
+        tables = [self._fill.table(cols, len(rows)) for rows, cols in parts]
+        if len(tables) == 1:
+            return tables[0]
+        order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
+        return pa.concat_tables(tables).take(pa.array(order))
+
+    def _batch(
+        self,
+        table: pa.Table,
+        problems: list[tuple[int, str]],
+        lines: list[Any],
+        raws: dict[int, str],
+        first_line_no: int,
+        read: int,
+        skipped: int,
+    ) -> Batch:
+        """The batch of a chunk of lines: ``table``, and a dead letter for each problem
+        (row, reason), in row order."""
+        problems.sort()
+        rejects = [
+            Reject.make(self.source, first_line_no + i, reason, raws.get(i, lines[i]), self.name)
+            for i, reason in problems
+        ]
+        return Batch(table, rejects, read, skipped)

@@ -26,37 +26,35 @@ SMTP selection (``smtp_ports`` not None)
     Flows to an SMTP port are kept; a flow from an SMTP port (server to client) is
     paired with the forward flow of the chunk with the reversed 5-tuple in the same
     client project (the k-th with the k-th) and its packets and bytes become
-    ``rev_packets`` / ``rev_bytes``. Reverse flows, duplicates and other ports are
-    skipped. With ``smtp_ports=None`` every flow is kept as is.
+    ``rev_packets`` / ``rev_bytes`` (:func:`smtpguard.ingest.selection.pair_reverse`).
+    Reverse flows, duplicates and other ports are skipped. With ``smtp_ports=None`` every
+    flow is kept as is.
 Entries of other logs in the same export (``logName`` not ``.../vpc_flows``) are skipped.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import msgspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from smtpguard.ingest.base import Batch, Reject
+from smtpguard.ingest.base import Batch
 from smtpguard.ingest.columns import (
-    DEFAULT_SMTP_PORTS,
     MAX_COUNTER,
     MAX_ID_CHARS,
-    Filler,
+    ColumnParser,
     datetime_exprs,
     datetime_maps,
     datetime_us,
     int_problem,
+    json_problem,
     lines_to_arrow,
     ms_timestamps,
     np_,
-    pair_reverse,
     short,
-    smtp_ports_config,
 )
+from smtpguard.ingest.selection import pair_reverse, smtp_directions
 from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "gcp-vpc"
@@ -162,15 +160,10 @@ def _entry_problem(e: _Entry) -> str | None:
     return None
 
 
-class GcpVpcParser:
+class GcpVpcParser(ColumnParser):
     """Parser for GCP VPC Flow Logs (Cloud Logging JSON lines); see the module docstring."""
 
     name = NAME
-
-    def __init__(self, source: str, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS):
-        self.source = source
-        self.smtp_ports = smtp_ports_config(smtp_ports)
-        self._fill = Filler(NAME, source)
 
     def parse_lines(self, lines: list[str], first_line_no: int) -> Batch:
         n = len(lines)
@@ -209,11 +202,7 @@ class GcpVpcParser:
             for j in bad.tolist():
                 problems.append((rows[j], _entry_problem(entries[j]) or "invalid entry"))
             table = self._fill.table(cols, len(good))
-        problems.sort()
-        rejects = [
-            Reject.make(self.source, first_line_no + i, reason, raws.get(i, lines[i]), NAME) for i, reason in problems
-        ]
-        return Batch(table, rejects, read, skipped)
+        return self._batch(table, problems, lines, raws, first_line_no, read, skipped)
 
     @staticmethod
     def _decode_lines(
@@ -238,11 +227,8 @@ class GcpVpcParser:
                 continue
             try:
                 e = _DECODE(text)
-            except msgspec.ValidationError as err:
-                problems.append((i, f"wrong JSON type: {err}"))
-                continue
             except msgspec.DecodeError as err:
-                problems.append((i, f"invalid JSON: {err}"))
+                problems.append((i, json_problem(err)))
                 continue
             rows.append(i)
             entries.append(e)
@@ -370,9 +356,10 @@ class GcpVpcParser:
         rev_bytes = np.zeros(m, dtype=np.uint64)
         sel = kept
         if self.smtp_ports is not None:
-            fwd = kept & np.isin(dport, self.smtp_ports)
-            rev = kept & np.isin(sport, self.smtp_ports) & ~fwd
-            fi, ri = pair_reverse(src, dst, sport, dport, proto, tenant, q["client_scope"].to_arrow(), fwd, rev)
+            fwd, rev = smtp_directions(sport, dport, self.smtp_ports)
+            fwd &= kept
+            rev &= kept
+            fi, ri = pair_reverse(src, dst, sport, dport, proto, fwd, rev, [tenant], [q["client_scope"].to_arrow()])
             rev_packets[fi] = counters["pkts"][ri]
             rev_bytes[fi] = counters["bytes"][ri]
             skipped += int(kept.sum() - fwd.sum())

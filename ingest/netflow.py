@@ -9,9 +9,9 @@ from one datagram are needed to read the next. The version modules
 dispatches on the version, keeps the state and builds the records.
 
 Two input shells feed it: :class:`NetflowPcapParser` (UDP payloads from a pcap or pcapng
-capture, exporter = the sender's address) and :class:`NetflowDatParser` (payloads written
-back to back, as ``nc -lu > file`` does). The live UDP listener is
-:func:`smtpguard.ingest.netflow_listen.listen_udp`.
+capture, read by :mod:`smtpguard.ingest.pcapfile`, exporter = the sender's address) and
+:class:`NetflowDatParser` (payloads written back to back, as ``nc -lu > file`` does). The
+live UDP listener is :func:`smtpguard.ingest.netflow_listen.listen_udp`.
 
 State and its bounds (each a constructor argument)
     * Templates are kept per (exporter, version, observation domain or source id,
@@ -41,12 +41,12 @@ Records
     flow came in on ("" when 0 or absent). ``sampling_rate`` is the N of 1-in-N.
 
 SMTP selection (``smtp_ports`` not None)
-    As for the other formats: a flow whose destination port is an SMTP port is kept; a
-    flow whose source port is one is the server's answer, and its packets and bytes go
-    to the kept record with the reversed 5-tuple from the same exporter in the same
-    batch (the k-th with the k-th) as ``rev_packets``/``rev_bytes``; such reverse flows,
-    paired or not, and every other flow are skipped. With ``smtp_ports=None`` every flow
-    is kept.
+    As for the other formats (:mod:`smtpguard.ingest.selection`): a flow whose
+    destination port is an SMTP port is kept; a flow whose source port is one is the
+    server's answer, and its packets and bytes go to the kept record with the reversed
+    5-tuple from the same exporter in the same batch (the k-th with the k-th) as
+    ``rev_packets``/``rev_bytes``; such reverse flows, paired or not, and every other flow
+    are skipped. With ``smtp_ports=None`` every flow is kept.
 
 Accounting
     A batch's ``read`` counts the flows it produced (kept or skipped), the options records
@@ -56,7 +56,6 @@ Accounting
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import struct
 from collections import OrderedDict
@@ -69,11 +68,12 @@ import pyarrow.compute as pc
 
 from smtpguard.core import record
 from smtpguard.core.errors import ConfigError
+from smtpguard.core.wire import MAX_EPOCH_MS
 from smtpguard.ingest import ipfix, netflow_v5, netflow_v9
-from smtpguard.ingest.base import Batch, Reject
+from smtpguard.ingest.base import Batch, Counters, Reject
 from smtpguard.ingest.ipfix import DecodeError, Template
-
-DEFAULT_SMTP_PORTS: tuple[int, ...] = (25, 465, 587, 2525)
+from smtpguard.ingest.pcapfile import PcapError, first_udp_payload, is_capture, iter_frames, read_exact, udp_of
+from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, pair_reverse, smtp_directions, smtp_ports_config
 
 #: record ``source_format`` per export version
 FORMAT_NAMES = {5: "netflow-v5", 9: "netflow-v9", 10: "ipfix"}
@@ -102,8 +102,6 @@ RAW_PREFIX_BYTES = 256
 #: records and the header at slightly different moments); further ahead, the time is
 #: taken as unknown and the flow placed at the export time, keeping its duration.
 UPTIME_AHEAD_TOLERANCE_MS = 60_000
-#: 9999-12-31T23:59:59.999Z, the last millisecond a record can hold.
-MAX_MS = 253402300799999
 _NTP_UNIX_S = 2208988800
 _EVICTED = "(forgotten exporters)"
 _ACTIONS = pa.array(["unknown", "accept", "reject"], pa.string())
@@ -113,7 +111,7 @@ _U64 = np.uint64
 
 
 @dataclass
-class ExporterCounters:
+class ExporterCounters(Counters):
     """What one exporter sent and what became of it."""
 
     packets: int = 0
@@ -134,10 +132,6 @@ class ExporterCounters:
     """data sets waiting for their template now"""
     ignored_sets: int = 0
     """sets with a reserved id, skipped as the RFCs say"""
-
-    def add(self, other: "ExporterCounters") -> None:
-        for f in dc_fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class Datagram(NamedTuple):
@@ -248,19 +242,6 @@ def _forget_if_empty(exp: _Exporter, version: int, domain_id: int) -> None:
         del exp.domains[(version, domain_id)]
 
 
-def _check_ports(smtp_ports: Sequence[int] | None) -> tuple[int, ...] | None:
-    if smtp_ports is None:
-        return None
-    ports = []
-    for p in smtp_ports:
-        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= int(p) <= 65535:
-            raise ConfigError(f"SMTP port {p!r} is not a port number (0-65535)")
-        ports.append(int(p))
-    if not ports:
-        raise ConfigError("smtp_ports is empty: give at least one port, or None to keep every flow")
-    return tuple(sorted(set(ports)))
-
-
 # ------------------------------------------------------------------------- decoder
 
 
@@ -283,7 +264,7 @@ class NetflowDecoder:
                 raise ConfigError(f"NetflowDecoder {name} must be a positive integer, got {v!r}")
         if not pending_timeout_s >= 0:
             raise ConfigError(f"NetflowDecoder pending_timeout_s must be >= 0, got {pending_timeout_s!r}")
-        self.smtp_ports = _check_ports(smtp_ports)
+        self.smtp_ports = smtp_ports_config(smtp_ports)
         self.pending_limit = pending_limit
         self.pending_bytes_limit = pending_bytes_limit
         self.pending_timeout_ms = int(pending_timeout_s * 1000)
@@ -436,76 +417,73 @@ class NetflowDecoder:
 
     def _v9(self, exp: _Exporter, payload: bytes, dg: Datagram, src: str, loc: str, work: _Work) -> None:
         h = netflow_v9.parse_header(payload)
-        export_ms = h.unix_s * 1000
-        received = self._clock(dg, export_ms, work)
-        # a source id's state is made by its first template: datagrams that bring none leave none
-        dom = exp.domains.get((9, h.source_id))
-        fmt = "netflow-v9"
-        c = exp.counters
-        try:
-            for fid, off, body in netflow_v9.iter_flowsets(payload):
-                where = f"{loc}, offset {off}"
-                if fid >= ipfix.MIN_DATA_SET:
-                    ctx = _Ctx(exp.name, 1, export_ms, h.uptime_ms, 1, self._next_seq(), src, where, received)
-                    self._data(exp, dom, 9, h.source_id, fid, body, ctx, work)
-                elif fid == netflow_v9.TEMPLATE_FLOWSET or fid == netflow_v9.OPTIONS_FLOWSET:
-                    parse = (netflow_v9.parse_template_flowset if fid == netflow_v9.TEMPLATE_FLOWSET
-                             else netflow_v9.parse_options_flowset)
-                    found, problems = parse(body, self.max_template_fields)
-                    if found and dom is None:
-                        dom = exp.domain(9, h.source_id)
-                    for tid, tmpl in found:
-                        self._learn(exp, dom, 9, h.source_id, tid, tmpl, src, where, body, fmt, work)
-                    for e in problems:
-                        c.decode_errors += 1
-                        self._reject(work, src, f"{loc}, offset {off + 4 + e.offset}", e.reason,
-                                     body[e.offset:], fmt)
-                else:
-                    c.ignored_sets += 1
-        except DecodeError as e:
-            c.decode_errors += 1
-            self._reject(work, src, f"{loc}, offset {e.offset}", e.reason, payload[e.offset:], fmt)
-        _forget_if_empty(exp, 9, h.source_id)
+        self._sets(exp, payload, dg, src, loc, work, 9, h.source_id, h.unix_s * 1000, h.uptime_ms,
+                   netflow_v9.iter_flowsets(payload))
 
     def _ipfix(self, exp: _Exporter, payload: bytes, dg: Datagram, src: str, loc: str, work: _Work) -> None:
         h = ipfix.parse_header(payload)
-        export_ms = h.export_s * 1000
+        self._sets(exp, payload, dg, src, loc, work, 10, h.domain, h.export_s * 1000, -1,
+                   ipfix.iter_sets(payload, ipfix.HEADER_LEN, h.length))
+        if h.length < len(payload):
+            exp.counters.decode_errors += 1
+            self._reject(work, src, f"{loc}, offset {h.length}",
+                         f"{len(payload) - h.length} bytes after the end of the IPFIX message "
+                         f"(header length {h.length})", payload[h.length:], "ipfix")
+
+    def _sets(self, exp: _Exporter, payload: bytes, dg: Datagram, src: str, loc: str, work: _Work, version: int,
+              domain_id: int, export_ms: int, uptime_ms: int, sets: Iterator[tuple[int, int, bytes]]) -> None:
+        """The sets of a v9 or IPFIX message, in order: data sets go to their templates,
+        template sets are learned (or, in IPFIX, withdrawn), sets with a reserved id are
+        counted and skipped."""
         received = self._clock(dg, export_ms, work)
-        dom = exp.domains.get((10, h.domain))
-        fmt = "ipfix"
+        # a domain's (source id's) state is made by its first template: datagrams that bring none leave none
+        dom = exp.domains.get((version, domain_id))
+        fmt = FORMAT_NAMES[version]
         c = exp.counters
         try:
-            for sid, off, body in ipfix.iter_sets(payload, ipfix.HEADER_LEN, h.length):
+            for sid, off, body in sets:
                 where = f"{loc}, offset {off}"
                 if sid >= ipfix.MIN_DATA_SET:
-                    ctx = _Ctx(exp.name, 2, export_ms, -1, 1, self._next_seq(), src, where, received)
-                    self._data(exp, dom, 10, h.domain, sid, body, ctx, work)
-                elif sid == ipfix.TEMPLATE_SET or sid == ipfix.OPTIONS_TEMPLATE_SET:
-                    found, problems = ipfix.parse_template_set(body, sid == ipfix.OPTIONS_TEMPLATE_SET,
-                                                               self.max_template_fields)
-                    for tid, tmpl in found:
-                        if tmpl is None:
-                            if dom is not None:
-                                self._withdraw(exp, dom, tid, sid == ipfix.OPTIONS_TEMPLATE_SET)
-                            continue
-                        if dom is None:
-                            dom = exp.domain(10, h.domain)
-                        self._learn(exp, dom, 10, h.domain, tid, tmpl, src, where, body, fmt, work)
-                    for e in problems:
-                        c.decode_errors += 1
-                        self._reject(work, src, f"{loc}, offset {off + 4 + e.offset}", e.reason,
-                                     body[e.offset:], fmt)
-                else:
+                    ctx = _Ctx(exp.name, _FMT.index(fmt), export_ms, uptime_ms, 1, self._next_seq(), src, where,
+                               received)
+                    self._data(exp, dom, version, domain_id, sid, body, ctx, work)
+                    continue
+                got = self._template_set(version, sid, body)
+                if got is None:
                     c.ignored_sets += 1
+                    continue
+                found, problems, options = got
+                for tid, tmpl in found:
+                    if tmpl is None:
+                        if dom is not None:
+                            self._withdraw(exp, dom, tid, options)
+                        continue
+                    if dom is None:
+                        dom = exp.domain(version, domain_id)
+                    self._learn(exp, dom, version, domain_id, tid, tmpl, src, where, body, fmt, work)
+                for e in problems:
+                    c.decode_errors += 1
+                    self._reject(work, src, f"{loc}, offset {off + 4 + e.offset}", e.reason,
+                                 body[e.offset:], fmt)
         except DecodeError as e:
             c.decode_errors += 1
             self._reject(work, src, f"{loc}, offset {e.offset}", e.reason, payload[e.offset:], fmt)
-        _forget_if_empty(exp, 10, h.domain)
-        if h.length < len(payload):
-            c.decode_errors += 1
-            self._reject(work, src, f"{loc}, offset {h.length}",
-                         f"{len(payload) - h.length} bytes after the end of the IPFIX message "
-                         f"(header length {h.length})", payload[h.length:], fmt)
+        _forget_if_empty(exp, version, domain_id)
+
+    def _template_set(self, version: int, sid: int, body: bytes
+                      ) -> tuple[list[tuple[int, Template | None]], list[DecodeError], bool] | None:
+        """(templates, problems, whether they are options templates) of a template or options
+        template set; None for another reserved set id. An IPFIX withdrawal is a None template."""
+        if version == 9:
+            if sid == netflow_v9.TEMPLATE_FLOWSET:
+                return *netflow_v9.parse_template_flowset(body, self.max_template_fields), False
+            if sid == netflow_v9.OPTIONS_FLOWSET:
+                return *netflow_v9.parse_options_flowset(body, self.max_template_fields), True
+            return None
+        if sid == ipfix.TEMPLATE_SET or sid == ipfix.OPTIONS_TEMPLATE_SET:
+            options = sid == ipfix.OPTIONS_TEMPLATE_SET
+            return *ipfix.parse_template_set(body, options, self.max_template_fields), options
+        return None
 
     # ------------------------------------------------------------ templates
 
@@ -605,7 +583,7 @@ class NetflowDecoder:
         if init is not None and int(init[-1]):
             # a 64-bit field: beyond the last millisecond a record can hold, every time based on it
             # is out of range (and dead-lettered as such), not an integer overflow
-            dom.init_ms = int(min(init[-1], MAX_MS))
+            dom.init_ms = int(min(init[-1], MAX_EPOCH_MS))
 
     # -------------------------------------------------------------- pending
 
@@ -868,7 +846,7 @@ def _times(raw: dict[str, np.ndarray], fmt: int, export_ms: np.ndarray, parts: l
         init = np.repeat(np.fromiter((x or 0 for x in inits), np.int64, len(parts)), counts)
         if "sys_init_ms" in raw:
             own = raw["sys_init_ms"]
-            init = np.where(own > 0, np.minimum(own, MAX_MS).astype(np.int64), init)
+            init = np.where(own > 0, np.minimum(own, MAX_EPOCH_MS).astype(np.int64), init)
             has_init = has_init | (own > 0)
         uptime = None
     else:
@@ -879,12 +857,12 @@ def _times(raw: dict[str, np.ndarray], fmt: int, export_ms: np.ndarray, parts: l
         """(ms, known) for the start or end of the flow, or None if the template has no such field."""
         if f"{pfx}_ms" in raw:
             v = raw[f"{pfx}_ms"]
-            problem[v > MAX_MS] = 1
-            return np.minimum(v, MAX_MS).astype(np.int64), v > 0
+            problem[v > MAX_EPOCH_MS] = 1
+            return np.minimum(v, MAX_EPOCH_MS).astype(np.int64), v > 0
         if f"{pfx}_s" in raw:
             v = raw[f"{pfx}_s"]
-            problem[v > MAX_MS // 1000] = 1
-            return np.minimum(v, MAX_MS // 1000).astype(np.int64) * 1000, v > 0
+            problem[v > MAX_EPOCH_MS // 1000] = 1
+            return np.minimum(v, MAX_EPOCH_MS // 1000).astype(np.int64) * 1000, v > 0
         for kind in ("us", "ns"):
             if f"{pfx}_{kind}" in raw:
                 v = raw[f"{pfx}_{kind}"]
@@ -929,7 +907,7 @@ def _times(raw: dict[str, np.ndarray], fmt: int, export_ms: np.ndarray, parts: l
     start = np.where(only_e, end - d, start)
     end = np.where(neither, export_ms, end)
     start = np.where(neither, export_ms - d, start)
-    out_of_range = (start < 0) | (end < 0) | (start > MAX_MS) | (end > MAX_MS)
+    out_of_range = (start < 0) | (end < 0) | (start > MAX_EPOCH_MS) | (end > MAX_EPOCH_MS)
     problem[out_of_range] = 1
     problem[(problem == 0) & (end < start)] = 2
     return start, end, problem
@@ -953,56 +931,17 @@ def _split_biflows(f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([f[k], r[k]]) for k in f}
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (wrapping uint64 arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> _U64(30))
-        x = x * _U64(0xBF58476D1CE4E5B9)
-        x = x ^ (x >> _U64(27))
-        x = x * _U64(0x94D049BB133111EB)
-        return x ^ (x >> _U64(31))
-
-
 def _smtp_select(f: dict[str, np.ndarray], ports: tuple[int, ...]) -> tuple[dict[str, np.ndarray], int]:
     """Keep client-to-server SMTP flows; the server's answers in the same batch become
     their ``rev_packets``/``rev_bytes``. Returns (kept flows, how many were skipped)."""
     n = f["dport"].size
-    fwd = np.isin(f["dport"], ports)
-    rev = np.isin(f["sport"], ports) & ~fwd
+    fwd, rev = smtp_directions(f["sport"], f["dport"], ports)
     rp = np.zeros(n, _U64)
     rb = np.zeros(n, _U64)
     if fwd.any() and rev.any():
-        fi, ri = np.flatnonzero(fwd), np.flatnonzero(rev)
-        src = f["src"].view(_U64)
-        dst = f["dst"].view(_U64)
-        ports64 = (f["sport"].astype(_U64) << _U64(16)) | f["dport"].astype(_U64)
-        swapped = (f["dport"].astype(_U64) << _U64(16)) | f["sport"].astype(_U64)
-        tail = (f["proto"].astype(_U64) << _U64(40)) | (f["exp"].astype(_U64) << _U64(48))
-
-        def key(a: np.ndarray, b: np.ndarray, p: np.ndarray, rows: np.ndarray) -> np.ndarray:
-            with np.errstate(over="ignore"):
-                h = _mix64(a[rows, 0] ^ _mix64(a[rows, 1] + _U64(0x9E3779B97F4A7C15)))
-                h = _mix64(h ^ b[rows, 0]) ^ _mix64(b[rows, 1] + _U64(0xC2B2AE3D27D4EB4F))
-                return _mix64(h ^ _mix64(p[rows] | tail[rows]))
-
-        kf = key(src, dst, ports64, fi)
-        kr = key(dst, src, swapped, ri)
-        of = np.argsort(kf, kind="stable")
-        sf = kf[of]
-        orr = np.argsort(kr, kind="stable")
-        sr = kr[orr]
-        rank = np.arange(sr.size) - np.searchsorted(sr, sr, side="left")
-        cand = np.searchsorted(sf, sr, side="left") + rank
-        inside = cand < sf.size
-        cand = np.minimum(cand, sf.size - 1)
-        hit = inside & (sf[cand] == sr)
-        a = fi[of[cand[hit]]]
-        b = ri[orr[hit]]
-        same = ((f["src"][a] == f["dst"][b]).all(axis=1) & (f["dst"][a] == f["src"][b]).all(axis=1)
-                & (f["sport"][a] == f["dport"][b]) & (f["dport"][a] == f["sport"][b])
-                & (f["proto"][a] == f["proto"][b]) & (f["exp"][a] == f["exp"][b]))
-        rp[a[same]] = f["packets"][b[same]]
-        rb[a[same]] = f["bytes"][b[same]]
+        a, b = pair_reverse(f["src"], f["dst"], f["sport"], f["dport"], f["proto"], fwd, rev, [f["exp"]])
+        rp[a] = f["packets"][b]
+        rb[a] = f["bytes"][b]
     kept = {k: v[fwd] for k, v in f.items()}
     kept["rev_packets"], kept["rev_bytes"] = rp[fwd], rb[fwd]
     return kept, int(n - fwd.sum())
@@ -1082,235 +1021,19 @@ def looks_like_netflow(payload: bytes) -> bool:
     return False
 
 
-class PcapError(Exception):
-    """The capture file itself is broken (not a bad datagram in it)."""
-
-
-_PCAP_MAGIC = {
-    b"\xd4\xc3\xb2\xa1": ("<", 1000.0),      # microseconds, little-endian
-    b"\xa1\xb2\xc3\xd4": (">", 1000.0),
-    b"\x4d\x3c\xb2\xa1": ("<", 1_000_000.0),  # nanoseconds
-    b"\xa1\xb2\x3c\x4d": (">", 1_000_000.0),
-}
-_PCAPNG = b"\x0a\x0d\x0d\x0a"
-#: Largest packet record accepted (pcap snaplen is at most 256 KiB in practice).
-_MAX_FRAME = 1 << 20
-
-
-class Frame(NamedTuple):
-    number: int
-    ts_ms: int
-    data: bytes
-    linktype: int
-    orig_len: int
-
-
-def _read_exact(fh: BinaryIO, n: int) -> bytes:
-    data = fh.read(n)
-    return data if data is not None else b""
-
-
-def iter_frames(fh: BinaryIO) -> Iterator[Frame]:
-    """Frames of a pcap or pcapng capture; raises :class:`PcapError` when the file is
-    not a capture or is cut inside a record."""
-    head = _read_exact(fh, 4)
-    if head == _PCAPNG:
-        yield from _iter_pcapng(fh, head)
-        return
-    if head not in _PCAP_MAGIC:
-        raise PcapError("not a pcap or pcapng file (unknown magic number)")
-    bo, ts_div = _PCAP_MAGIC[head]
-    rest = _read_exact(fh, 20)
-    if len(rest) < 20:
-        raise PcapError("pcap file header is cut")
-    linktype = struct.unpack(bo + "I", rest[16:20])[0] & 0x0FFFFFFF
-    rec = struct.Struct(bo + "IIII")
-    number = 0
-    offset = 24
-    while True:
-        h = _read_exact(fh, 16)
-        if not h:
-            return
-        if len(h) < 16:
-            raise PcapError(f"capture cut inside the header of packet {number + 1} (byte {offset})")
-        secs, frac, incl, orig = rec.unpack(h)
-        if incl > _MAX_FRAME:
-            raise PcapError(f"packet {number + 1} claims {incl} bytes (byte {offset}): the capture is corrupt")
-        data = _read_exact(fh, incl)
-        if len(data) < incl:
-            raise PcapError(f"capture cut inside packet {number + 1} (byte {offset})")
-        number += 1
-        offset += 16 + incl
-        yield Frame(number, int(secs * 1000 + frac // ts_div), data, linktype, orig)
-
-
-def _iter_pcapng(fh: BinaryIO, first: bytes) -> Iterator[Frame]:
-    bo = "<"
-    links: list[tuple[int, float]] = []  # per interface: (linktype, timestamp ticks per ms)
-    number = 0
-    offset = 0
-    carry = first  # bytes of the next block header already read
-    while True:
-        hdr = carry + _read_exact(fh, 8 - len(carry))
-        carry = b""
-        if not hdr:
-            return
-        if len(hdr) < 8:
-            raise PcapError(f"pcapng cut inside a block header (byte {offset})")
-        prefix = b""
-        if hdr[:4] == _PCAPNG:  # a section header: its byte-order magic decides the rest
-            prefix = _read_exact(fh, 4)
-            if prefix == b"\x4d\x3c\x2b\x1a":
-                bo = "<"
-            elif prefix == b"\x1a\x2b\x3c\x4d":
-                bo = ">"
-            else:
-                raise PcapError(f"pcapng section header with a bad byte-order magic (byte {offset})")
-            links = []
-        code, length = struct.unpack(bo + "II", hdr)
-        if length < 12 + len(prefix) or length % 4 or length > _MAX_FRAME + 64:
-            raise PcapError(f"pcapng block of length {length} at byte {offset}: the capture is corrupt")
-        body = prefix + _read_exact(fh, length - 12 - len(prefix))
-        trailer = _read_exact(fh, 4)
-        if len(body) < length - 12 or len(trailer) < 4:
-            raise PcapError(f"pcapng cut inside a block (byte {offset})")
-        offset += length
-        if code == 1 and len(body) >= 8:  # interface description
-            linktype = struct.unpack_from(bo + "H", body, 0)[0]
-            tsres = 6
-            pos = 8
-            while pos + 4 <= len(body):
-                ocode, olen = struct.unpack_from(bo + "HH", body, pos)
-                if ocode == 0:
-                    break
-                if ocode == 9 and olen >= 1 and pos + 4 < len(body):
-                    tsres = body[pos + 4]
-                pos += 4 + olen + (-olen) % 4
-            per_s = 2 ** (tsres & 0x7F) if tsres & 0x80 else 10 ** tsres
-            links.append((linktype, per_s / 1000.0))
-        elif code == 6 and len(body) >= 20:  # enhanced packet
-            iface, hi, lo, incl, orig = struct.unpack_from(bo + "IIIII", body, 0)
-            if iface >= len(links) or 20 + incl > len(body):
-                raise PcapError(f"pcapng packet block at byte {offset - length} is inconsistent")
-            linktype, per_ms = links[iface]
-            number += 1
-            yield Frame(number, int(((hi << 32) | lo) / per_ms), body[20:20 + incl], linktype, orig)
-        elif code == 3 and len(body) >= 4 and links:  # simple packet: no timestamp
-            orig = struct.unpack_from(bo + "I", body, 0)[0]
-            number += 1
-            yield Frame(number, 0, body[4:4 + min(orig, len(body) - 4)], links[0][0], orig)
-
-
-class UdpDatagram(NamedTuple):
-    src: str
-    sport: int
-    payload: bytes
-    truncated: bool
-
-
-_ETH_VLAN = (0x8100, 0x88A8, 0x9100)
-
-
-def udp_of(frame: bytes, linktype: int) -> UdpDatagram | None:
-    """The UDP datagram in a captured frame, or None (not UDP over IPv4/IPv6, or an IP
-    fragment other than the first)."""
-    if linktype == 1:  # Ethernet
-        if len(frame) < 14:
-            return None
-        etype = (frame[12] << 8) | frame[13]
-        pos = 14
-        while etype in _ETH_VLAN and len(frame) >= pos + 4:
-            etype = (frame[pos + 2] << 8) | frame[pos + 3]
-            pos += 4
-    elif linktype == 113:  # Linux cooked
-        if len(frame) < 16:
-            return None
-        etype, pos = (frame[14] << 8) | frame[15], 16
-    elif linktype == 276:  # Linux cooked v2
-        if len(frame) < 20:
-            return None
-        etype, pos = (frame[0] << 8) | frame[1], 20
-    elif linktype in (0, 108):  # BSD loopback: address family, host or network order
-        if len(frame) < 4:
-            return None
-        fam = struct.unpack("<I" if linktype == 0 else ">I", frame[:4])[0]
-        if linktype == 0 and fam > 0xFFFF:
-            fam = struct.unpack(">I", frame[:4])[0]
-        etype, pos = (0x0800 if fam == 2 else 0x86DD if fam in (10, 24, 28, 30) else 0), 4
-    elif linktype in (101, 12, 14, 228, 229):  # raw IP
-        if not frame:
-            return None
-        etype, pos = (0x0800 if frame[0] >> 4 == 4 else 0x86DD), 0
-    else:
-        return None
-    if etype == 0x0800:
-        if len(frame) < pos + 20:
-            return None
-        ihl = (frame[pos] & 0x0F) * 4
-        total = (frame[pos + 2] << 8) | frame[pos + 3]
-        frag = ((frame[pos + 6] << 8) | frame[pos + 7]) & 0x3FFF
-        if frame[pos + 9] != 17 or frag & 0x1FFF or ihl < 20:
-            return None
-        src = ".".join(str(b) for b in frame[pos + 12:pos + 16])
-        udp = pos + ihl
-        end = min(len(frame), pos + total) if total >= ihl else len(frame)
-        more_fragments = bool(frag & 0x2000)
-    elif etype == 0x86DD:
-        if len(frame) < pos + 40:
-            return None
-        nxt = frame[pos + 6]
-        plen = (frame[pos + 4] << 8) | frame[pos + 5]
-        src = str(ipaddress.IPv6Address(frame[pos + 8:pos + 24]))
-        udp = pos + 40
-        end = min(len(frame), udp + plen) if plen else len(frame)
-        more_fragments = False
-        while nxt in (0, 43, 60, 44) and udp + 8 <= end:
-            if nxt == 44:
-                off_m = (frame[udp + 2] << 8) | frame[udp + 3]
-                if off_m & 0xFFF8:
-                    return None
-                more_fragments = bool(off_m & 1)
-                nxt, udp = frame[udp], udp + 8
-            else:
-                nxt, udp = frame[udp], udp + 8 + frame[udp + 1] * 8
-        if nxt != 17:
-            return None
-        src = f"[{src}]"
-    else:
-        return None
-    if udp + 8 > end:
-        return None
-    sport = (frame[udp] << 8) | frame[udp + 1]
-    ulen = (frame[udp + 4] << 8) | frame[udp + 5]
-    stop = udp + ulen if 8 <= ulen and udp + ulen <= end else end
-    truncated = more_fragments or (8 <= ulen and udp + ulen > end)
-    return UdpDatagram(src, sport, frame[udp + 8:stop], truncated)
-
-
-def _first_udp(head: bytes) -> bytes | None:
-    try:
-        for fr in iter_frames(io.BytesIO(head)):
-            u = udp_of(fr.data, fr.linktype)
-            if u is not None:
-                return u.payload
-    except PcapError:
-        return None
-    return None
-
-
 def sniff_pcap(head: bytes) -> bool:
     """True when ``head`` is the start of a pcap/pcapng capture whose first UDP packet is
     NetFlow v5, v9 or IPFIX."""
-    if head[:4] not in _PCAP_MAGIC and head[:4] != _PCAPNG:
+    if not is_capture(head):
         return False
-    payload = _first_udp(head)
+    payload = first_udp_payload(head)
     return payload is not None and looks_like_netflow(payload)
 
 
 def sniff_dat(head: bytes) -> bool:
     """True when ``head`` starts with a NetFlow v5, v9 or IPFIX packet (raw payloads written
     back to back)."""
-    if head[:4] in _PCAP_MAGIC or head[:4] == _PCAPNG:
+    if is_capture(head):
         return False
     return looks_like_netflow(head)
 
@@ -1439,7 +1162,7 @@ def split_packets(fh: BinaryIO, chunk_bytes: int = 4 << 20) -> Iterator[tuple[in
     eof = False
     while True:
         while not eof and len(buf) < lookahead + chunk_bytes:
-            data = _read_exact(fh, chunk_bytes)
+            data = read_exact(fh, chunk_bytes)
             eof = not data
             buf += data
         pos = 0

@@ -9,7 +9,7 @@ and replies of one connection from its two reassembled byte streams.
 Frames
     Ethernet (with 802.1Q/802.1ad tags), Linux cooked v1/v2, BSD loopback and raw IP
     link types; IPv4 (options) and IPv6 (hop-by-hop, routing, destination and fragment
-    headers); TCP. File framing is :func:`smtpguard.ingest.netflow.iter_frames` (pcap
+    headers); TCP. Files and link layers are read by :mod:`smtpguard.ingest.pcapfile` (pcap
     with micro- or nanosecond times, pcapng), which reads captures far faster than
     dissecting every packet with scapy. Other frames (ARP, UDP, ICMP, TCP to other
     ports, IP fragments after the first) are skipped and counted.
@@ -80,7 +80,7 @@ import re
 import socket
 import struct
 from collections import OrderedDict, deque
-from dataclasses import dataclass, fields as dc_fields
+from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
@@ -88,11 +88,14 @@ import pyarrow as pa
 
 from smtpguard.core import record
 from smtpguard.core.errors import ConfigError
-from smtpguard.ingest.base import Batch, Reject
-from smtpguard.ingest.netflow import PcapError, iter_frames, sniff_pcap as _sniff_netflow_pcap
+from smtpguard.core.wire import MAX_EPOCH_MS
+from smtpguard.ingest.base import Batch, Counters, Reject
+from smtpguard.ingest.netflow import sniff_pcap as _sniff_netflow_pcap
+from smtpguard.ingest.pcapfile import (RAW_IP, VLAN_TYPES, PcapError, is_capture, iter_frames, link_header,
+                                       raw_ip_type, skip_vlan)
+from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, smtp_ports_config
 
 FORMAT = "pcap"
-DEFAULT_SMTP_PORTS: tuple[int, ...] = (25, 465, 587, 2525)
 
 #: A connection with no packet for this long (capture time) is emitted. Zeek's TCP
 #: inactivity timeout is also 5 minutes; SMTP servers drop idle clients after 5 (RFC
@@ -118,20 +121,17 @@ MAX_NAME_CHARS = 255
 BATCH_PACKETS = 65_536
 #: Bytes of a bad frame kept (hex) in its dead letter.
 RAW_PREFIX_BYTES = 128
-#: 9999-12-31T23:59:59.999Z, the last millisecond a record can hold.
-MAX_MS = 253402300799999
 
 _M = 0xFFFFFFFF
 _HALF = 0x80000000
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 _TCP = struct.Struct("!HHIIH")
-_VLAN = (0x8100, 0x88A8, 0x9100)
 _IPV6_EXT = (0, 43, 60)  # hop-by-hop, routing, destination options
 _TLS_START = (0x16, 0x80)  # a TLS handshake record, an SSLv2-style ClientHello
 
 
 @dataclass
-class CaptureCounters:
+class CaptureCounters(Counters):
     """What the parser saw, over its lifetime."""
 
     packets: int = 0
@@ -166,10 +166,6 @@ class CaptureCounters:
     gap_bytes: int = 0
     """bytes in those holes"""
 
-    def add(self, other: "CaptureCounters") -> None:
-        for f in dc_fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
 
 # ------------------------------------------------------------------- SMTP dialogue
 
@@ -180,6 +176,24 @@ _KEEP, _OVERLONG, _AFTER_GAP = 0, 1, 2  # line dropping: none, to the line end, 
 _COMMAND_START = re.compile(rb"[A-Za-z]{4,8}[ \r\n]")
 _REPLY_START = re.compile(rb"[1-5][0-9][0-9][ \r\n-]")
 _TERMINATORS = (b"\n.\r\n", b"\n.\n")  # end of message; bare LF endings are common in spamware
+
+
+def _resume(drop: int, line_start: re.Pattern[bytes], data: bytes) -> tuple[int, bytes]:
+    """Where reading resumes in ``data`` while a side drops a line: (how it drops now, the
+    data left to read). After a gap, data that starts like one of the side's lines
+    (``line_start``) is read at once; else the rest of the line is dropped."""
+    if drop == _AFTER_GAP and line_start.match(data):
+        return _KEEP, data
+    nl = data.find(b"\n")
+    if nl < 0:
+        return drop, b""
+    return _KEEP, data[nl + 1:]
+
+
+def _unfinished(rest: bytes) -> tuple[int, bytes]:
+    """(how a side drops, what it keeps) for the end of its data when no line end has come
+    yet: the start of a line is kept until its end comes, an overlong one is dropped."""
+    return (_OVERLONG, b"") if len(rest) > MAX_LINE_BYTES else (_KEEP, rest)
 
 
 def _text(raw: bytes) -> str:
@@ -310,16 +324,9 @@ class SmtpDialogue:
     def _commands(self, data: bytes) -> bytes:
         """Read command lines; return what follows when the mode changes, else b""."""
         if self.c_drop:
-            if self.c_drop == _AFTER_GAP and _COMMAND_START.match(data):
-                self.c_drop = _KEEP
-            else:
-                nl = data.find(b"\n")
-                if nl < 0:
-                    return b""
-                self.c_drop = _KEEP
-                data = data[nl + 1:]
-                if not data:
-                    return b""
+            self.c_drop, data = _resume(self.c_drop, _COMMAND_START, data)
+            if not data:
+                return b""
         buf = self.c_buf + data if self.c_buf else data
         self.c_buf = b""
         pos = 0
@@ -332,11 +339,7 @@ class SmtpDialogue:
                 return b""
             nl = buf.find(b"\n", pos)
             if nl < 0:
-                rest = buf[pos:]
-                if len(rest) > MAX_LINE_BYTES:
-                    self.c_drop = _OVERLONG
-                else:
-                    self.c_buf = rest
+                self.c_drop, self.c_buf = _unfinished(buf[pos:])
                 return b""
             if self.data_waiting:
                 # DATA is unanswered and the client goes on: this is the message
@@ -401,16 +404,9 @@ class SmtpDialogue:
         if self.s_stopped or not data:
             return
         if self.s_drop:
-            if self.s_drop == _AFTER_GAP and _REPLY_START.match(data):
-                self.s_drop = _KEEP
-            else:
-                nl = data.find(b"\n")
-                if nl < 0:
-                    return
-                self.s_drop = _KEEP
-                data = data[nl + 1:]
-                if not data:
-                    return
+            self.s_drop, data = _resume(self.s_drop, _REPLY_START, data)
+            if not data:
+                return
         buf = self.s_buf + data if self.s_buf else data
         self.s_buf = b""
         pos = 0
@@ -421,11 +417,7 @@ class SmtpDialogue:
                 return
             nl = buf.find(b"\n", pos)
             if nl < 0:
-                rest = buf[pos:]
-                if len(rest) > MAX_LINE_BYTES:
-                    self.s_drop = _OVERLONG
-                else:
-                    self.s_buf = rest
+                self.s_drop, self.s_buf = _unfinished(buf[pos:])
                 return
             self._reply(buf[pos:nl])
             pos = nl + 1
@@ -524,16 +516,9 @@ class _Conn:
 
 
 def _check_ports(smtp_ports: Sequence[int] | None) -> frozenset[int] | None:
-    if smtp_ports is None:
-        return None
-    ports = []
-    for p in smtp_ports:
-        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= int(p) <= 65535:
-            raise ConfigError(f"SMTP port {p!r} is not a port number (0-65535)")
-        ports.append(int(p))
-    if not ports:
-        raise ConfigError("smtp_ports is empty: give at least one port, or None to keep every TCP connection")
-    return frozenset(ports)
+    """The SMTP ports as a set, for the lookup of every packet."""
+    ports = smtp_ports_config(smtp_ports, every="TCP connection")
+    return None if ports is None else frozenset(ports)
 
 
 def _positive(name: str, value: float, integer: bool = True) -> None:
@@ -749,17 +734,11 @@ class SmtpCaptureParser:
     def _tcp_packet(self, number: int, ts: int, frame: bytes, linktype: int, orig_len: int) -> None:
         flen = len(frame)
         # -- link layer
-        if linktype == 1:
-            if flen < 14:
-                self.counters.not_ip += 1
-                return self._skip()
-            etype = (frame[12] << 8) | frame[13]
-            ip = 14
-            while etype in _VLAN and flen >= ip + 4:
-                etype = (frame[ip + 2] << 8) | frame[ip + 3]
-                ip += 4
-        else:
-            etype, ip = _link(frame, linktype)
+        etype, ip = link_header(frame, linktype)
+        if etype == RAW_IP:
+            etype = raw_ip_type(frame, linktype)
+        elif etype in VLAN_TYPES:  # a tag after a Linux cooked header
+            etype, ip = skip_vlan(frame, etype, ip)
         # -- IP
         if etype == 0x0800:
             if flen < ip + 20:
@@ -820,8 +799,8 @@ class SmtpCaptureParser:
         if thl < 20 or tcp + thl > end:
             return self._reject(number, f"bad TCP header length {thl} (IP packet of {ip_len} bytes)", frame)
         flags = offflags & 0xFF
-        if ts > MAX_MS or ts < 0:
-            ts = MAX_MS if ts > 0 else 0
+        if ts > MAX_EPOCH_MS or ts < 0:
+            ts = MAX_EPOCH_MS if ts > 0 else 0
         if ts > self._now:
             # before the lookup: the sweep may emit the connection this packet belongs to
             self._now = ts
@@ -1141,51 +1120,11 @@ class SmtpCaptureParser:
         return t
 
 
-def _link(frame: bytes, linktype: int) -> tuple[int, int]:
-    """(ethertype, offset of the IP header) for link types other than Ethernet; (0, 0)
-    when the frame is not IP or the link type is not supported."""
-    n = len(frame)
-    if linktype == 113:  # Linux cooked v1
-        if n < 16:
-            return 0, 0
-        etype, pos = (frame[14] << 8) | frame[15], 16
-    elif linktype == 276:  # Linux cooked v2
-        if n < 20:
-            return 0, 0
-        etype, pos = (frame[0] << 8) | frame[1], 20
-    elif linktype in (0, 108):  # BSD loopback: address family, host or network order
-        if n < 4:
-            return 0, 0
-        fam = struct.unpack("<I" if linktype == 0 else ">I", frame[:4])[0]
-        if linktype == 0 and fam > 0xFFFF:
-            fam = struct.unpack(">I", frame[:4])[0]
-        etype, pos = (0x0800 if fam == 2 else 0x86DD if fam in (10, 24, 28, 30) else 0), 4
-    elif linktype in (101, 12, 14):  # raw IP, version from the first nibble
-        if not n:
-            return 0, 0
-        v = frame[0] >> 4
-        etype, pos = (0x0800 if v == 4 else 0x86DD if v == 6 else 0), 0
-    elif linktype == 228:
-        etype, pos = 0x0800, 0
-    elif linktype == 229:
-        etype, pos = 0x86DD, 0
-    else:
-        return 0, 0
-    if etype in _VLAN:
-        while etype in _VLAN and n >= pos + 4:
-            etype = (frame[pos + 2] << 8) | frame[pos + 3]
-            pos += 4
-    return etype, pos
-
-
 def _exporter_name(source: str) -> str:
     return os.path.basename(source) or source
-
-
-_PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d", b"\x0a\x0d\x0d\x0a")
 
 
 def sniff(head: bytes) -> bool:
     """True when ``head`` starts a pcap or pcapng capture that does not carry NetFlow
     (those are ``netflow-pcap``)."""
-    return head[:4] in _PCAP_MAGICS and not _sniff_netflow_pcap(head)
+    return is_capture(head) and not _sniff_netflow_pcap(head)

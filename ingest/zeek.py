@@ -54,22 +54,22 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from smtpguard.ingest.base import Batch, Reject
+from smtpguard.ingest.base import Batch
 from smtpguard.ingest.columns import (
     LineFrame,
-    DEFAULT_SMTP_PORTS,
     MAX_COUNTER,
     MAX_EPOCH_MS,
     MAX_ID_CHARS,
-    Filler,
+    ColumnParser,
     Split,
-    line_text,
+    json_problem,
     ms_timestamps,
     np_,
+    segments,
     short,
-    smtp_ports_config,
     uint_problem,
 )
+from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, select_smtp
 from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 NAME = "zeek"
@@ -385,36 +385,29 @@ def _row_problem(tok: dict[str, str], h: Header, kind: str) -> str | None:
     return None
 
 
-class ZeekParser:
+class ZeekParser(ColumnParser):
     """Parser for Zeek conn.log and smtp.log (TSV or JSON lines); see the module docstring."""
 
     name = NAME
 
     def __init__(self, source: str, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS):
-        self.source = source
-        self.smtp_ports = smtp_ports_config(smtp_ports)
+        super().__init__(source, smtp_ports)
         self._header = Header()
-        self._fill = Filler(NAME, source)
 
     def parse_lines(self, lines: list[str], first_line_no: int) -> Batch:
-        n = len(lines)
-        if n == 0:
+        if len(lines) == 0:
             return Batch.empty()
         lf = LineFrame(lines)
-        arr, forced, raws, trimmed = lf.arr, lf.forced, lf.raws, lf.trimmed
-        first_b, blen, live, read = lf.first_b, lf.blen, lf.live, lf.read
-        problems: list[tuple[int, str]] = list(forced.items())
+        live, text, blen = lf.live, lf.text, lf.blen
+        problems: list[tuple[int, str]] = list(lf.forced.items())
         too_long = live & (blen > MAX_LINE_CHARS)
         for i in np.flatnonzero(too_long).tolist():
             problems.append((i, f"line too long: {int(blen[i])} bytes (limit {MAX_LINE_CHARS})"))
         live &= ~too_long
 
-        def text(i: int) -> str:
-            return line_text(lines, arr, i).rstrip("\r")
-
         skipped = 0
         # header lines, in order; they split the chunk into segments
-        hdr_rows = np.flatnonzero(live & (first_b == ord("#")))
+        hdr_rows = np.flatnonzero(live & (lf.first_b == ord("#")))
         states = [self._header]
         h = self._header
         for i in hdr_rows.tolist():
@@ -430,12 +423,12 @@ class ZeekParser:
         groups: list[tuple[str, Header, np.ndarray, dict[str, pa.Array]]] = []
 
         # JSON lines: decoded one by one (msgspec), then columns of TSV-equivalent tokens
-        json_rows = np.flatnonzero(live & (first_b == ord("{")))
+        json_rows = np.flatnonzero(live & (lf.first_b == ord("{")))
         live[json_rows] = False
         if json_rows.size:
             by_kind: dict[str, tuple[list[int], list[_ZeekJson]]] = {"conn": ([], []), "smtp": ([], [])}
             decoded: list[_ZeekJson] | None = None
-            if not forced:
+            if not lf.forced:
                 try:  # the common case: every JSON line decodes
                     decoded = [_JSON_DECODE(lines[i]) for i in json_rows.tolist()]
                 except msgspec.MsgspecError:
@@ -443,11 +436,8 @@ class ZeekParser:
             for n_json, i in enumerate(json_rows.tolist()):
                 try:
                     o = decoded[n_json] if decoded is not None else _JSON_DECODE(text(i))
-                except msgspec.ValidationError as e:
-                    problems.append((i, f"wrong JSON type: {e}"))
-                    continue
                 except msgspec.DecodeError as e:
-                    problems.append((i, f"invalid JSON: {e}"))
+                    problems.append((i, json_problem(e)))
                     continue
                 kind = _json_kind(o)
                 if kind in by_kind:
@@ -462,45 +452,40 @@ class ZeekParser:
                     groups.append((kind, _JSON_HEADER, np.asarray(rows_l, dtype=np.int64), _json_columns(objs, kind)))
 
         # TSV data lines, per header segment
-        rows_all = np.flatnonzero(live)
         splits: dict[str, Split] = {}
-        if rows_all.size:
-            seg = np.searchsorted(hdr_rows, rows_all, side="right")
-            for s in np.unique(seg).tolist():
-                st = states[s]
-                rows = rows_all[seg == s]
-                if st.fields is None:
-                    problems.extend(
-                        (i, "no #fields header line before this line: Zeek TSV columns are not guessed")
-                        for i in rows.tolist()
+        for st, rows in segments(live, hdr_rows, states):
+            if st.fields is None:
+                problems.extend(
+                    (i, "no #fields header line before this line: Zeek TSV columns are not guessed")
+                    for i in rows.tolist()
+                )
+                continue
+            if st.bad:
+                problems.extend(
+                    (i, f"no usable layout: the #fields line {st.line_no} was rejected ({st.bad})")
+                    for i in rows.tolist()
+                )
+                continue
+            if st.kind == "other":
+                skipped += int(rows.size)
+                continue
+            if st.sep not in splits:
+                splits[st.sep] = Split(lf.trimmed, st.sep)
+            split = splits[st.sep]
+            ok_count = split.counts[rows] == len(st.fields)
+            for i in rows[~ok_count].tolist():
+                problems.append(
+                    (
+                        i,
+                        f"wrong field count: expected {len(st.fields)} fields "
+                        f"(#fields at line {st.line_no}), got {int(split.counts[i])}",
                     )
-                    continue
-                if st.bad:
-                    problems.extend(
-                        (i, f"no usable layout: the #fields line {st.line_no} was rejected ({st.bad})")
-                        for i in rows.tolist()
-                    )
-                    continue
-                if st.kind == "other":
-                    skipped += int(rows.size)
-                    continue
-                if st.sep not in splits:
-                    splits[st.sep] = Split(trimmed, st.sep)
-                split = splits[st.sep]
-                ok_count = split.counts[rows] == len(st.fields)
-                for i in rows[~ok_count].tolist():
-                    problems.append(
-                        (
-                            i,
-                            f"wrong field count: expected {len(st.fields)} fields "
-                            f"(#fields at line {st.line_no}), got {int(split.counts[i])}",
-                        )
-                    )
-                rows = rows[ok_count]
-                if rows.size:
-                    names = [f for f in REQUIRED[st.kind] + OPTIONAL[st.kind] if f in st.pos]
-                    cols = {f: split.field(rows, st.pos[f]) for f in names}
-                    groups.append((st.kind, st, rows, cols))
+                )
+            rows = rows[ok_count]
+            if rows.size:
+                names = [f for f in REQUIRED[st.kind] + OPTIONAL[st.kind] if f in st.pos]
+                cols = {f: split.field(rows, st.pos[f]) for f in names}
+                groups.append((st.kind, st, rows, cols))
 
         parts: list[tuple[np.ndarray, dict[str, pa.Array]]] = []
         for kind, st, rows, cols in groups:
@@ -512,12 +497,7 @@ class ZeekParser:
             if good.size:
                 parts.append((rows[good], out))
 
-        table = self._assemble(parts)
-        problems.sort()
-        rejects = [
-            Reject.make(self.source, first_line_no + i, reason, raws.get(i, lines[i]), NAME) for i, reason in problems
-        ]
-        return Batch(table, rejects, read, skipped)
+        return self._batch(self._assemble(parts), problems, lines, lf.raws, first_line_no, lf.read, skipped)
 
     # ---------------------------------------------------------------- internals
 
@@ -624,11 +604,8 @@ class ZeekParser:
         bad = np.flatnonzero(~ok_v)
         valid = ok_v & ~skip_v
         nskip = int((ok_v & skip_v).sum())
-        sel = valid
-        if self.smtp_ports is not None:
-            smtp = np.isin(np_(q["dport"]), self.smtp_ports)
-            nskip += int((valid & ~smtp).sum())
-            sel = valid & smtp
+        sel, other = select_smtp(np_(q["dport"]), self.smtp_ports, valid)
+        nskip += other
         idx = np.flatnonzero(sel)
         keep = pa.array(sel)
         q = q.filter(pl.Series(sel))
@@ -700,15 +677,6 @@ class ZeekParser:
             "packets": pa.repeat(pa.scalar(0, pa.uint64()), n),
             "bytes": pa.repeat(pa.scalar(0, pa.uint64()), n),
         }
-
-    def _assemble(self, parts: list[tuple[np.ndarray, dict[str, pa.Array]]]) -> pa.Table:
-        if not parts:
-            return self._fill.table({}, 0)
-        tables = [self._fill.table(cols, len(rows)) for rows, cols in parts]
-        if len(tables) == 1:
-            return tables[0]
-        order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
-        return pa.concat_tables(tables).take(pa.array(order))
 
 
 def sniff(head: str) -> bool:
