@@ -50,6 +50,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 from smtpguard.core import record
 from smtpguard.ingest.base import Batch
@@ -120,7 +121,17 @@ _UINT_RULES: dict[str, tuple[int, int]] = {  # field -> (max digits: those of th
     "end": (12, MAX_EPOCH_S),
     "tcp-flags": (5, 65535),
 }
+#: The numeric fields of a record and the types they are cast to.
+_NUM_TYPES: dict[str, pa.DataType] = {
+    "srcport": pa.int32(), "dstport": pa.int32(), "protocol": pa.int32(),
+    "start": pa.int64(), "end": pa.int64(), "packets": pa.uint64(), "bytes": pa.uint64(),
+}
 _ACTIONS = ("ACCEPT", "REJECT", "-")
+#: 10, 100, ... 10**19: how many of these a value reaches is its count of digits, less one
+_POW10 = np.array([10**k for k in range(1, 20)], dtype=np.uint64)
+#: Flow log lines as the multi-column reader sees them: fields split on single spaces, no quoting
+_CSV_PARSE = pa_csv.ParseOptions(delimiter=" ", quote_char=False, double_quote=False, escape_char=False,
+                                 newlines_in_values=False, ignore_empty_lines=False)
 _ACTION_OUT = pa.array(["accept", "reject", "unknown"], pa.string())
 _ID_FIELDS = (("account-id", "tenant"), ("interface-id", "interface_id"), ("instance-id", "instance_id"))
 #: Transit Gateway ids that become record fields (checked for length like _ID_FIELDS).
@@ -351,7 +362,141 @@ class AwsVpcParser(ColumnParser):
         table, more_skipped = self._assemble_paired(parts)
         return self._batch(table, problems, lines, raws, first_line_no, read, skipped + more_skipped)
 
+    def parse_block(self, data: bytes | memoryview, first_line_no: int, crlf: bool = False) -> Batch:
+        """Parse a block of whole lines as read from the file (``\n``-separated, no final
+        newline). A clean block (ASCII text of one known layout, canonical numbers, every row
+        valid) is read by a multi-column reader; any other block, or one in which any row
+        fails a check, is parsed line by line by :meth:`parse_lines`, so both give the same
+        records and the same dead letters. ``crlf``: strip a CR from each line's end, as the
+        reader does for files with CRLF line ends."""
+        if len(data):
+            fast = self._parse_clean(data, first_line_no)
+            if fast is not None:
+                return fast
+        lines = bytes(data).decode("utf-8", "replace").split("\n")
+        if crlf:
+            lines = [ln.rstrip("\r") for ln in lines]
+        return self.parse_lines(lines, first_line_no)
+
     # ---------------------------------------------------------------- internals
+
+    def _parse_clean(self, data: bytes | memoryview, first_line_no: int) -> Batch | None:
+        """The batch of a clean block (see :meth:`parse_block`), None when the block is not
+        clean (nothing is changed then, the parser's layout included)."""
+        buf = np.frombuffer(data, dtype=np.uint8)
+        nl = np.flatnonzero(buf == 10)
+        # printable ASCII and newlines only (bytes below 32 or above 126 wrap to 95 and up)
+        if np.count_nonzero((buf - np.uint8(32)) > 94) != nl.size:
+            return None
+        pre = None
+        saved = self._state
+        if not 48 <= buf[0] <= 57:
+            # a line that is not a flow (a header) leads the block: it takes the line-by-line path
+            if nl.size == 0:
+                return None
+            pre = self.parse_lines([bytes(data[: nl[0]]).decode("ascii")], first_line_no)
+            if pre.rejects or pre.records.num_rows:
+                self._state = saved
+                return None
+            body_at = int(nl[0]) + 1
+            data, buf, nl = data[body_at:], buf[body_at:], nl[1:] - body_at
+            first_line_no += 1
+            if not len(data):
+                self._state = saved
+                return None
+        batch = self._read_clean(data, buf, nl)
+        if batch is None:
+            self._state = saved
+            return None
+        if pre is not None:
+            batch.read += pre.read
+            batch.skipped += pre.skipped
+        return batch
+
+    def _read_clean(self, data: bytes | memoryview, buf: np.ndarray, nl: np.ndarray) -> Batch | None:
+        state = self._state
+        version = None
+        if state is None:
+            first = bytes(data[: nl[0] if nl.size else len(data)]).split(b" ")
+            layout = HEADERLESS_LAYOUTS.get((first[0].decode("ascii"), len(first)))
+            if layout is None:
+                return None
+            version = first[0].decode("ascii")
+        elif isinstance(state, Layout):
+            layout = state
+        else:
+            return None
+        n = nl.size + 1
+        lens = np.diff(np.concatenate([[-1], nl, [buf.size]])) - 1
+        if lens.max() > MAX_LINE_CHARS:
+            return None
+        numeric = {f: _NUM_TYPES.get(f, pa.int32()) for f in layout.fields if f in _UINT_RULES}
+        try:
+            table = pa_csv.read_csv(
+                pa.BufferReader(pa.py_buffer(data)),
+                read_options=pa_csv.ReadOptions(column_names=list(layout.fields), use_threads=False,
+                                                block_size=max(1 << 20, buf.size + 1)),
+                parse_options=_CSV_PARSE,
+                convert_options=pa_csv.ConvertOptions(
+                    column_types={f: numeric.get(f, pa.string()) for f in layout.fields},
+                    null_values=["-"], strings_can_be_null=False, quoted_strings_can_be_null=False,
+                    check_utf8=False),  # ASCII, checked above
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return None
+        if table.num_rows != n:
+            return None
+        cols = {f: table.column(f).combine_chunks() for f in layout.fields}
+        # every token as written is the canonical text of its value: line lengths add up
+        expect = np.full(n, len(layout.fields) - 1, dtype=np.int64)
+        for f, a in cols.items():
+            if f in numeric:
+                v = _np(a.fill_null(0))
+                if v.dtype.kind == "i":
+                    if (v < 0).any():
+                        return None
+                    v = v.astype(np.uint64)
+                expect += np.searchsorted(_POW10, v, side="right") + 1  # digits; a "-" (null) is one
+            else:
+                expect += _np(pc.binary_length(a)).astype(np.int64)
+        if not np.array_equal(expect, lens):
+            return None
+        if version is not None and not pc.all(pc.equal(cols["version"], version)).as_py():
+            return None
+        c = {f: cols[f] for f in ("srcaddr", "dstaddr")}
+        for f in ("action", "account-id", "interface-id", "instance-id") + _TGW_ID_FIELDS:
+            if f in cols:
+                c[f] = cols[f]
+        dash = [_np(pc.equal(c["srcaddr"], "-")), _np(pc.equal(c["dstaddr"], "-"))]
+        nodata = dash[0] & dash[1]
+        for f in ("srcport", "dstport", "protocol"):
+            nodata &= _np(cols[f].is_null())
+        ok = ~nodata
+        for f in _NUM_TYPES:
+            if cols[f].null_count and (_np(cols[f].is_null()) & ok).any():
+                return None
+        if "action" in c and not _np(pc.is_in(c["action"], value_set=pa.array(_ACTIONS)))[ok].all():
+            return None
+        for f in [f for f, _ in _ID_FIELDS] + list(_TGW_ID_FIELDS):
+            if f in c and (_np(pc.binary_length(c[f])) > MAX_ID_CHARS)[ok].any():
+                return None
+        c["srcaddr"], src_ok = canonicalize_ips(c["srcaddr"], check=ok)
+        c["dstaddr"], dst_ok = canonicalize_ips(c["dstaddr"], check=ok & src_ok)
+        if not (src_ok & dst_ok)[ok].all():
+            return None
+        rows = np.flatnonzero(ok)
+        nums = {f: cols[f] for f in _NUM_TYPES}
+        flags = cols.get("tcp-flags")
+        if not ok.all():
+            keep = pa.array(ok)
+            c = {k: v.filter(keep) for k, v in c.items()}
+            nums = {k: v.filter(keep) for k, v in nums.items()}
+            flags = flags.filter(keep) if flags is not None else None
+        good, out, other, bad = self._finish(rows, c, nums, flags)
+        if bad.size:
+            return None
+        table, more_skipped = self._assemble_paired([(good, out)] if good.size else [])
+        return Batch(table, [], n, int(nodata.sum()) + other + more_skipped)
 
     @staticmethod
     def _add(groups: dict, layout: Layout, rows: np.ndarray) -> None:
@@ -405,13 +550,24 @@ class AwsVpcParser(ColumnParser):
         good = rows[ok]
         bad = np.flatnonzero(~ok & ~nodata)
 
-        sport = pc.cast(c["srcport"], pa.int32())
-        dport = pc.cast(c["dstport"], pa.int32())
-        proto = pc.cast(c["protocol"], pa.int32())
-        start = pc.cast(c["start"], pa.int64())
-        end = pc.cast(c["end"], pa.int64())
-        packets = pc.cast(c["packets"], pa.uint64())
-        nbytes = pc.cast(c["bytes"], pa.uint64())
+        nums = {f: pc.cast(c[f], t) for f, t in _NUM_TYPES.items()}
+        flags = None
+        if "tcp-flags" in c:
+            fl = c["tcp-flags"]
+            flags = pc.cast(pc.if_else(pc.equal(fl, "-"), pa.scalar(None, pa.string()), fl), pa.int32())
+        good, out, other, bad2 = self._finish(good, c, nums, flags)
+        bad = np.sort(np.concatenate([rows[bad], bad2])) if bad2.size else rows[bad]
+        return good, out, int(nodata.sum()) + other, bad
+
+    def _finish(
+        self, good: np.ndarray, c: dict[str, pa.Array], nums: dict[str, pa.Array], flags: pa.Array | None
+    ) -> tuple[np.ndarray, dict[str, pa.Array], int, np.ndarray]:
+        """The rows ``good`` whose text passed the checks, with their numbers cast (``nums``,
+        types of :data:`_NUM_TYPES`; ``flags``: tcp-flags, null for ``-``): range checks, the
+        SMTP selection and the record columns. Returns (rows decoded, their record columns,
+        valid rows skipped for their ports, rows rejected by a range check)."""
+        sport, dport, proto = nums["srcport"], nums["dstport"], nums["protocol"]
+        start, end, packets, nbytes = nums["start"], nums["end"], nums["packets"], nums["bytes"]
         ok2 = (
             _np(pc.less_equal(sport, 65535))
             & _np(pc.less_equal(dport, 65535))
@@ -420,12 +576,9 @@ class AwsVpcParser(ColumnParser):
             & _np(pc.less_equal(end, MAX_EPOCH_S))
             & _np(pc.greater_equal(end, start))
         )
-        flags = None
-        if "tcp-flags" in c:
-            fl = c["tcp-flags"]
-            flags = pc.cast(pc.if_else(pc.equal(fl, "-"), pa.scalar(None, pa.string()), fl), pa.int32())
+        if flags is not None:
             ok2 &= _np(pc.fill_null(pc.less_equal(flags, 65535), True))
-        bad = np.sort(np.concatenate([rows[bad], good[~ok2]])) if not ok2.all() else rows[bad]
+        bad = good[~ok2]
 
         # valid flows on no SMTP port are skipped here, before building their columns
         sel = ok2
@@ -473,7 +626,7 @@ class AwsVpcParser(ColumnParser):
             out["_pair_if"] = scope
         if "account-id" in c:
             out["_pair_acct"] = c["account-id"]
-        return good, out, int(nodata.sum()) + other, bad
+        return good, out, other, bad
 
     def _assemble_paired(self, parts: list[tuple[np.ndarray, dict[str, pa.Array]]]) -> tuple[pa.Table, int]:
         """One record table in input order, SMTP-filtered when configured; returns the

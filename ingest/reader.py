@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
+import numpy as np
+
 from smtpguard.core.errors import InputError
 
 SNIFF_BYTES = 64 * 1024
@@ -105,6 +107,38 @@ class Opened:
         if pending:
             yield [pending.decode("utf-8", "replace").rstrip("\r")], line_no
 
+    def blocks(self, chunk_lines: int) -> Iterator[tuple[memoryview, int, bool]]:
+        """The same chunks as :meth:`chunks`, undecoded: yield (bytes of the chunk's lines
+        joined by ``\n``, number of the first line, whether its lines end in CR to strip)."""
+        line_no = 1
+        pending = b""
+        block = max(1 << 20, chunk_lines * 100)
+        try:
+            while True:
+                data = self._fh.read(block)
+                if not data:
+                    break
+                data = pending + data
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    pending = data
+                    continue
+                pending = data[cut + 1:]
+                crlf = b"\r" in data[:200]
+                body = memoryview(data)[:cut]
+                nl = np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == 10)
+                nlines = nl.size + 1
+                for i in range(0, nlines, chunk_lines):
+                    j = min(i + chunk_lines, nlines)
+                    a = 0 if i == 0 else int(nl[i - 1]) + 1
+                    b = cut if j == nlines else int(nl[j - 1])
+                    yield body[a:b], line_no, crlf
+                    line_no += j - i
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise InputError(f"reading {self.src.name} failed at line {line_no}: {e}") from None
+        if pending:
+            yield memoryview(pending), line_no, True
+
     def close(self) -> None:
         if self.src.path is not None:
             self._fh.close()
@@ -130,7 +164,10 @@ def read_batches(paths: Sequence[str], fmt: str, smtp_ports: Sequence[int] | Non
                 batches: Iterator[Batch] = parser.parse_stream(opened.binary, src.name)
             else:
                 parser = f.make_parser(src.name, smtp_ports)
-                batches = (parser.parse_lines(lines, first) for lines, first in opened.chunks(chunk_lines))
+                if hasattr(parser, "parse_block"):  # reads undecoded blocks (see AwsVpcParser.parse_block)
+                    batches = (parser.parse_block(data, first, crlf) for data, first, crlf in opened.blocks(chunk_lines))
+                else:
+                    batches = (parser.parse_lines(lines, first) for lines, first in opened.chunks(chunk_lines))
             for batch in batches:
                 if progress is not None:
                     progress.update(done_bytes + opened.position(), batch)

@@ -3,6 +3,7 @@ SMTP selection with reverse attribution, and bad input as dead letters."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -50,10 +51,30 @@ def reverse_of(line: str, **kw: object) -> str:
 
 
 def parse(lines: list[str], smtp_ports=None, first_line_no: int = 1, parser: AwsVpcParser | None = None) -> Batch:
+    """``lines`` parsed line by line; the same lines as one block of bytes, as the reader hands
+    them to the parser, must give the same batch and leave the parser in the same state."""
     p = parser or AwsVpcParser("test.log", smtp_ports)
+    twin = copy.deepcopy(p)
     b = p.parse_lines(lines, first_line_no)
     check_accounting(b, lines)
+    if all(isinstance(s, str) and "\n" not in s for s in lines):
+        try:
+            data = "\n".join(lines).encode("utf-8")
+        except UnicodeEncodeError:
+            return b  # lone surrogates: no file holds these bytes
+        same_batch(twin.parse_block(data, first_line_no), b)
+        assert _layout(twin._state) == _layout(p._state)
     return b
+
+
+def _layout(state: object) -> object:
+    return getattr(state, "fields", None) or getattr(state, "reason", None)
+
+
+def same_batch(got: Batch, want: Batch) -> None:
+    assert got.records.equals(want.records)
+    assert [(r.location, r.reason, r.raw) for r in got.rejects] == [(r.location, r.reason, r.raw) for r in want.rejects]
+    assert (got.read, got.skipped) == (want.read, want.skipped)
 
 
 def check_accounting(b: Batch, lines: list[str]) -> None:
@@ -502,3 +523,57 @@ def test_large_chunk_stays_columnar() -> None:
     assert b.records.num_rows == 20000
     col = b.records.column("src_port").to_pylist()
     assert col[:3] == [1024, 1025, 1026] and isinstance(b.records, pa.Table)
+
+
+# ------------------------------------------------------- blocks of bytes (the reader's path)
+
+
+def clean_lines(n: int, seed: int) -> list[str]:
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        line = v2(srcaddr=f"10.0.{rnd.randrange(256)}.{rnd.randrange(256)}", srcport=1024 + rnd.randrange(60000),
+                  dstport=rnd.choice([25, 25, 443, 587]), packets=rnd.randrange(1, 10**6), bytes=rnd.randrange(10**9),
+                  action=rnd.choice(["ACCEPT", "REJECT", "-"]))
+        out.append(line)
+        if rnd.random() < 0.3:
+            out.append(reverse_of(line))
+    return out
+
+
+def test_a_clean_block_takes_the_column_reader_and_matches_the_line_path() -> None:
+    header = " ".join(V2_NAMES)
+    for lines in (clean_lines(3000, 1), [header] + clean_lines(3000, 2),
+                  [header, v2(start="-", end="-", srcaddr="-", dstaddr="-", srcport="-", dstport="-", protocol="-",
+                              packets="-", bytes="-", action="-", log_status="NODATA")] + clean_lines(50, 3)):
+        data = "\n".join(lines).encode()
+        fast = AwsVpcParser("test.log", (25,))._parse_clean(data, 1)
+        assert fast is not None, "a clean block must not need the line-by-line path"
+        same_batch(fast, parse(lines, smtp_ports=(25,)))
+
+
+@pytest.mark.parametrize("token", ["0025", "+25", "0x19", "-25", "25.0", "", "99999", "250000"])
+def test_a_number_the_line_path_would_read_differently_sends_the_block_there(token: str) -> None:
+    """Numbers are read by the column reader only when every token is the plain text of its
+    value; anything else ("0x19", which the reader would take for 25) is judged line by line."""
+    lines = clean_lines(200, 4)
+    lines[100] = v2(dstport=token)
+    data = "\n".join(lines).encode()
+    assert AwsVpcParser("test.log", (25,))._parse_clean(data, 1) is None
+    b = parse(lines, smtp_ports=(25,))
+    assert [int(r.location) for r in b.rejects] == ([101] if token != "0025" else [])
+
+
+def test_the_reader_hands_blocks_with_the_lines_of_chunks(tmp_path: Path) -> None:
+    from smtpguard.ingest.reader import Opened, expand
+
+    lines = [" ".join(V2_NAMES)] + clean_lines(5000, 5) + ["", "2 bad line", v2() + "\r", " " + v2()]
+    f = tmp_path / "flows.log"
+    f.write_bytes(("\n".join(lines)).encode())
+    src = expand([str(f)])[0]
+    by_lines = [(ls, first) for ls, first in Opened(src).chunks(700)]
+    blocks = list(Opened(src).blocks(700))
+    assert [first for _, first, _ in blocks] == [first for _, first in by_lines]
+    p1, p2 = AwsVpcParser("test.log", (25,)), AwsVpcParser("test.log", (25,))
+    for (ls, first), (data, _, crlf) in zip(by_lines, blocks):
+        same_batch(p2.parse_block(data, first, crlf), p1.parse_lines(ls, first))
