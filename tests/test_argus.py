@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzz.hostile import char_edits, edit_chars
+
 from smtpguard.core import record
 from smtpguard.ingest.argus import ArgusParser, Layout, _row_problem, labels, sniff
 from smtpguard.ingest.base import Batch
@@ -286,24 +288,9 @@ def test_random_lines_never_raise(lines: list[str]) -> None:
     parse([HEADER] + lines)
 
 
-_EDITS = st.lists(
-    st.tuples(st.sampled_from(["del", "ins", "rep"]), st.integers(0, 10**6), st.sampled_from(_ALPHABET)), max_size=3
-)
+_EDITS = char_edits(_ALPHABET, 3)
 
 
-def mutate(line: str, edits: list[tuple[str, int, str]]) -> str:
-    s = list(line)
-    for op, at, ch in edits:
-        pos = at % (len(s) + 1)
-        if op == "ins":
-            s.insert(pos, ch)
-        elif s:
-            pos = min(pos, len(s) - 1)
-            if op == "del":
-                del s[pos]
-            else:
-                s[pos] = ch
-    return "".join(s)
 
 
 _BASE = SPAM_SLICE.read_text().splitlines()[1:]
@@ -312,7 +299,7 @@ _BASE = SPAM_SLICE.read_text().splitlines()[1:]
 @settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.tuples(st.integers(0, len(_BASE) - 1), _EDITS), min_size=1, max_size=25), st.booleans())
 def test_mutated_flows_never_raise(picks: list, smtp_only: bool) -> None:
-    lines = [mutate(_BASE[i], edits) for i, edits in picks]
+    lines = [edit_chars(_BASE[i], edits) for i, edits in picks]
     b = parse([HEADER] + lines, smtp_ports=(25,) if smtp_only else None)
     # the vector checks and their per-line twin agree on every line
     layout = Layout(HEADER.split(","), 1)

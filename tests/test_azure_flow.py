@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzz.hostile import char_edits, edit_chars
+
 from smtpguard.core import record
 from smtpguard.ingest.azure_flow import AzureFlowParser, sniff
 from smtpguard.ingest.base import Batch
@@ -252,14 +254,7 @@ def test_random_bytes_never_raise(data: bytes) -> None:
     parse(data)
 
 
-_EDITS = st.lists(
-    st.tuples(
-        st.sampled_from(["del", "ins", "rep"]),
-        st.integers(0, 10**6),
-        st.sampled_from(list(b'0123456789.,:-"{}[]TUOIABCDE \x00')),
-    ),
-    max_size=4,
-)
+_EDITS = char_edits(b'0123456789.,:-"{}[]TUOIABCDE \x00', 4)
 _BASE = doc(
     nsg_record(
         [
@@ -275,18 +270,7 @@ _BASE = doc(
 @settings(max_examples=80, deadline=None, database=None)
 @given(_EDITS, st.booleans())
 def test_mutated_documents_never_raise(edits: list, smtp_only: bool) -> None:
-    s = bytearray(_BASE)
-    for op, at, ch in edits:
-        pos = at % (len(s) + 1)
-        if op == "ins":
-            s.insert(pos, ch)
-        elif s:
-            pos = min(pos, len(s) - 1)
-            if op == "del":
-                del s[pos]
-            else:
-                s[pos] = ch
-    parse(bytes(s), smtp_ports=(25,) if smtp_only else None)
+    parse(edit_chars(_BASE, edits), smtp_ports=(25,) if smtp_only else None)
 
 
 def test_sniff() -> None:

@@ -1,6 +1,7 @@
 """Coverage-guided fuzzing (atheris, libFuzzer) of the binary decoders for a bounded number
 of runs, seeded with the shared captures: NetFlow v5/v9/IPFIX datagrams, and pcap/pcapng
-files through the SMTP capture parser and the NetFlow capture shell. The harness is
+files through the SMTP capture parser and the NetFlow capture shell; and the AWS VPC flow log
+parser's column reader against its line-by-line path, seeded with the shared flow logs. The harness is
 ``tests/fuzz/atheris_decoders.py``; a failure leaves the input that caused it in the test's
 temporary directory (``crash-*``) and prints it."""
 
@@ -21,7 +22,7 @@ HARNESS = Path(__file__).resolve().parent / "fuzz" / "atheris_decoders.py"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 #: runs per target: a few seconds each on one core (times SMTPGUARD_SOAK for the long variant)
-RUNS = {"netflow": 4000 * SOAK, "pcap": 1500 * SOAK}
+RUNS = {"netflow": 4000 * SOAK, "pcap": 1500 * SOAK, "vpc": 3000 * SOAK}
 
 
 def _seeds(target: str, corpus: Path) -> int:
@@ -29,6 +30,13 @@ def _seeds(target: str, corpus: Path) -> int:
     if target == "netflow":
         seeds = [p for f in sorted((DATA / "netflow").rglob("*")) if f.suffix in (".dat", ".pcap")
                  for p in payloads_of(f)]
+    elif target == "vpc":
+        from test_aws_vpc import V2_NAMES, clean_lines
+
+        logs = sorted((DATA / "cloud-flowlogs" / "aws-vpcflow").glob("*.log"))
+        seeds = [f.read_bytes() for f in logs] + [f.read_bytes()[:4000] for f in logs]
+        seeds += ["\n".join(clean_lines(40, seed)).encode() for seed in range(6)]
+        seeds += ["\n".join([" ".join(V2_NAMES)] + clean_lines(30, seed)).encode() for seed in range(6)]
     else:
         seeds = [f.read_bytes() for f in sorted((DATA / "smtp" / "zeek" / "Traces").rglob("*.pcap"))]
         seeds += [f.read_bytes() for f in sorted((DATA / "netflow" / "akvorado").glob("*.pcap"))]

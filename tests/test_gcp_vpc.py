@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzz.hostile import char_edits, edit_chars
+
 from smtpguard.core import record
 from smtpguard.ingest.base import Batch
 from smtpguard.ingest.gcp_vpc import GcpVpcParser, sniff
@@ -208,29 +210,9 @@ def test_random_lines_never_raise(lines: list[str]) -> None:
     parse(lines)
 
 
-_EDITS = st.lists(
-    st.tuples(
-        st.sampled_from(["del", "ins", "rep"]),
-        st.integers(0, 10**6),
-        st.sampled_from('0123456789.-:"{}[],ZTabc \x00\u00e9'),
-    ),
-    max_size=4,
-)
+_EDITS = char_edits('0123456789.-:"{}[],ZTabc \x00\u00e9', 4)
 
 
-def mutate(line: str, edits: list) -> str:
-    s = list(line)
-    for op, at, ch in edits:
-        pos = at % (len(s) + 1)
-        if op == "ins":
-            s.insert(pos, ch)
-        elif s:
-            pos = min(pos, len(s) - 1)
-            if op == "del":
-                del s[pos]
-            else:
-                s[pos] = ch
-    return "".join(s)
 
 
 _BASE = LINES + [json.dumps(smtp_entry()), json.dumps(reverse(smtp_entry()))]
@@ -239,7 +221,7 @@ _BASE = LINES + [json.dumps(smtp_entry()), json.dumps(reverse(smtp_entry()))]
 @settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.tuples(st.integers(0, len(_BASE) - 1), _EDITS), max_size=20), st.booleans())
 def test_mutated_entries_never_raise(picks: list, smtp_only: bool) -> None:
-    parse([mutate(_BASE[i], e) for i, e in picks], smtp_ports=(25,) if smtp_only else None)
+    parse([edit_chars(_BASE[i], e) for i, e in picks], smtp_ports=(25,) if smtp_only else None)
 
 
 def test_sniff() -> None:

@@ -1,10 +1,12 @@
 """Coverage-guided fuzzing (atheris) of the binary decoders: NetFlow v5/v9/IPFIX datagrams and
-the pcap/pcapng readers (NetFlow export captures and SMTP captures).
+the pcap/pcapng readers (NetFlow export captures and SMTP captures); and of the AWS VPC flow log
+parser's two paths, which must agree on every input (``vpc``).
 
 Run by ``tests/test_fuzz_atheris.py`` with a bounded number of runs, or by hand for longer:
 
     python tests/fuzz/atheris_decoders.py netflow CORPUS_DIR -atheris_runs=200000
     python tests/fuzz/atheris_decoders.py pcap CORPUS_DIR -max_len=65536
+    python tests/fuzz/atheris_decoders.py vpc CORPUS_DIR
 
 A run fails (non-zero exit, the input saved as ``crash-*``) when a decoder raises anything but
 the project's errors, or breaks the invariant of :func:`fuzz.hostile.check_batch`, or its
@@ -33,7 +35,7 @@ import smtpguard.ingest.base  # noqa: E402,F401
 import smtpguard.core.wire  # noqa: E402,F401
 
 with atheris.instrument_imports():
-    from smtpguard.ingest import ipfix, netflow, netflow_v5, netflow_v9, pcap_smtp  # noqa: F401
+    from smtpguard.ingest import aws_vpc, ipfix, netflow, netflow_v5, netflow_v9, pcap_smtp  # noqa: F401
     from smtpguard.ingest.netflow import Datagram, NetflowDatParser, NetflowDecoder, NetflowPcapParser
     from smtpguard.ingest.pcap_smtp import SmtpCaptureParser
 
@@ -81,9 +83,22 @@ def one_pcap(data: bytes) -> None:
     _stream(NetflowPcapParser("fuzz.pcap", None), data)
 
 
+def one_vpc(data: bytes) -> None:
+    """A block of flow log bytes read by the column reader (when it takes it) and line by line:
+    the same records, dead letters and counts, and the same layout afterwards."""
+    fast, slow = aws_vpc.AwsVpcParser("fuzz", (25,)), aws_vpc.AwsVpcParser("fuzz", (25,))
+    lines = data.decode("utf-8", "replace").split("\n")
+    a, b = fast.parse_block(data, 1), slow.parse_lines(lines, 1)
+    check_batch(a, "aws-vpc")
+    assert a.records.equals(b.records), (a.records.to_pylist()[:3], b.records.to_pylist()[:3])
+    assert [(r.location, r.reason, r.raw) for r in a.rejects] == [(r.location, r.reason, r.raw) for r in b.rejects]
+    assert (a.read, a.skipped) == (b.read, b.skipped)
+    assert getattr(fast._state, "fields", None) == getattr(slow._state, "fields", None)
+
+
 def main() -> None:
     target = sys.argv.pop(1)
-    atheris.Setup(sys.argv, {"netflow": one_netflow, "pcap": one_pcap}[target])
+    atheris.Setup(sys.argv, {"netflow": one_netflow, "pcap": one_pcap, "vpc": one_vpc}[target])
     atheris.Fuzz()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from smtpguard.core import record, wire
@@ -119,3 +120,26 @@ def mutate(data: bytes, edits: list[tuple[str, int, int]], byteorder: str) -> by
             n = {"u16": 2, "u32": 4, "u64": 8}[kind]
             out[at:at + n] = (v % (1 << (8 * n))).to_bytes(n, byteorder)
     return bytes(out)
+
+
+def char_edits(alphabet, max_size: int):
+    """A hypothesis strategy of up to ``max_size`` edits for :func:`edit_chars`: delete, insert or
+    replace at a position (wrapping) with an item of ``alphabet`` (characters, or byte values)."""
+    return st.lists(st.tuples(st.sampled_from(["del", "ins", "rep"]), st.integers(0, 10**6),
+                              st.sampled_from(list(alphabet))), max_size=max_size)
+
+
+def edit_chars(text, edits):
+    """``text`` (a str, or bytes edited byte by byte) with each edit of :func:`char_edits` applied in turn."""
+    s = list(text)
+    for op, at, ch in edits:
+        pos = at % (len(s) + 1)
+        if op == "ins":
+            s.insert(pos, ch)
+        elif s:
+            pos = min(pos, len(s) - 1)
+            if op == "del":
+                del s[pos]
+            else:
+                s[pos] = ch
+    return bytes(s) if isinstance(text, (bytes, bytearray)) else "".join(s)
