@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,10 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, ROOT, machine  # noqa: E402
+from common import CACHE, PREVIOUS, machine, previous_tree, run_pinned  # noqa: E402
 
-PREVIOUS = "ea0b9d1"
-"""the last landed release before the columnar work (override with --previous)"""
 
 RUN = r"""
 import json, os, resource, sys, time
@@ -94,31 +90,11 @@ def records_file(seed: int, instances: int, minutes: int) -> Path:
     return path
 
 
-def previous_tree(rev: str, into: Path) -> Path:
-    """The previous release's code as one importable package tree (its top folders become sub-packages)."""
-    wt = into / "wt"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(wt), rev], check=True,
-                   capture_output=True)
-    pkg = into / "tree" / "smtpguard"
-    shutil.copytree(wt / "smtpguard", pkg)
-    for name in ("ingest", "detectors", "models", "response", "console"):
-        if (wt / name).is_dir() and not (pkg / name).exists():
-            shutil.copytree(wt / name, pkg / name)
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], check=True, capture_output=True)
-    return into / "tree"
-
-
 def run(records: Path, mode: str, pythonpath: str | None = None) -> dict:
-    env = {**os.environ, "POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    cmd = [sys.executable, "-c", RUN, str(records), mode]
-    if shutil.which("taskset"):
-        cmd = ["taskset", "-c", "0", *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
-    if r.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    try:
+        return run_pinned(RUN, [str(records), mode], pythonpath)
+    except RuntimeError as e:
+        raise SystemExit(f"{mode} failed:\n{e}") from None
 
 
 def main() -> None:
