@@ -706,6 +706,7 @@ def _register() -> None:
     from smtpguard.cli.audit import audit_cmd
     from smtpguard.cli.console import ALERT_ACTION_COMMANDS, console_cmd, users_group
     from smtpguard.cli.response import enforce_group, exemptions_group
+    from smtpguard.cli.store import store_group
 
     cli.add_command(model_group)
     cli.add_command(dnsbl_group)
@@ -714,6 +715,7 @@ def _register() -> None:
     cli.add_command(console_cmd)
     cli.add_command(users_group)
     cli.add_command(audit_cmd)
+    cli.add_command(store_group)
     for cmd in ALERT_ACTION_COMMANDS:
         alerts_group.add_command(cmd)
 

@@ -628,32 +628,16 @@ def shown(cfg: Config) -> dict[str, Any]:
     return data
 
 
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Minimal TOML writer for ``config show`` (tables, scalars, lists)."""
-    import json
+def to_toml(data: dict[str, Any]) -> str:
+    """``data`` (a config as plain values) as TOML that :func:`load` reads back: what ``config show``
+    prints. TOML has no null: unset optional values are left out."""
+    import tomli_w
 
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return json.dumps(str(v))
-
-    scalars = [f"{k} = {val(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    out = []
-    if scalars:
-        if prefix:
-            out.append(f"[{prefix}]")
-        out.extend(scalars)
-        out.append("")
-    for k, v in data.items():
+    def drop_none(v: Any) -> Any:
         if isinstance(v, dict):
-            key = k if all(c.isalnum() or c in "_-" for c in k) else json.dumps(k)
-            sub = to_toml(v, f"{prefix}.{key}" if prefix else key)
-            if sub.strip():
-                out.append(sub)
-            elif not v:
-                out.append(f"[{prefix + '.' if prefix else ''}{key}]\n")
-    return "\n".join(out)
+            return {k: drop_none(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [drop_none(x) for x in v if x is not None]
+        return v
+
+    return tomli_w.dumps(drop_none(data))

@@ -65,6 +65,13 @@ MIGRATION_PROVIDERS = ("smtpguard.core.store", "smtpguard.core.registry", "smtpg
                        "smtpguard.response", "smtpguard.console", "smtpguard.response.audit")
 
 
+def all_migrations(db: str) -> list[tuple[str, list[str]]]:
+    """Every schema step of every table owner, in the order they run."""
+    import importlib
+
+    return [step for mod in MIGRATION_PROVIDERS for step in importlib.import_module(mod).migrations(db)]
+
+
 def migrations(db: str) -> list[tuple[str, list[str]]]:
     """The core tables' schema steps. Append a step; never edit a released one."""
     return [
@@ -182,10 +189,7 @@ class Store:
             )
             done = {r[0] for r in self.client.query(f"SELECT version FROM {db}.schema_migrations").result_rows}
             applied = 0
-            import importlib
-
-            steps_all = [step for mod in MIGRATION_PROVIDERS for step in importlib.import_module(mod).migrations(db)]
-            for version, steps in steps_all:
+            for version, steps in all_migrations(db):
                 if version in done:
                     continue
                 for sql in steps:
