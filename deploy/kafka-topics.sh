@@ -1,6 +1,6 @@
 #!/bin/sh
 # Create smtpguard's topics on an Apache Kafka cluster (docs/DEPLOYMENT.md, "Kafka").
-# Usage: BOOTSTRAP=kafka-1:9093 [CONFIG=admin.properties] [PARTITIONS=24] [REPLICAS=3] sh kafka-topics.sh
+# Usage: BOOTSTRAP=kafka-1:9093 [CONFIG=admin.properties] [PARTITIONS=24] [REPLICAS=3] [OCSF_TOPIC=smtp.alerts.ocsf] sh kafka-topics.sh
 set -eu
 : "${BOOTSTRAP:?set BOOTSTRAP=host:port}"
 PARTITIONS="${PARTITIONS:-24}"
@@ -22,3 +22,8 @@ cmd --create --if-not-exists --topic smtp.alerts --partitions 6 --replication-fa
 cmd --create --if-not-exists --topic smtp.enforcement --partitions 3 --replication-factor "$REPLICAS" \
     --config cleanup.policy=compact --config min.insync.replicas=2 \
     --config min.compaction.lag.ms=3600000 --config delete.retention.ms=86400000
+# the alerts as OCSF findings for a SIEM, when kafka.topics.ocsf names a topic
+if [ -n "${OCSF_TOPIC:-}" ]; then
+    cmd --create --if-not-exists --topic "$OCSF_TOPIC" --partitions 6 --replication-factor "$REPLICAS" \
+        --config retention.ms=2592000000 --config min.insync.replicas=2
+fi

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from smtpguard.core import metrics, wire
+from smtpguard.core import metrics, ocsf, wire
 from smtpguard.core.config import Config
 from smtpguard.core.errors import BrokerError, StoreError
 from smtpguard.core.exemptions import Exemptions
@@ -405,36 +405,46 @@ class DetectorRunner:
         # the stored decision stands: a replay after a restart may judge a repeat under cooldown
         # differently, but the store and the topic must agree on what was raised
         raised = [a for a in alerts if (known[a.alert_id] == "" if a.alert_id in known else not a.suppressed)]
+        # every form of a raised alert, each with its own publication record: smtpguard's JSON on the
+        # alerts topic and, when configured, the OCSF finding on the OCSF topic
+        forms: list[tuple[str, Callable[[Alert], bytes]]] = [(topic, to_json)]
+        if self.topics.ocsf:
+            forms.append((self.topics.ocsf, ocsf.to_json))
         published = self.store.published_alert_ids(topic, [a.alert_id for a in raised])
-        todo = [a for a in raised if a.alert_id not in published]
-        delivered: list[str] = []
+        delivered: dict[str, list[str]] = {t: [] for t, _ in forms}
         errors: list[str] = []
+        todo_n = 0
 
-        def on_delivery(alert_id: str) -> Callable[[Any, Any], None]:
+        def on_delivery(t: str, alert_id: str) -> Callable[[Any, Any], None]:
             def report(err: Any, _msg: Any) -> None:
                 if err is None:
-                    delivered.append(alert_id)
+                    delivered[t].append(alert_id)
                 else:
                     errors.append(str(err))
                     if err.fatal():
                         self._producer_failed = True
             return report
 
-        for a in todo:
-            key = (a.src_ip or f"tenant:{a.tenant}").encode()
-            self._produce(topic, to_json(a), key, on_delivery(a.alert_id))
+        for t, encode in forms:
+            done = published if t == topic else self.store.published_alert_ids(t, [a.alert_id for a in raised])
+            todo = [a for a in raised if a.alert_id not in done]
+            todo_n += len(todo)
+            for a in todo:
+                key = (a.src_ip or f"tenant:{a.tenant}").encode()
+                self._produce(t, encode(a), key, on_delivery(t, a.alert_id))
         unsent = self._flush(30)
         if unsent:
             # An idempotent producer whose broker came back without its data retries for ever
             # (message.timeout.ms) without a fatal error: drop its queue and start afresh; what is
             # not recorded as published is sent again by the retry.
             self._replace_producer()
-        self.store.mark_published(topic, delivered)  # even when some failed: those are not sent again
+        for t, ids in delivered.items():
+            self.store.mark_published(t, ids)  # even when some failed: those are not sent again
         if self._producer_failed:
             self._new_producer()
         if unsent or errors:
-            raise StoreError(f"{unsent + len(errors)} of {len(todo)} alerts were not delivered to {topic}"
-                             + (f": {errors[0]}" if errors else " within 30 s"))
+            raise StoreError(f"{unsent + len(errors)} of {todo_n} alert messages were not delivered to "
+                             f"{', '.join(t for t, _ in forms)}" + (f": {errors[0]}" if errors else " within 30 s"))
         counted: Counter[tuple[str, str]] = Counter()
         raised_ids = {a.alert_id for a in raised}
         for a in alerts:

@@ -91,7 +91,7 @@ def test_the_server_config_loads_and_shows_as_toml_that_loads_back(tmp_path: Pat
 def test_the_topic_script_creates_the_configured_topics() -> None:
     script = DEPLOY / "kafka-topics.sh"
     assert subprocess.run(["sh", "-n", str(script)], capture_output=True).returncode == 0
-    created = re.findall(r"--topic (\S+)", script.read_text())
+    created = [t for t in re.findall(r"--topic (\S+)", script.read_text()) if "$" not in t]
     topics = config_mod.Config().kafka.topics
     assert sorted(created) == sorted([topics.flows, topics.dlq, topics.alerts, topics.enforcement])
     enforcement = script.read_text().split(f"--topic {topics.enforcement}")[1]

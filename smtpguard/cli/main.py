@@ -539,6 +539,16 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ocsf(row: dict[str, Any], dnsbl: list[dict[str, Any]] | None = None) -> bytes:
+    """A stored alert row as its OCSF Detection Finding (JSON)."""
+    import msgspec
+
+    from smtpguard.core import ocsf
+    from smtpguard.core.alert import Alert
+
+    return ocsf.to_json(msgspec.convert(_jsonable(row), Alert), dnsbl)
+
+
 @cli.group("alerts")
 def alerts_group() -> None:
     """Review alerts in the store."""
@@ -550,23 +560,34 @@ def alerts_group() -> None:
 @click.option("--ip", metavar="IP", help="only this source IP")
 @click.option("--suppressed", is_flag=True, help="include findings suppressed by cooldown")
 @click.option("--limit", default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.option("--format", "out_format", type=click.Choice(["text", "json", "ocsf"]), default="text", show_default=True,
+              help="json: one alert object per line; ocsf: one OCSF Detection Finding per line (docs/ARCHITECTURE.md)")
+@click.option("--json", "as_json", is_flag=True, help="the same as --format json")
 @pass_ctx
 def alerts_list(c: Ctx, severity: str | None, since: str | None, ip: str | None, suppressed: bool, limit: int,
-                as_json: bool) -> None:
-    """List alerts, newest window first."""
+                out_format: str, as_json: bool) -> None:
+    """List alerts, newest window first.
+
+    \b
+    Examples:
+      smtpguard alerts list --severity medium --since 6h
+      smtpguard alerts list --format ocsf | curl -s --data-binary @- https://siem.example/ingest
+    """
     from smtpguard.core.store import Store
 
+    out_format = "json" if as_json else out_format
     when = _parse_since(since)
     with Store(c.cfg.store_dsn, c.cfg.store.database) as store:
         rows = store.list_alerts(min_severity=severity, since=when, ip=ip, include_suppressed=suppressed, limit=limit)
     for r in rows:
-        if as_json:
+        if out_format == "ocsf":
+            click.echo(_ocsf(r).decode())
+        elif out_format == "json":
             click.echo(json.dumps(_jsonable(r)))
         else:
             click.echo(f"{r['alert_id']}  {r['window_start']:%Y-%m-%d %H:%M}  {r['severity']:8} {r['detector']:17} "
                        f"{r['src_ip'] or 'tenant ' + r['tenant']:16} {r['score']:.2f}  {r['reasons'][0] if r['reasons'] else ''}")
-    if not as_json:
+    if out_format == "text":
         _err(f"{len(rows)} alerts")
 
 
@@ -595,9 +616,11 @@ def alerts_incidents(c: Ctx, since: str | None, limit: int, as_json: bool) -> No
 
 @alerts_group.command("show")
 @click.argument("alert_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--format", "out_format", type=click.Choice(["text", "json", "ocsf"]), default="text", show_default=True,
+              help="ocsf: the alert as an OCSF Detection Finding, its DNSBL answers as enrichments")
+@click.option("--json", "as_json", is_flag=True, help="the same as --format json")
 @pass_ctx
-def alerts_show(c: Ctx, alert_id: str, as_json: bool) -> None:
+def alerts_show(c: Ctx, alert_id: str, out_format: str, as_json: bool) -> None:
     """Show one alert with its reasons and evidence, and the DNSBL answers about its source."""
     from smtpguard.console.queries import stored_dnsbl
     from smtpguard.core.store import Store
@@ -609,7 +632,10 @@ def alerts_show(c: Ctx, alert_id: str, as_json: bool) -> None:
         dnsbl = stored_dnsbl(store, row["src_ip"]) if row["src_ip"] else []
     data = _jsonable(row)
     data["dnsbl"] = [_jsonable(d) for d in dnsbl]
-    if as_json:
+    if out_format == "ocsf":
+        click.echo(_ocsf(row, data["dnsbl"]).decode())
+        return
+    if as_json or out_format == "json":
         click.echo(json.dumps(data))
         return
     click.echo(f"alert {data['alert_id']}: {data['severity']} {data['detector']} (score {data['score']:.2f})")

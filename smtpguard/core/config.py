@@ -49,6 +49,9 @@ class Topics(msgspec.Struct, forbid_unknown_fields=True):
     """alerts (JSON, one per message, key = source IP or tenant)"""
     enforcement: str = "smtp.enforcement"
     """exemption revocations and restorations for the network (JSON)"""
+    ocsf: str = ""
+    """the raised alerts again, as OCSF Detection Findings (JSON, key = source or tenant:T), for a SIEM;
+    empty = not published (docs/ARCHITECTURE.md, "Alerts as OCSF findings")"""
 
 
 class Kafka(msgspec.Struct, forbid_unknown_fields=True):

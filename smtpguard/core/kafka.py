@@ -145,7 +145,7 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> None:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as e:
         raise BrokerError(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {e}") from None
-    wanted = [n for n in (t.flows, t.dlq, t.alerts, t.enforcement) if n not in existing]
+    wanted = [n for n in (t.flows, t.dlq, t.alerts, t.enforcement, t.ocsf) if n and n not in existing]
     if not wanted:
         return
     futures = admin.create_topics([NewTopic(n, num_partitions=cfg.kafka.partitions if n == t.flows else 1,
