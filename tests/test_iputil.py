@@ -49,3 +49,8 @@ def test_mapped_compatible_and_scoped_addresses():
     assert canonical_ip("203.0.113.7") == "203.0.113.7"
     assert parse_ip("203.0.113.7") == (4, int(ipaddress.IPv4Address("203.0.113.7")))
     assert canonical_ip("1.2.3") is None and canonical_ip("") is None
+
+
+def test_text_the_c_parser_cannot_take_is_not_an_address() -> None:
+    for text in ("::1\x00", "fe80::\x00:1", "\x00::"):
+        assert parse_ip(text) is None and canonical_ip(text) is None

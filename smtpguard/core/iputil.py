@@ -32,7 +32,7 @@ def parse_ip(text: str) -> tuple[int, int] | None:
     if ":" in text and "." not in text:
         try:
             return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
-        except OSError:
+        except (OSError, ValueError):  # ValueError: an embedded NUL, which the C function cannot take
             pass
     try:
         a = ipaddress.ip_address(text)
