@@ -7,9 +7,10 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: rbldnsd serves DNSBL zones (the demo's blocklist, the tests' zones), nftables
 # checks enforcement sets; the tests add chromium for the console's browser tests (Playwright
 # drives it; no browser download), libpcap for live capture with a BPF filter, and systemd
-# (systemd-analyze verifies the deployment's units in deploy/).
+# (systemd-analyze verifies the deployment's units in deploy/), and pmacct and nfdump-sflow: pmacctd
+# turns the shared SMTP captures into sFlow exports, sfcapd and nfdump decode them independently.
 DEMO_DEB_PACKAGES = rbldnsd nftables
-DEB_PACKAGES = $(DEMO_DEB_PACKAGES) chromium fonts-dejavu-core libpcap0.8 systemd
+DEB_PACKAGES = $(DEMO_DEB_PACKAGES) chromium fonts-dejavu-core libpcap0.8 systemd pmacct nfdump nfdump-sflow
 DEB_STAMP = $(VENV)/.debian-packages
 DEMO_DEB_STAMP = $(VENV)/.debian-packages-demo
 # install the Debian packages named in $(1) that are missing

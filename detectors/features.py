@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from smtpguard.core.frames import encode
 
@@ -97,9 +98,27 @@ FEATURES = BASE_FEATURES + HISTORY_FEATURES + HORIZON_FEATURES
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
 
 #: Record columns the window engine keeps for feature computation.
-NEEDED_COLUMNS = ("start", "end", "src_ip", "src_addr", "dst_ip", "dst_port", "action", "packets", "bytes",
-                  "rev_packets", "rev_bytes", "tenant", "instance_id", "sampling_rate", "reply_first",
-                  "replies_5xx", "rcpt_count")
+RECORD_COLUMNS = ("start", "end", "src_ip", "dst_ip", "dst_port", "action", "packets", "bytes", "rev_packets",
+                  "rev_bytes", "tenant", "instance_id", "sampling_rate", "reply_first", "replies_5xx", "rcpt_count")
+#: What the window engine keeps per row: the record columns, ``src_addr`` (the address where the key
+#: is a prefix: :meth:`smtpguard.core.inventory.SourceKeys.apply`) and ``conn_weight`` (for packet
+#: samples, the connections a row stands for: :func:`connection_weights`; null for flow records).
+NEEDED_COLUMNS = RECORD_COLUMNS + ("src_addr", "conn_weight")
+
+
+def connection_weights(records: pa.Table) -> pl.Series | None:
+    """``conn_weight`` of record rows, or None when none is a packet sample. A packet sample (sFlow)
+    is one packet, not one connection: it stands for ``sampling_rate`` connections when it is a
+    connection's first packet (TCP SYN without ACK), for none otherwise; its packets and bytes still
+    weigh its sampling rate (docs/DETECTION.md, sampling)."""
+    fmt = records.column("source_format")
+    if not pc.any(pc.equal(fmt, "sflow")).as_py():
+        return None
+    df = pl.from_arrow(records.select(["source_format", "tcp_flags", "sampling_rate"]))
+    syn = (pl.col("tcp_flags").fill_null(0) & 0x12) == 0x02
+    return df.select(pl.when(pl.col("source_format") == "sflow")
+                     .then(pl.col("sampling_rate").cast(pl.UInt32) * syn.cast(pl.UInt32))
+                     .otherwise(None).alias("conn_weight")).to_series()
 
 
 BITS = 16384
@@ -159,14 +178,17 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
         raise ValueError(f"too many windows in one close ({nkeys:,} source windows x {ndst:,} destinations)")
     key = ((ws - ws0) // window_ms).cast(pl.UInt64) * nsrc + src.cast(pl.UInt64)
 
-    # sampled flows weigh their sampling rate; unsampled ones (most) skip the multiplications
-    sampled = int(rows["sampling_rate"].max() or 1) > 1
+    # sampled flows weigh their sampling rate; unsampled ones (most) skip the multiplications. Connection
+    # counts weigh ``cw``: the sampling rate, or for packet samples the connections they stand for
+    samples = "conn_weight" in rows.columns and rows["conn_weight"].null_count() < rows.height
+    sampled = int(rows["sampling_rate"].max() or 1) > 1 or samples
     w = pl.col("w")
+    cw = pl.col("cw")
     port = pl.col("dst_port")
     accept, reject = pl.col("action") == "accept", pl.col("action") == "reject"
 
     def wif(mask: pl.Expr) -> pl.Expr:
-        return w * mask.cast(pl.UInt64) if sampled else mask.cast(pl.UInt64)
+        return cw * mask.cast(pl.UInt64) if sampled else mask.cast(pl.UInt64)
 
     def times_w(col: str) -> pl.Expr:
         c = pl.col(col).fill_null(0).cast(pl.UInt64)
@@ -177,7 +199,8 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
 
     base = pl.DataFrame({"k": key, "d": dst, "t": tenant}).hstack(rows.select(
         "dst_port", "action", "packets", "bytes", "rev_bytes", "rev_packets", "start", "end", "reply_first",
-        "replies_5xx", "rcpt_count", "sampling_rate", "instance_id")).lazy()
+        "replies_5xx", "rcpt_count", "sampling_rate", "instance_id",
+        *(["conn_weight"] if samples else []))).lazy()
     # the sums every window carries; those that are zero in this batch (no capture fields in flow logs,
     # ports not seen) are not computed
     ports = set(rows["dst_port"].unique().to_list())
@@ -198,9 +221,10 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
             "replies_5xx": rows["replies_5xx"].null_count() == rows.height,
             "rcpt_total": rows["rcpt_count"].null_count() == rows.height}
     sums = tuple(c for c in sum_exprs if not zero.get(c))
-    base = base.with_columns(w=pl.col("sampling_rate").cast(pl.UInt64).clip(1)).select(
+    base = base.with_columns(w=pl.col("sampling_rate").cast(pl.UInt64).clip(1)).with_columns(
+        cw=pl.col("conn_weight").cast(pl.UInt64).fill_null(w) if samples else w).select(
         kd=pl.col("k") * ndst + pl.col("d").cast(pl.UInt64),
-        w=w,
+        w=cw,
         dur=(pl.col("end").cast(pl.Int64) - pl.col("start").cast(pl.Int64)).clip(0),
         **{c: sum_exprs[c] for c in sums},
         # the first row with an instance id names the window's instance

@@ -25,7 +25,7 @@ from smtpguard.core.inventory import Inventory, SourceKeys
 from smtpguard.core.alert import Alert
 
 from .alerts import AlertGate
-from .features import NEEDED_COLUMNS, close_windows, empty_features
+from .features import RECORD_COLUMNS, close_windows, connection_weights, empty_features
 from .history import HistoryParams, SourceHistory
 from .horizons import Panes, pane_types
 from .rules import Detector, build_detectors
@@ -119,7 +119,10 @@ class Pipeline:
     def process(self, records: pa.Table, key: int = 0, offset: int = -1, offsets: pa.Array | None = None) -> Output:
         s = self.stream(key)
         s.idle = False
-        rows = pl.from_arrow(records.select([c for c in NEEDED_COLUMNS if c != "src_addr"]))
+        rows = pl.from_arrow(records.select(list(RECORD_COLUMNS)))
+        weights = connection_weights(records) if records.num_rows else None
+        if weights is not None:
+            rows = rows.with_columns(weights)
         s.engine.add(self.keys.apply(rows) if rows.height else rows, offset=offset, offsets=offsets)
         return self._close(s, force=False)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
-from .features import NEEDED_COLUMNS
+from .features import NEEDED_COLUMNS, RECORD_COLUMNS
 
 
 def _validate(window_ms: int, allowed_lateness_ms: int) -> None:
@@ -56,9 +56,12 @@ class WindowEngine:
     def add(self, records: pa.Table | pl.DataFrame, offset: int = -1, offsets: pa.Array | None = None) -> int:
         """Add records; returns how many were late (and dropped)."""
         if not isinstance(records, pl.DataFrame):
-            records = pl.from_arrow(records.select([c for c in NEEDED_COLUMNS if c != "src_addr"]))
-        # src_addr: the record's address where the key is not the address itself (SourceKeys.apply)
+            records = pl.from_arrow(records.select(list(RECORD_COLUMNS)))
+        # src_addr: the record's address where the key is not the address itself (SourceKeys.apply);
+        # conn_weight: set for packet samples only (features.connection_weights)
         df = records if "src_addr" in records.columns else records.with_columns(src_addr=pl.lit(None, pl.String))
+        if "conn_weight" not in df.columns:
+            df = df.with_columns(conn_weight=pl.lit(None, pl.UInt32))
         if df.height == 0:
             return 0
         start = pl.col("start").cast(pl.Int64)

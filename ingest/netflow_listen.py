@@ -1,5 +1,6 @@
-"""The live NetFlow/IPFIX collector shell: a UDP socket feeding a
-:class:`~smtpguard.ingest.netflow.NetflowDecoder`.
+"""The live UDP collector shell: a socket feeding a
+:class:`~smtpguard.ingest.netflow.NetflowDecoder` (NetFlow/IPFIX) or a
+:class:`~smtpguard.ingest.sflow.SflowDecoder` (sFlow v5).
 
 Datagrams are collected into batches (up to ``max_datagrams``, or ``max_wait_ms`` after
 the first datagram of the batch, whichever comes first) because the decoder is much
@@ -20,10 +21,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .base import Batch
 from .netflow import Datagram, NetflowDecoder
+
+if TYPE_CHECKING:
+    from .sflow import SflowDecoder
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ def _exporter(addr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def listen_udp(host: str, port: int, decoder: NetflowDecoder, on_batch: Callable[[Batch], None],
+def listen_udp(host: str, port: int, decoder: "NetflowDecoder | SflowDecoder", on_batch: Callable[[Batch], None],
                stop_event: threading.Event, *, max_datagrams: int = MAX_DATAGRAMS, max_wait_ms: int = MAX_WAIT_MS,
                on_ready: Callable[[tuple], None] | None = None) -> ListenStats:
     """Receive datagrams on ``host:port`` until ``stop_event`` is set; decode them in
@@ -70,7 +74,8 @@ def listen_udp(host: str, port: int, decoder: NetflowDecoder, on_batch: Callable
         sock.settimeout(_POLL_S)
         if on_ready is not None:
             on_ready(sock.getsockname())
-        log.info("listening for NetFlow/IPFIX on %s", _exporter(sock.getsockname()))
+        log.info("listening for %s on %s", "sFlow" if getattr(decoder, "name", "") == "sflow" else "NetFlow/IPFIX",
+                 _exporter(sock.getsockname()))
         todo: list[Datagram] = []
         first_at = 0.0
         last_expiry = time.monotonic()

@@ -43,6 +43,10 @@ FORMATS: dict[str, Format] = {
                "NetFlow v5/v9 and IPFIX datagrams in a pcap or pcapng capture (exporter = sender ip:port); "
                "templates carry over between files",
                "smtpguard decode capture.pcap --format netflow-pcap --json", sniffer="sniff_pcap", kind="stream"),
+        Format("sflow-pcap", "smtpguard.ingest.sflow", "SflowPcapParser",
+               "sFlow v5 datagrams in a pcap or pcapng capture of the export traffic: one record per sampled "
+               "packet (raw header or sampled IPv4/IPv6 record), its sampling rate carried; exporter = the agent",
+               "smtpguard decode sflow-export.pcap --format sflow-pcap --json", sniffer="sniff_pcap", kind="stream"),
         Format("pcap", "smtpguard.ingest.pcap_smtp", "SmtpCaptureParser",
                "TCP connections to SMTP ports in a pcap or pcapng capture, with the SMTP dialogue where visible "
                "(EHLO name, MAIL FROM domain, RCPT count, reply codes, STARTTLS, AUTH); exporter = the file name; "
@@ -64,6 +68,10 @@ FORMATS: dict[str, Format] = {
         Format("argus", "smtpguard.ingest.argus", "ArgusParser",
                "Argus bidirectional flows CSV with header (ra -c ,; CTU-13 .binetflow)",
                "smtpguard analyze capture20110816.binetflow --format argus --json"),
+        Format("sflow-dat", "smtpguard.ingest.sflow", "SflowDatParser",
+               "sFlow v5 datagrams written back to back (times from the file's modification time and the "
+               "agent's uptime)",
+               "smtpguard decode sflow.dat --format sflow-dat --json", sniffer="sniff_dat", kind="stream"),
         Format("netflow-dat", "smtpguard.ingest.netflow", "NetflowDatParser",
                "NetFlow v5/v9 and IPFIX export packets written back to back (nc -lu > file), one exporter",
                "smtpguard decode templates.dat data.dat --format netflow-dat --json", sniffer="sniff_dat", kind="stream"),

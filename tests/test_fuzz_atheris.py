@@ -22,7 +22,7 @@ HARNESS = Path(__file__).resolve().parent / "fuzz" / "atheris_decoders.py"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 #: runs per target: a few seconds each on one core (times SMTPGUARD_SOAK for the long variant)
-RUNS = {"netflow": 4000 * SOAK, "pcap": 1500 * SOAK, "vpc": 3000 * SOAK}
+RUNS = {"netflow": 4000 * SOAK, "pcap": 1500 * SOAK, "vpc": 3000 * SOAK, "sflow": 3000 * SOAK}
 
 
 def _seeds(target: str, corpus: Path) -> int:
@@ -30,6 +30,9 @@ def _seeds(target: str, corpus: Path) -> int:
     if target == "netflow":
         seeds = [p for f in sorted((DATA / "netflow").rglob("*")) if f.suffix in (".dat", ".pcap")
                  for p in payloads_of(f)]
+    elif target == "sflow":
+        captures = sorted((DATA / "sflow" / "akvorado").glob("*.pcap"))
+        seeds = [f.read_bytes() for f in captures] + [p for f in captures for p in payloads_of(f)]
     elif target == "vpc":
         from test_aws_vpc import V2_NAMES, clean_lines
 

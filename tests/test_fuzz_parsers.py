@@ -31,6 +31,7 @@ from test_pcap_smtp import Conv, pcap
 from test_zeek import CONN_HEADER, conn
 
 from smtpguard.core.errors import SmtpguardError
+from smtpguard.ingest.pcapfile import iter_frames, udp_of
 from smtpguard.ingest import ipfix, registry
 from smtpguard.ingest.netflow import (MAX_SHARED_TEMPLATES, Datagram, NetflowDatParser, NetflowDecoder,
                                       NetflowPcapParser)
@@ -178,7 +179,7 @@ def test_text_formats_with_random_bytes(fmt: str, blob: bytes, smtp: bool) -> No
 
 def test_every_format_is_fuzzed() -> None:
     """A format added to the registry without a fuzz test fails here."""
-    fuzzed = set(TEXT_FORMATS) | {"azure-flow", "netflow-pcap", "netflow-dat", "pcap"}
+    fuzzed = set(TEXT_FORMATS) | {"azure-flow", "netflow-pcap", "netflow-dat", "pcap", "sflow-pcap", "sflow-dat"}
     assert fuzzed == set(registry.FORMATS)
 
 
@@ -457,6 +458,9 @@ def _stream(parser: Any, data: bytes) -> Accounted:
 STREAM_SAMPLES = {
     "netflow-dat": [p.read_bytes() for p in sorted((NF / "logstash-codec-netflow").glob("*.dat"))],
     "netflow-pcap": [p.read_bytes() for p in sorted((NF / "akvorado").glob("*.pcap"))],
+    "sflow-pcap": [p.read_bytes() for p in sorted((NF.parent / "sflow" / "akvorado").glob("*.pcap"))],
+    "sflow-dat": [u.payload for p in sorted((NF.parent / "sflow" / "akvorado").glob("*.pcap"))
+                  for fr in iter_frames(p.open("rb")) if (u := udp_of(fr.data, fr.linktype)) is not None],
     "pcap": [(TRACES / "smtp.pcap").read_bytes(), (TRACES / "smtp-mail-transactions-invalid.pcap").read_bytes(),
              (TRACES / "tls" / "smtp-starttls.pcap").read_bytes()],
 }

@@ -217,7 +217,7 @@ def analyze_cmd(c: Ctx, paths: tuple[str, ...], fmt: str, exemptions: str | None
 def _collect_choice() -> click.Choice:
     from smtpguard.ingest.registry import FORMATS
 
-    return click.Choice(["auto", "netflow", "live", *FORMATS])
+    return click.Choice(["auto", "netflow", "sflow", "live", *FORMATS])
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -264,6 +264,7 @@ def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, if
     Examples:
       smtpguard --bootstrap-servers kafka:9092 collect aws-vpc /var/log/vpc/
       smtpguard --bootstrap-servers kafka:9092 collect netflow --listen 0.0.0.0:2055
+      smtpguard --bootstrap-servers kafka:9092 collect sflow --listen 0.0.0.0:6343
       smtpguard --bootstrap-servers kafka:9092 collect pcap /var/capture/smtp-*.pcap
       sudo smtpguard --bootstrap-servers kafka:9092 collect live --iface eth0
     Records go to kafka.topics.flows (keyed by source IP), dead letters to kafka.topics.dlq.
@@ -281,11 +282,12 @@ def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, if
     if listen and paths:
         raise click.UsageError("give either PATHs or --listen, not both")
     if not listen and not paths and not iface:
-        raise click.UsageError("give PATHs to read, --listen HOST:PORT for NetFlow/IPFIX over UDP, "
+        raise click.UsageError("give PATHs to read, --listen HOST:PORT for NetFlow/IPFIX or sFlow over UDP, "
                                "or `collect live --iface IF`")
-    if listen and not fmt.startswith("netflow"):
-        raise click.UsageError("--listen receives NetFlow/IPFIX: use `collect netflow --listen HOST:PORT`")
-    if fmt == "netflow" and not listen:
+    if listen and not fmt.startswith(("netflow", "sflow")):
+        raise click.UsageError("--listen receives NetFlow/IPFIX or sFlow: use `collect netflow --listen HOST:PORT` "
+                               "or `collect sflow --listen HOST:PORT`")
+    if fmt in ("netflow", "sflow") and not listen:
         fmt = "auto"
     _start_metrics(c, metrics_listen)
     ensure_topics(c.cfg)
@@ -306,18 +308,20 @@ def collect_cmd(c: Ctx, fmt: str, paths: tuple[str, ...], listen: str | None, if
     if listen:
         from smtpguard.ingest.netflow import NetflowDecoder
         from smtpguard.ingest.netflow_listen import listen_udp
+        from smtpguard.ingest.sflow import SflowDecoder
 
         host, port = _host_port(listen)
-        dec = NetflowDecoder(c.cfg.ingest.smtp_ports)
+        sflow = fmt.startswith("sflow")
+        dec = SflowDecoder(c.cfg.ingest.smtp_ports) if sflow else NetflowDecoder(c.cfg.ingest.smtp_ports)
+        what = "sFlow" if sflow else "NetFlow/IPFIX"
         try:
             with Shutdown(name="smtpguard collect") as sd:
                 listen_udp(host, port, dec, col.send, sd.event,
-                           on_ready=lambda addr: _err(f"listening for NetFlow/IPFIX on {listen}; Ctrl-C or SIGTERM "
-                                                      "to stop"))
+                           on_ready=lambda addr: _err(f"listening for {what} on {listen}; Ctrl-C or SIGTERM to stop"))
         except OSError as e:
             raise SmtpguardError(f"cannot listen on {listen}: {e}") from None
         col.flush()
-        _err(f"{col.stats.summary()}\nexporters: {dec.totals()}")
+        _err(f"{col.stats.summary()}\n{'agents' if sflow else 'exporters'}: {dec.totals()}")
         return
     bar = Progress("collect", progress)
     try:

@@ -7,6 +7,7 @@ Run by ``tests/test_fuzz_atheris.py`` with a bounded number of runs, or by hand 
     python tests/fuzz/atheris_decoders.py netflow CORPUS_DIR -atheris_runs=200000
     python tests/fuzz/atheris_decoders.py pcap CORPUS_DIR -max_len=65536
     python tests/fuzz/atheris_decoders.py vpc CORPUS_DIR
+    python tests/fuzz/atheris_decoders.py sflow CORPUS_DIR
 
 A run fails (non-zero exit, the input saved as ``crash-*``) when a decoder raises anything but
 the project's errors, or breaks the invariant of :func:`fuzz.hostile.check_batch`, or its
@@ -35,7 +36,7 @@ import smtpguard.ingest.base  # noqa: E402,F401
 import smtpguard.core.wire  # noqa: E402,F401
 
 with atheris.instrument_imports():
-    from smtpguard.ingest import aws_vpc, ipfix, netflow, netflow_v5, netflow_v9, pcap_smtp  # noqa: F401
+    from smtpguard.ingest import aws_vpc, ipfix, netflow, netflow_v5, netflow_v9, pcap_smtp, sflow  # noqa: F401
     from smtpguard.ingest.netflow import Datagram, NetflowDatParser, NetflowDecoder, NetflowPcapParser
     from smtpguard.ingest.pcap_smtp import SmtpCaptureParser
 
@@ -83,6 +84,15 @@ def one_pcap(data: bytes) -> None:
     _stream(NetflowPcapParser("fuzz.pcap", None), data)
 
 
+def one_sflow(data: bytes) -> None:
+    """sFlow v5: the datagram decoder, the capture shell and the back-to-back file shell."""
+    dec = sflow.SflowDecoder((25,), max_agents=8)
+    check_batch(dec.decode_many([Datagram(data, "fuzz", 0, "dg")]), "sflow")
+    assert len(dec.counters) <= 8
+    _stream(sflow.SflowPcapParser("fuzz.pcap", None), data)
+    _stream(sflow.SflowDatParser("fuzz.dat", (25,)), data)
+
+
 def one_vpc(data: bytes) -> None:
     """A block of flow log bytes read by the column reader (when it takes it) and line by line:
     the same records, dead letters and counts, and the same layout afterwards."""
@@ -98,7 +108,7 @@ def one_vpc(data: bytes) -> None:
 
 def main() -> None:
     target = sys.argv.pop(1)
-    atheris.Setup(sys.argv, {"netflow": one_netflow, "pcap": one_pcap, "vpc": one_vpc}[target])
+    atheris.Setup(sys.argv, {"netflow": one_netflow, "pcap": one_pcap, "vpc": one_vpc, "sflow": one_sflow}[target])
     atheris.Fuzz()
 
 
