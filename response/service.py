@@ -34,6 +34,7 @@ from smtpguard.core.registry import Registry
 from smtpguard.core.store import Store
 
 from .enforce import messages_for
+from .findings import FindingDeliverer, FindingOutbox
 from .lookups import AlertLookups
 from .outbox import Deliverer, Outbox
 from .policy import Executor
@@ -71,6 +72,8 @@ class Responder:
         self.outbox = Outbox(store, cfg)
         self.executor = Executor(self.registry, cfg.response, self.outbox)
         self.deliverer = Deliverer(cfg, store, self.stop_event)
+        self.findings = FindingOutbox(store) if cfg.response.siem_webhook.url else None
+        self.finding_deliverer = FindingDeliverer(cfg, store, self.stop_event) if self.findings else None
         self.lookups = AlertLookups(cfg, store) if lookups else None
         self.consumer = Consumer(consumer_settings(cfg, group_id=cfg.kafka.response_group_id))
         self.poll_messages = cfg.response.poll_alerts
@@ -80,6 +83,8 @@ class Responder:
     def run(self) -> ResponseStats:
         self.consumer.subscribe([self.cfg.kafka.topics.alerts], on_revoke=self._on_revoke)
         self.deliverer.start()
+        if self.finding_deliverer is not None:
+            self.finding_deliverer.start()
         try:
             while not self.stop_event.is_set():
                 self.step(0.5)
@@ -92,6 +97,8 @@ class Responder:
             if self.lookups is not None:
                 self.lookups.close(timeout_s=10)
             self.deliverer.join(15)
+            if self.finding_deliverer is not None:
+                self.finding_deliverer.join(15)
         return self.stats
 
     def _on_revoke(self, _consumer: Any, _partitions: list[Any]) -> None:
@@ -102,6 +109,7 @@ class Responder:
 
     def step(self, timeout_s: float = 0.5) -> None:
         msgs = self.consumer.consume(self.poll_messages, timeout_s)
+        raised = []
         for m in msgs:
             if m.error():
                 log.warning("consumer error: %s", m.error())
@@ -114,12 +122,28 @@ class Responder:
                 self._pending[m.partition()] = m.offset() + 1
                 continue
             if not alert.suppressed:
+                raised.append(alert)
                 self._act(alert)
             else:
                 self.stats.decisions["suppressed"] = self.stats.decisions.get("suppressed", 0) + 1
             self._pending[m.partition()] = m.offset() + 1
+        if raised and self.findings is not None:
+            self._owe_findings(raised)
         if msgs:
             self._commit()
+
+    def _owe_findings(self, alerts: list[Any]) -> None:
+        """The SIEM's findings of these alerts, owed before their offsets are committed."""
+        delay = 0.5
+        while True:
+            try:
+                self.findings.add(alerts)
+                return
+            except StoreError as e:
+                log.error("writing %d findings for the SIEM failed (%s); trying again in %.1f s", len(alerts), e, delay)
+                if self.stop_event.wait(delay):
+                    raise
+                delay = min(delay * 2, 10.0)
 
     def _act(self, alert: Any) -> None:
         """Decide about one alert (store writes only); retried until the store takes it."""
@@ -172,9 +196,11 @@ class Responder:
         metrics.RESPONSE_COMMITS.inc()
 
     def wait_idle(self, timeout_s: float = 60.0) -> bool:
-        """Until the outbox owes nothing and the lookups are done (the demo, tests)."""
+        """Until the outboxes owe nothing and the lookups are done (the demo, tests)."""
         deadline = time.monotonic() + timeout_s
         ok = self.deliverer.wait_idle(timeout_s)
+        if self.finding_deliverer is not None:
+            ok = self.finding_deliverer.wait_idle(max(0.1, deadline - time.monotonic())) and ok
         if self.lookups is not None:
             ok = self.lookups.drain(max(0.1, deadline - time.monotonic())) and ok
         return ok

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 from pathlib import Path
 
 import jsonschema
@@ -15,7 +16,8 @@ from click.testing import CliRunner
 from ocsf_json_schema import OcsfJsonSchemaEmbedded, get_ocsf_schema
 
 from conftest import replace
-from test_streaming import read_topic, run_detector_until_idle, small_scenario  # noqa: F401 - a fixture
+from test_streaming import (read_topic, run_detector_until_idle, run_responder_until_idle,  # noqa: F401
+                            small_scenario)
 from smtpguard.app.analyze import analyze
 from smtpguard.cli.main import cli
 from smtpguard.core import ocsf
@@ -128,24 +130,70 @@ def test_alerts_list_and_show_print_valid_findings(offline_cfg, small_scenario, 
     assert [(e["name"], e["value"]) for e in one["enrichments"]] == [("dnsbl:demo-bl", "listed")]
 
 
-def test_the_ocsf_topic_carries_the_finding_of_every_alert_on_the_alerts_topic(cfg, small_scenario) -> None:  # noqa: F811
+class Siem:
+    """An HTTP receiver standing in for a SIEM's ingest endpoint: it keeps every request's headers and body."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        self.requests: list[tuple[dict, bytes]] = []
+        siem = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                siem.requests.append((dict(self.headers), body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_ocsf_topic_and_the_siem_webhook_carry_the_finding_of_every_raised_alert(cfg, small_scenario) -> None:  # noqa: F811
+    from smtpguard.response.webhook import signature
+
     _scen, paths = small_scenario
-    cfg = replace(cfg, kafka={"topics": msgspec.structs.replace(cfg.kafka.topics, ocsf=cfg.kafka.topics.alerts + "-ocsf")})
-    ensure_topics(cfg)
-    stats = Collector(cfg).run([str(paths["flows"])], "aws-vpc")
-    with Store(cfg.store_dsn, cfg.store.database) as store:
-        runner = run_detector_until_idle(cfg, store, Exemptions.from_csv(paths["exemptions"]), stats.kept)
-    assert runner.stats.alerts_raised >= 4
+    siem = Siem()
+    try:
+        cfg = replace(cfg, kafka={"topics": msgspec.structs.replace(cfg.kafka.topics,
+                                                                    ocsf=cfg.kafka.topics.alerts + "-ocsf")},
+                      response={"siem_webhook": {"url": siem.url, "secret": "s3cret"}})
+        ensure_topics(cfg)
+        stats = Collector(cfg).run([str(paths["flows"])], "aws-vpc")
+        with Store(cfg.store_dsn, cfg.store.database) as store:
+            runner = run_detector_until_idle(cfg, store, Exemptions.from_csv(paths["exemptions"]), stats.kept)
+            assert runner.stats.alerts_raised >= 4
+            run_responder_until_idle(cfg, store, runner.stats.alerts_raised, lookups=False)
+    finally:
+        siem.close()
     on_alerts = [from_json(m.value()) for m in read_topic(cfg, cfg.kafka.topics.alerts, runner.stats.alerts_raised)]
     on_ocsf = read_topic(cfg, cfg.kafka.topics.ocsf, runner.stats.alerts_raised)
     by_id = {a.alert_id: a for a in on_alerts}
     assert len(on_alerts) == len(by_id) == runner.stats.alerts_raised
     assert len(on_ocsf) == len(on_alerts)  # each raised alert once on each topic
-    seen = set()
+    topic = {}
     for m in on_ocsf:
         f = valid(json.loads(m.value()))
         a = by_id[f["finding_info"]["uid"]]
         assert f == json.loads(ocsf.to_json(a))  # the same object as `alerts list --format ocsf`
         assert m.key().decode() == (a.src_ip or f"tenant:{a.tenant}")
-        seen.add(a.alert_id)
-    assert seen == set(by_id)
+        topic[a.alert_id] = f
+    assert topic.keys() == by_id.keys()
+    # the SIEM webhook: every raised alert once, the same object, signed
+    hooked = {}
+    for headers, body in siem.requests:
+        assert headers["X-Smtpguard-Signature"] == signature("s3cret", headers["X-Smtpguard-Timestamp"], body)
+        f = valid(json.loads(body))
+        assert headers["X-Smtpguard-Event-Id"] == f["finding_info"]["uid"] not in hooked
+        hooked[f["finding_info"]["uid"]] = f
+    assert hooked == topic

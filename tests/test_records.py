@@ -13,6 +13,7 @@ from smtpguard.core.alert import ALERT, Alert
 from smtpguard.core.records import RecordType
 from smtpguard.core.registry import EVENT, ExemptionEvent
 from smtpguard.core.store import Store
+from smtpguard.response.findings import FINDINGS, FindingEntry
 from smtpguard.response.lookups import DNSBL_ANSWER, DnsblAnswer
 from smtpguard.response.outbox import OUTBOX, OutboxEntry
 from smtpguard.response.policy import DECISION, Decision
@@ -44,6 +45,9 @@ EXAMPLES: dict[str, tuple[RecordType, msgspec.Struct, str]] = {
     "outbox entry": (OUTBOX, OutboxEntry(
         event_id="e1", ip="192.0.2.7", payload='{"ip":"192.0.2.7"}', created_at=1767614400000, kafka_done=True,
         updated_at=1767614400001), "ORDER BY event_id"),
+    "finding for the SIEM": (FINDINGS, FindingEntry(
+        alert_id="a1", key="192.0.2.7", payload='{"class_uid":2004}', created_at=1767614400000, done=True,
+        updated_at=1767614400001), "ORDER BY alert_id"),
 }
 
 

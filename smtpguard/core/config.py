@@ -423,6 +423,9 @@ class ResponseConfig(msgspec.Struct, forbid_unknown_fields=True):
     nftables_table: str = "smtpguard"
     """nftables table (family inet) holding the sets smtp_allowed_v4 and smtp_allowed_v6"""
     webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
+    siem_webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
+    """where every raised alert is POSTed as an OCSF Detection Finding (one JSON object per request, signed like
+    the enforcement webhook, the alert id in X-Smtpguard-Event-Id); empty url = off"""
 
     def __post_init__(self) -> None:
         self.actions = {**DEFAULT_ACTIONS, **self.actions}
@@ -443,16 +446,17 @@ class ResponseConfig(msgspec.Struct, forbid_unknown_fields=True):
                                  "is not an ISO 8601 date or time") from None
         if not self.nftables_table.replace("_", "").replace("-", "").isalnum():
             raise ValueError("response.nftables_table may hold letters, digits, '_' and '-' only")
-        w = self.webhook
-        if w.url:
-            if not w.url.startswith(("http://", "https://")):
-                raise ValueError("response.webhook.url must start with http:// or https://")
-            if not w.secret:
-                raise ValueError("response.webhook.secret is required when response.webhook.url is set "
-                                 "(set SMTPGUARD_RESPONSE__WEBHOOK__SECRET)")
-        if w.timeout_ms <= 0 or w.max_attempts < 1 or w.backoff_initial_ms < 0 or w.backoff_max_ms < w.backoff_initial_ms:
-            raise ValueError("response.webhook: timeout_ms > 0, max_attempts >= 1 and "
-                             "0 <= backoff_initial_ms <= backoff_max_ms are required")
+        for name, w in (("webhook", self.webhook), ("siem_webhook", self.siem_webhook)):
+            if w.url:
+                if not w.url.startswith(("http://", "https://")):
+                    raise ValueError(f"response.{name}.url must start with http:// or https://")
+                if not w.secret:
+                    raise ValueError(f"response.{name}.secret is required when response.{name}.url is set "
+                                     f"(set SMTPGUARD_RESPONSE__{name.upper()}__SECRET)")
+            if w.timeout_ms <= 0 or w.max_attempts < 1 or w.backoff_initial_ms < 0 or \
+                    w.backoff_max_ms < w.backoff_initial_ms:
+                raise ValueError(f"response.{name}: timeout_ms > 0, max_attempts >= 1 and "
+                                 "0 <= backoff_initial_ms <= backoff_max_ms are required")
 
     def action_for(self, detector: str, severity: str) -> str:
         """The configured action for an alert of this detector and severity."""
@@ -621,11 +625,12 @@ def shown(cfg: Config) -> dict[str, Any]:
     data = msgspec.to_builtins(cfg)
     data["store"]["dsn"] = mask_dsn(cfg.store_dsn)
     data["kafka"]["client"] = {k: _mask(k, v) for k, v in data["kafka"]["client"].items()}
-    hook = data["response"]["webhook"]
-    if hook.get("secret"):
-        hook["secret"] = "***"
-    if hook.get("url"):
-        hook["url"] = mask_dsn(hook["url"])
+    for name in ("webhook", "siem_webhook"):
+        hook = data["response"][name]
+        if hook.get("secret"):
+            hook["secret"] = "***"
+        if hook.get("url"):
+            hook["url"] = mask_dsn(hook["url"])
     for z in data["dnsbl"]["zones"]:
         z["dqs_key"] = "***" if z["dqs_key"] else ""
     return data
