@@ -149,6 +149,8 @@ class Pipeline:
             self.evictions[k] += now - before
         annotated = self.exemptions.annotate(feats)
         findings = [f for d in self.detectors for f in d.evaluate(annotated)]
+        if "conn_weight" in rows.columns and rows["conn_weight"].null_count() < rows.height:
+            _hold_sampled(findings, rows)
         skip = annotated.filter(pl.col("exempted") & (pl.col("exemption_age_days") >= self.tenant_established_days))
         self.tenants.add(closed.tenant_rows, set(skip["src_ip"].to_list()))
         lateness = self.cfg.detect.allowed_lateness_ms
@@ -235,3 +237,29 @@ class Pipeline:
     @property
     def late_records(self) -> int:
         return sum(s.engine.late.records for s in self.streams.values())
+
+
+#: the highest score a finding judged on packet-sample estimates gets (0.45 = low) until detection under
+#: sampling is evaluated (docs/DETECTION.md, "Sampled inputs")
+MAX_SAMPLED_SCORE = 0.45
+
+
+def _hold_sampled(findings: list, rows: pl.DataFrame) -> None:
+    """Findings on windows whose numbers are estimated from sFlow packet samples (1 in N, N > 1) are held
+    at low, and say so: one sampled SYN at 1:4096 stands for 4,096 connections, an estimate too noisy to
+    revoke an exemption on."""
+    est = (rows.filter(pl.col("conn_weight").is_not_null() & (pl.col("sampling_rate") > 1))
+           .group_by("window_start", "src_ip").agg(rate=pl.col("sampling_rate").max(), samples=pl.len()))
+    if est.height == 0:
+        return
+    by_key = {(int(w), k): (int(r), int(n)) for w, k, r, n in est.iter_rows()}
+    for f in findings:
+        hit = by_key.get((f.window_start_ms, f.src_ip))
+        if hit is None:
+            continue
+        rate, samples = hit
+        f.score = min(f.score, MAX_SAMPLED_SCORE)
+        f.reasons.append(f"estimated from {samples} sFlow packet samples at 1:{rate}: held at low until detection "
+                         "under sampling is evaluated")
+        f.evidence["estimated_from_samples"] = samples
+        f.evidence["sampling_rate"] = rate

@@ -351,3 +351,22 @@ def test_packet_samples_count_connections_by_their_first_packet_and_weigh_their_
               _session(client, servers[2], 40002, 1)[1]]
     f = _features([_datagram([_flow_sample(10, p) for p in picked])])
     assert (f["connections"], f["distinct_dst"], f["packets"]) == (10, 3, 30)
+
+
+def test_estimates_from_sparse_samples_are_held_at_low_and_say_so() -> None:
+    """One sampled SYN at 1:4096 stands for 4,096 connections: a flood by the numbers, an estimate too
+    noisy to act on; the finding is low and names its samples and rate."""
+    from smtpguard.core import config
+    from smtpguard.detectors.pipeline import Pipeline
+
+    client, server = bytes([10, 0, 0, 5]), bytes([198, 51, 100, 7])
+    syn = _session(client, server, 40000, 0)[0]
+    batch = SflowDecoder((25,)).decode_many([Datagram(_datagram([_flow_sample(4096, syn)]), "a", 1_764_583_210_000)])
+    pipe = Pipeline(config.load(environ={}))
+    out = pipe.process(batch.records)
+    out.extend(pipe.flush())
+    assert out.features.row(0, named=True)["connections"] == 4096
+    assert out.alerts, "the estimate still raises a finding, for a person to look at"
+    for a in out.alerts:
+        assert a.severity in ("info", "low")
+        assert "1 sFlow packet samples at 1:4096" in a.reasons[-1] and a.evidence["sampling_rate"] == 4096
