@@ -60,6 +60,7 @@ from smtpguard.ingest.columns import (
     MAX_ID_CHARS,
     BadHeader,
     ColumnParser,
+    block_lines,
     Split,
     char_problem,
     header_states,
@@ -373,10 +374,7 @@ class AwsVpcParser(ColumnParser):
             fast = self._parse_clean(data, first_line_no)
             if fast is not None:
                 return fast
-        lines = bytes(data).decode("utf-8", "replace").split("\n")
-        if crlf:
-            lines = [ln.rstrip("\r") for ln in lines]
-        return self.parse_lines(lines, first_line_no)
+        return self.parse_lines(block_lines(data, crlf), first_line_no)
 
     # ---------------------------------------------------------------- internals
 

@@ -8,7 +8,7 @@ stay in the collector shell (:mod:`smtpguard.ingest.collector`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import BinaryIO, Iterable, Iterator, Protocol
+from typing import BinaryIO, Iterable, Iterator, NamedTuple, Protocol
 
 import pyarrow as pa
 
@@ -33,6 +33,18 @@ class Batch:
     @classmethod
     def empty(cls) -> "Batch":
         return cls(record.empty_table())
+
+
+class Datagram(NamedTuple):
+    """One UDP payload and where it came from."""
+
+    payload: bytes
+    exporter: str
+    """``ip:port`` of the sender (``[ip]:port`` for IPv6), or a name for files"""
+    received_ms: int | None = None
+    """receive time (epoch ms); None when unknown: the exporter's clock stands in"""
+    location: str = ""
+    """where in the input (``packet 12``, ``byte 1464``) for dead letters"""
 
 
 class Counters:

@@ -40,6 +40,13 @@ MAX_ID_CHARS = 255
 _TS_MS = pa.timestamp("ms", tz="UTC")
 
 
+def block_lines(data: bytes | memoryview, crlf: bool) -> list[str]:
+    """The lines of a block of ``\n``-separated bytes as the reader hands it (no final newline),
+    decoded (undecodable bytes become U+FFFD); with ``crlf``, a CR ending a line is dropped."""
+    lines = bytes(data).decode("utf-8", "replace").split("\n")
+    return [ln.rstrip("\r") for ln in lines] if crlf else lines
+
+
 def np_(a: pa.Array | pa.ChunkedArray | pl.Series) -> np.ndarray:
     if isinstance(a, pl.Series):
         return a.to_numpy()

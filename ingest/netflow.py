@@ -70,9 +70,9 @@ from smtpguard.core import record
 from smtpguard.core.errors import ConfigError
 from smtpguard.core.wire import MAX_EPOCH_MS
 from smtpguard.ingest import ipfix, netflow_v5, netflow_v9
-from smtpguard.ingest.base import Batch, Counters, Reject
+from smtpguard.ingest.base import Batch, Counters, Datagram, Reject
 from smtpguard.ingest.ipfix import DecodeError, Template
-from smtpguard.ingest.pcapfile import PcapError, first_udp_payload, is_capture, iter_frames, read_exact, udp_of
+from smtpguard.ingest.pcapfile import ExportCapture, first_udp_payload, is_capture, read_exact
 from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, pair_reverse, smtp_directions, smtp_ports_config
 
 #: record ``source_format`` per export version
@@ -132,18 +132,6 @@ class ExporterCounters(Counters):
     """data sets waiting for their template now"""
     ignored_sets: int = 0
     """sets with a reserved id, skipped as the RFCs say"""
-
-
-class Datagram(NamedTuple):
-    """One UDP payload and where it came from."""
-
-    payload: bytes
-    exporter: str
-    """``ip:port`` of the sender (``[ip]:port`` for IPv6), or a name for files"""
-    received_ms: int | None = None
-    """receive time (epoch ms); None when unknown: the exporter's clock stands in"""
-    location: str = ""
-    """where in the input (``packet 12``, ``byte 1464``) for dead letters"""
 
 
 # --------------------------------------------------------------------------- state
@@ -998,6 +986,10 @@ def _to_table(f: dict[str, np.ndarray], exporters: list[str]) -> pa.Table:
 # ------------------------------------------------------------ input shells
 
 
+def _is_netflow_payload(payload: bytes) -> bool:
+    return len(payload) >= 2 and ((payload[0] << 8) | payload[1]) in FORMAT_NAMES
+
+
 def looks_like_netflow(payload: bytes) -> bool:
     """True when ``payload`` starts with a plausible NetFlow v5, v9 or IPFIX header (and,
     for v9 and IPFIX, a plausible first set)."""
@@ -1058,40 +1050,14 @@ class NetflowPcapParser:
                  decoder: NetflowDecoder | None = None, batch_datagrams: int = BATCH_DATAGRAMS):
         self.source = source
         self.decoder = decoder if decoder is not None else NetflowDecoder(smtp_ports)
-        self.batch_datagrams = batch_datagrams
-        self.ignored_packets = 0
+        self._capture = ExportCapture("netflow", _is_netflow_payload, batch_datagrams, RAW_PREFIX_BYTES)
 
     def parse_stream(self, fh: BinaryIO, source: str) -> Iterator[Batch]:
-        todo: list[Datagram] = []
-        extra: list[Reject] = []
-        frames = iter_frames(fh)
-        while True:
-            try:
-                fr = next(frames, None)
-            except PcapError as e:
-                extra.append(Reject.make(source, "file", str(e), "", "netflow"))
-                fr = None
-            if fr is None:
-                break
-            u = udp_of(fr.data, fr.linktype)
-            # UDP that is not NetFlow (DNS, syslog beside the collector port) is not a dead letter
-            if u is None or len(u.payload) < 2 or ((u.payload[0] << 8) | u.payload[1]) not in FORMAT_NAMES:
-                self.ignored_packets += 1
-                continue
-            loc = f"packet {fr.number}"
-            if u.truncated or fr.orig_len > len(fr.data):
-                why = ("an IP fragment (NetFlow datagrams larger than the path MTU are not reassembled)"
-                       if u.truncated and fr.orig_len <= len(fr.data)
-                       else f"cut by the capture at {len(fr.data)} of {fr.orig_len} bytes (snap length)")
-                extra.append(Reject.make(source, loc, f"UDP datagram from {u.src}:{u.sport} is {why}",
-                                         u.payload[:RAW_PREFIX_BYTES].hex(), "netflow"))
-                continue
-            todo.append(Datagram(u.payload, f"{u.src}:{u.sport}", fr.ts_ms, loc))
-            if len(todo) >= self.batch_datagrams:
-                yield _with(self.decoder.decode_many(todo, source), extra)
-                todo, extra = [], []
-        if todo or extra:
-            yield _with(self.decoder.decode_many(todo, source), extra)
+        yield from self._capture.batches(fh, source, self.decoder.decode_many)
+
+    @property
+    def ignored_packets(self) -> int:
+        return self._capture.ignored_packets
 
     def close(self) -> Batch:
         """Give up on data still waiting for templates (call after the last input)."""
@@ -1176,9 +1142,6 @@ def split_packets(fh: BinaryIO, chunk_bytes: int = 4 << 20) -> Iterator[tuple[in
             return
 
 
-def _with(batch: Batch, extra: list[Reject]) -> Batch:
-    if not extra:
-        return batch
     batch.rejects = extra + batch.rejects
     batch.read += len(extra)
     return batch

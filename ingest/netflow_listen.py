@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .base import Batch
-from .netflow import Datagram, NetflowDecoder
+from .base import Datagram
+from .netflow import NetflowDecoder
 
 if TYPE_CHECKING:
     from .sflow import SflowDecoder

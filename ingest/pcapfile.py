@@ -19,7 +19,9 @@ from __future__ import annotations
 import io
 import ipaddress
 import struct
-from typing import BinaryIO, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterator, NamedTuple
+
+from smtpguard.ingest.base import Batch, Datagram, Reject
 
 
 class PcapError(Exception):
@@ -287,3 +289,62 @@ def first_udp_payload(head: bytes) -> bytes | None:
     except PcapError:
         return None
     return None
+
+
+# ---------------------------------------------------------------------- export captures
+
+
+class ExportCapture:
+    """The UDP datagrams of a capture of flow-export traffic (NetFlow/IPFIX, sFlow), handed to a
+    decoder in batches. A datagram is its sender's (exporter ``ip:port``) at its capture time; UDP
+    the format does not recognise (DNS, syslog beside the collector port) is counted in
+    :attr:`ignored_packets`, not dead-lettered; a datagram cut by the capture or fragmented is a dead
+    letter (it cannot be decoded whole)."""
+
+    def __init__(self, fmt: str, recognise: Callable[[bytes], bool], batch_datagrams: int,
+                 raw_prefix_bytes: int = 256):
+        self.fmt = fmt
+        self.recognise = recognise
+        self.batch_datagrams = batch_datagrams
+        self.raw_prefix_bytes = raw_prefix_bytes
+        self.ignored_packets = 0
+
+    def batches(self, fh: BinaryIO, source: str,
+                decode: Callable[[list[Datagram], str], Batch]) -> Iterator[Batch]:
+        todo: list[Datagram] = []
+        extra: list[Reject] = []
+        frames = iter_frames(fh)
+        while True:
+            try:
+                fr = next(frames, None)
+            except PcapError as e:
+                extra.append(Reject.make(source, "file", str(e), "", self.fmt))
+                fr = None
+            if fr is None:
+                break
+            u = udp_of(fr.data, fr.linktype)
+            if u is None or not self.recognise(u.payload):
+                self.ignored_packets += 1
+                continue
+            loc = f"packet {fr.number}"
+            if u.truncated or fr.orig_len > len(fr.data):
+                why = (f"an IP fragment ({self.fmt} datagrams larger than the path MTU are not reassembled)"
+                       if u.truncated and fr.orig_len <= len(fr.data)
+                       else f"cut by the capture at {len(fr.data)} of {fr.orig_len} bytes (snap length)")
+                extra.append(Reject.make(source, loc, f"UDP datagram from {u.src}:{u.sport} is {why}",
+                                         u.payload[:self.raw_prefix_bytes].hex(), self.fmt))
+                continue
+            todo.append(Datagram(u.payload, f"{u.src}:{u.sport}", fr.ts_ms, loc))
+            if len(todo) >= self.batch_datagrams:
+                yield with_rejects(decode(todo, source), extra)
+                todo, extra = [], []
+        if todo or extra:
+            yield with_rejects(decode(todo, source), extra)
+
+
+def with_rejects(batch: Batch, extra: list[Reject]) -> Batch:
+    """``batch`` with the dead letters of its input shell (each one input unit read)."""
+    if extra:
+        batch.rejects = extra + batch.rejects
+        batch.read += len(extra)
+    return batch

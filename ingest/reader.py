@@ -82,34 +82,17 @@ class Opened:
             return 0
 
     def chunks(self, chunk_lines: int) -> Iterator[tuple[list[str], int]]:
-        """Yield (lines, number of the first line); lines keep no newline."""
-        line_no = 1
-        pending = b""
-        block = max(1 << 20, chunk_lines * 100)
-        try:
-            while True:
-                data = self._fh.read(block)
-                if not data:
-                    break
-                data = pending + data
-                cut = data.rfind(b"\n")
-                if cut < 0:
-                    pending = data
-                    continue
-                pending = data[cut + 1:]
-                lines = data[:cut].decode("utf-8", "replace").split("\n")
-                for i in range(0, len(lines), chunk_lines):
-                    part = lines[i:i + chunk_lines]
-                    yield [ln.rstrip("\r") for ln in part] if "\r" in data[:200].decode("latin-1") else part, line_no
-                    line_no += len(part)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise InputError(f"reading {self.src.name} failed at line {line_no}: {e}") from None
-        if pending:
-            yield [pending.decode("utf-8", "replace").rstrip("\r")], line_no
+        """Yield (lines, number of the first line); lines keep no newline. The chunks of :meth:`blocks`,
+        decoded (undecodable bytes become U+FFFD)."""
+        from .columns import block_lines
+
+        for data, line_no, crlf in self.blocks(chunk_lines):
+            yield block_lines(data, crlf), line_no
 
     def blocks(self, chunk_lines: int) -> Iterator[tuple[memoryview, int, bool]]:
-        """The same chunks as :meth:`chunks`, undecoded: yield (bytes of the chunk's lines
-        joined by ``\n``, number of the first line, whether its lines end in CR to strip)."""
+        """Chunks of at most ``chunk_lines`` lines, undecoded: yield (bytes of the chunk's lines
+        joined by ``\n``, number of the first line, whether its lines end in a CR to strip: the
+        first bytes read with them hold one)."""
         line_no = 1
         pending = b""
         block = max(1 << 20, chunk_lines * 100)

@@ -51,9 +51,8 @@ import pyarrow as pa
 
 from smtpguard.core import record
 from smtpguard.core.wire import MAX_EPOCH_MS
-from smtpguard.ingest.base import Batch, Counters, Reject
-from smtpguard.ingest.netflow import Datagram
-from smtpguard.ingest.pcapfile import PcapError, is_capture, iter_frames, skip_vlan, udp_of
+from smtpguard.ingest.base import Batch, Counters, Datagram, Reject
+from smtpguard.ingest.pcapfile import ExportCapture, is_capture, skip_vlan, with_rejects
 from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, smtp_ports_config
 
 NAME = "sflow"
@@ -421,36 +420,14 @@ class SflowPcapParser:
                  decoder: SflowDecoder | None = None, batch_datagrams: int = 2000):
         self.source = source
         self.decoder = decoder if decoder is not None else SflowDecoder(smtp_ports)
-        self.batch_datagrams = batch_datagrams
-        self.ignored_packets = 0
+        self._capture = ExportCapture("sflow", looks_like_sflow, batch_datagrams, RAW_PREFIX_BYTES)
 
     def parse_stream(self, fh: BinaryIO, source: str) -> Iterator[Batch]:
-        todo: list[Datagram] = []
-        extra: list[Reject] = []
-        frames = iter_frames(fh)
-        while True:
-            try:
-                fr = next(frames, None)
-            except PcapError as e:
-                extra.append(Reject.make(source, "file", str(e), "", NAME))
-                fr = None
-            if fr is None:
-                break
-            u = udp_of(fr.data, fr.linktype)
-            if u is None or not looks_like_sflow(u.payload):
-                self.ignored_packets += 1
-                continue
-            loc = f"packet {fr.number}"
-            if u.truncated or fr.orig_len > len(fr.data):
-                extra.append(Reject.make(source, loc, f"UDP datagram from {u.src}:{u.sport} is cut or fragmented",
-                                         u.payload[:RAW_PREFIX_BYTES].hex(), NAME))
-                continue
-            todo.append(Datagram(u.payload, f"{u.src}:{u.sport}", fr.ts_ms, loc))
-            if len(todo) >= self.batch_datagrams:
-                yield _with(self.decoder.decode_many(todo, source), extra)
-                todo, extra = [], []
-        if todo or extra:
-            yield _with(self.decoder.decode_many(todo, source), extra)
+        yield from self._capture.batches(fh, source, self.decoder.decode_many)
+
+    @property
+    def ignored_packets(self) -> int:
+        return self._capture.ignored_packets
 
     def close(self) -> Batch:
         return Batch.empty()
@@ -490,7 +467,7 @@ class SflowDatParser:
         if found:
             last_up = found[-1][1]
             todo = [Datagram(dg, "", mtime_ms - max(0, last_up - up), loc) for dg, up, loc in found]
-            yield _with(self.decoder.decode_many(todo, source), extra)
+            yield with_rejects(self.decoder.decode_many(todo, source), extra)
         elif extra:
             yield Batch(record.empty_table(), extra, len(extra), 0)
 
@@ -511,10 +488,3 @@ def _datagram_end(data: bytes, pos: int) -> int | None:
         (length,) = _U32.unpack_from(data, p + 4)
         p += 8 + length
     return p if p <= len(data) else None
-
-
-def _with(batch: Batch, extra: list[Reject]) -> Batch:
-    if extra:
-        batch.rejects.extend(extra)
-        batch.read += len(extra)
-    return batch

@@ -13,9 +13,7 @@ deduplicate by ``X-Smtpguard-Event-Id`` (the alert id).
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from typing import Sequence
 
 import msgspec
@@ -23,14 +21,12 @@ import msgspec
 from smtpguard.core import ocsf
 from smtpguard.core.alert import Alert
 from smtpguard.core.config import Config
-from smtpguard.core.errors import SmtpguardError
 from smtpguard.core.records import RecordType, TimeMs
 from smtpguard.core.registry import now_ms
 from smtpguard.core.store import Store
 
+from .outbox import DeliveryThread
 from .webhook import WebhookSender
-
-log = logging.getLogger(__name__)
 
 
 class FindingEntry(msgspec.Struct):
@@ -88,47 +84,19 @@ class FindingOutbox:
         return new
 
 
-class FindingDeliverer:
+class FindingDeliverer(DeliveryThread):
     """Sends the owed findings to ``response.siem_webhook`` in a thread of its own."""
 
+    thread_name = "finding-outbox"
+
     def __init__(self, cfg: Config, store: Store, stop: threading.Event, interval_s: float = 0.5):
+        super().__init__(stop, interval_s)
         self.outbox = FindingOutbox(store)
         self.webhook = WebhookSender(cfg.response.siem_webhook, store, stop)
-        self.stop = stop
-        self.interval_s = interval_s
         self.delivered = {"webhook": 0, "webhook_dead": 0}
-        self._thread: threading.Thread | None = None
-        self._idle = threading.Event()
 
-    def start(self) -> "FindingDeliverer":
-        self._thread = threading.Thread(target=self._run, name="finding-outbox", daemon=True)
-        self._thread.start()
-        return self
-
-    def join(self, timeout_s: float) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._idle.wait(0.2) and not self.outbox.pending(1):
-                return True
-        return False
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                n = self.deliver_once()
-            except SmtpguardError as e:
-                log.warning("finding outbox: %s (tried again in %.0f s)", e, max(self.interval_s, 2))
-                self.stop.wait(max(self.interval_s, 2))
-                continue
-            if n == 0:
-                self._idle.set()
-                self.stop.wait(self.interval_s)
-            else:
-                self._idle.clear()
+    def owes(self) -> bool:
+        return bool(self.outbox.pending(1))
 
     def deliver_once(self) -> int:
         todo = self.outbox.pending()

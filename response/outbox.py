@@ -117,24 +117,28 @@ class Outbox:
         return new
 
 
-class Deliverer:
-    """Sends what the outbox owes, in a thread of its own; a hanging output holds only this thread."""
+class DeliveryThread:
+    """What an outbox's delivery thread does, whatever it delivers: pass over what is owed
+    (:meth:`deliver_once`), wait ``interval_s`` when nothing is, back off on store errors. A hanging
+    output holds only this thread."""
 
-    def __init__(self, cfg: Config, store: Store, stop: threading.Event, interval_s: float = 0.5):
-        self.cfg = cfg
-        self.outbox = Outbox(store, cfg)
+    thread_name = "outbox"
+
+    def __init__(self, stop: threading.Event, interval_s: float):
         self.stop = stop
         self.interval_s = interval_s
-        self.kafka = KafkaOutput(cfg) if cfg.kafka.bootstrap_servers else None
-        self.webhook = WebhookSender(cfg.response.webhook, store, stop) if cfg.response.webhook.url else None
-        self.delivered = {"kafka": 0, "webhook": 0, "webhook_dead": 0, "kafka_already": 0}
         self.errors = 0
-        self._on_topic: dict[str, str] | None = None
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
 
-    def start(self) -> "Deliverer":
-        self._thread = threading.Thread(target=self._run, name="enforcement-outbox", daemon=True)
+    def deliver_once(self) -> int:
+        raise NotImplementedError
+
+    def owes(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> "DeliveryThread":
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
         return self
 
@@ -146,7 +150,7 @@ class Deliverer:
         """Until the outbox owes nothing (after at least one pass)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._idle.wait(0.2) and not self.outbox.pending(1):
+            if self._idle.wait(0.2) and not self.owes():
                 return True
         return False
 
@@ -156,7 +160,7 @@ class Deliverer:
                 n = self.deliver_once()
             except SmtpguardError as e:
                 self.errors += 1
-                log.warning("enforcement outbox: %s (tried again in %.0f s)", e, max(self.interval_s, 2))
+                log.warning("%s: %s (tried again in %.0f s)", self.thread_name, e, max(self.interval_s, 2))
                 self.stop.wait(max(self.interval_s, 2))
                 continue
             if n == 0:
@@ -164,6 +168,24 @@ class Deliverer:
                 self.stop.wait(self.interval_s)
             else:
                 self._idle.clear()
+
+
+class Deliverer(DeliveryThread):
+    """Sends what the enforcement outbox owes to the topic and the webhook."""
+
+    thread_name = "enforcement-outbox"
+
+    def __init__(self, cfg: Config, store: Store, stop: threading.Event, interval_s: float = 0.5):
+        super().__init__(stop, interval_s)
+        self.cfg = cfg
+        self.outbox = Outbox(store, cfg)
+        self.kafka = KafkaOutput(cfg) if cfg.kafka.bootstrap_servers else None
+        self.webhook = WebhookSender(cfg.response.webhook, store, stop) if cfg.response.webhook.url else None
+        self.delivered = {"kafka": 0, "webhook": 0, "webhook_dead": 0, "kafka_already": 0}
+        self._on_topic: dict[str, str] | None = None
+
+    def owes(self) -> bool:
+        return bool(self.outbox.pending(1))
 
     def deliver_once(self) -> int:
         """One pass over what is owed; returns how many entries it handled."""

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from smtpguard.core import record
 from smtpguard.core.errors import ConfigError
-from smtpguard.ingest.base import Batch, concat
-from smtpguard.ingest.netflow import (Datagram, NetflowDatParser, NetflowDecoder, NetflowPcapParser, iter_frames,
-                                      sniff, sniff_dat, sniff_pcap, split_packets, udp_of)
+from smtpguard.ingest.base import Batch, Datagram, concat
+from smtpguard.ingest.netflow import (NetflowDatParser, NetflowDecoder, NetflowPcapParser, sniff, sniff_dat, sniff_pcap,
+                                      split_packets)
+from smtpguard.ingest.pcapfile import iter_frames, udp_of
 from smtpguard.ingest.netflow_listen import listen_udp
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

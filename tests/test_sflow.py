@@ -21,7 +21,7 @@ import pytest
 
 from fuzz.hostile import check_batch
 from smtpguard.ingest import registry
-from smtpguard.ingest.netflow import Datagram
+from smtpguard.ingest.base import Datagram
 from smtpguard.ingest.sflow import SflowDatParser, SflowDecoder, SflowPcapParser
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -203,33 +203,14 @@ def test_collect_sflow_listen_keeps_every_sample_with_its_counters(cfg, tmp_path
     """`smtpguard collect sflow --listen` as a process: a replayed pmacctd export in, every SMTP sample on
     the topic, the agent's counters in its summary."""
     from smtpguard.core import wire
-    from smtpguard.core.kafka import ensure_topics, free_port
-    from test_streaming import read_topic
+    from test_streaming import read_topic, run_udp_collector
 
     datagrams = export_with_pmacctd(SMTP_PCAPS[0], 1, tmp_path)
     every = SflowDecoder(None).decode_many([Datagram(d, "x", 0) for d in datagrams])
     smtp = SflowDecoder((25, 465, 587, 2525)).decode_many([Datagram(d, "x", 0) for d in datagrams])
-    ensure_topics(cfg)
-    port = free_port()
+    err = run_udp_collector(cfg, "sflow", datagrams)
+    assert "listening for sFlow" in err
     t = cfg.kafka.topics
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGUARD_")}
-    env.update({"SMTPGUARD_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers, "SMTPGUARD_KAFKA__TOPICS__FLOWS": t.flows,
-                "SMTPGUARD_KAFKA__TOPICS__DLQ": t.dlq, "SMTPGUARD_METRICS__LISTEN": ""})
-    exe = str(Path(sys.executable).with_name("smtpguard"))
-    proc = subprocess.Popen([exe, "collect", "sflow", "--listen", f"127.0.0.1:{port}"], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()
-        assert "listening for sFlow" in line, line
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for d in datagrams:
-                s.sendto(d, ("127.0.0.1", port))
-                time.sleep(0.002)
-        time.sleep(1.5)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
     msgs = read_topic(cfg, t.flows, 1, timeout_s=20)
     records = sum(wire.decode_message(m.value(), m.headers()).num_rows for m in msgs)
     assert records == smtp.records.num_rows > 0

@@ -165,8 +165,9 @@ def test_bad_messages_are_dead_lettered_and_do_not_stop_the_partition(cfg):
     assert any("Arrow" in d["reason"] for d in dead) and any("JSON" in d["reason"] for d in dead)
 
 
-def test_collect_netflow_over_udp_into_kafka(cfg, shared_data):
-    """`smtpguard collect netflow --listen` as a process: real UDP datagrams in, records on the topic."""
+def run_udp_collector(cfg, fmt: str, datagrams: list[bytes], env_extra: dict | None = None) -> str:
+    """`smtpguard collect FMT --listen` as a process: ``datagrams`` sent to it over UDP, then SIGTERM;
+    returns its stderr (the summary) after checking it exited 0."""
     import os
     import signal
     import socket
@@ -174,7 +175,6 @@ def test_collect_netflow_over_udp_into_kafka(cfg, shared_data):
     import sys
     from pathlib import Path
 
-    from smtpguard.core import wire
     from smtpguard.core.kafka import free_port
 
     ensure_topics(cfg)
@@ -182,23 +182,33 @@ def test_collect_netflow_over_udp_into_kafka(cfg, shared_data):
     t = cfg.kafka.topics
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGUARD_")}
     env.update({"SMTPGUARD_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers, "SMTPGUARD_KAFKA__TOPICS__FLOWS": t.flows,
-                "SMTPGUARD_KAFKA__TOPICS__DLQ": t.dlq, "SMTPGUARD_INGEST__SMTP_PORTS": "[25, 123]",
-                "SMTPGUARD_METRICS__LISTEN": ""})  # the default metrics port may be taken by another run
+                "SMTPGUARD_KAFKA__TOPICS__DLQ": t.dlq,
+                "SMTPGUARD_METRICS__LISTEN": "", **(env_extra or {})})  # the default metrics port may be taken
     exe = str(Path(sys.executable).with_name("smtpguard"))
-    proc = subprocess.Popen([exe, "collect", "netflow", "--listen", f"127.0.0.1:{port}"], env=env,
+    proc = subprocess.Popen([exe, "collect", fmt, "--listen", f"127.0.0.1:{port}"], env=env,
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         assert "listening" in line, line
-        payload = (shared_data / "netflow/logstash-codec-netflow/netflow9_test_valid01.dat").read_bytes()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(payload, ("127.0.0.1", port))
-            s.sendto(b"\x00\x09garbage", ("127.0.0.1", port))
+            for d in datagrams:
+                s.sendto(d, ("127.0.0.1", port))
+                time.sleep(0.002)
         time.sleep(1.5)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    return line + err
+
+
+def test_collect_netflow_over_udp_into_kafka(cfg, shared_data):
+    """`smtpguard collect netflow --listen` as a process: real UDP datagrams in, records on the topic."""
+    from smtpguard.core import wire
+
+    payload = (shared_data / "netflow/logstash-codec-netflow/netflow9_test_valid01.dat").read_bytes()
+    run_udp_collector(cfg, "netflow", [payload, b"\x00\x09garbage"], {"SMTPGUARD_INGEST__SMTP_PORTS": "[25, 123]"})
+    t = cfg.kafka.topics
     msgs = read_topic(cfg, t.flows, 1, timeout_s=20)
     records = sum(wire.decode_message(m.value(), m.headers()).num_rows for m in msgs)
     assert records == 6  # the six NTP flows of the sample (port 123 configured as a "mail" port here)
