@@ -77,6 +77,7 @@ class DetectorRunner:
 
         self.cfg = cfg
         self.store = store
+        store.apply_retention(cfg.store.retention_days)  # the tables this detector fills expire as configured
         self.stop_event = stop or threading.Event()
         self.registry = Registry(store)
         self._registry_exemptions = exemptions is None

@@ -114,3 +114,49 @@ def test_store_migrate_applies_every_step_once_and_schema_prints_them(tmp_path: 
     assert re.findall(r"^-- step (\S+)$", schema.output, re.M) == [v for v, _ in steps]
     for t in tables - {"schema_migrations"}:
         assert f"sg.{t} " in schema.output or f"sg.{t}\n" in schema.output or f"sg.{t}(" in schema.output, t
+
+
+def _ttl_days(store: Store, table: str) -> int | None:
+    sql = store.query("SELECT create_table_query FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+                      {"db": store.database, "t": table})[0][0]
+    m = re.search(r"TTL .*?toIntervalDay\((\d+)\)", sql)
+    return int(m.group(1)) if m else None
+
+
+def test_retention_is_a_ttl_per_table_from_the_config_and_old_rows_expire(tmp_path: Path) -> None:
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from smtpguard.core import record
+
+    run = CliRunner()
+    args = ["--data-dir", str(tmp_path)]
+    out = run.invoke(cli, [*args, "store", "migrate"])
+    assert "flows: rows kept 30 days" in out.output and "window_features: rows kept 180 days" in out.output
+    dsn = f"chdb://{tmp_path / 'store'}"
+    with Store(dsn, create=False) as st:
+        assert (_ttl_days(st, "flows"), _ttl_days(st, "window_features"), _ttl_days(st, "dnsbl_checks")) == (30, 180, None)
+        assert _ttl_days(st, "alerts") is None  # alerts are kept
+    changed = run.invoke(cli, [*args, "store", "migrate"], env={"SMTPGUARD_STORE__RETENTION_DAYS": "{flows = 7}"})
+    assert "flows: rows kept 7 days" in changed.output and "window_features: rows kept for ever" in changed.output
+    with Store(dsn, create=False) as st:
+        assert (_ttl_days(st, "flows"), _ttl_days(st, "window_features")) == (7, None)
+        now = dt.datetime.now(dt.timezone.utc)
+        rows = [{"start": t, "end": t, "src_ip": ip, "dst_ip": "192.0.2.25", "src_port": 40000, "dst_port": 25,
+                 "protocol": 6, "packets": 1, "bytes": 60, "source_format": "aws-vpc"}
+                for t, ip in ((now - dt.timedelta(days=30), "10.0.0.1"), (now - dt.timedelta(hours=1), "10.0.0.2"))]
+        flows = record.from_dicts(rows)
+        positions = pa.table({"kafka_partition": pa.array([0, 0], pa.uint32()), "kafka_offset": pa.array([1, 2], pa.int64()),
+                              "kafka_row": pa.array([0, 0], pa.uint32())})
+        st.insert_flows(pa.Table.from_arrays(flows.columns + positions.columns, names=flows.column_names + positions.column_names))
+        st.query(f"OPTIMIZE TABLE {st.database}.flows FINAL")
+        assert [r[0] for r in st.query(f"SELECT src_ip FROM {st.database}.flows")] == ["10.0.0.2"]
+
+
+def test_a_table_that_cannot_expire_is_a_config_error() -> None:
+    import os
+
+    env = {**os.environ, "SMTPGUARD_STORE__RETENTION_DAYS": "{alerts = 7}"}
+    r = subprocess.run([HERE, "config", "show"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "'alerts' cannot expire" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -21,7 +21,8 @@ def store_group() -> None:
 @store_group.command("migrate")
 @click.pass_obj
 def store_migrate(c) -> None:
-    """Apply the schema steps the store has not run yet; print how many ran."""
+    """Apply the schema steps the store has not run yet, and the tables' retention
+    (store.retention_days); print what changed."""
     from smtpguard.core.config import mask_dsn
     from smtpguard.core.store import Store
 
@@ -29,11 +30,14 @@ def store_migrate(c) -> None:
         with Store(c.cfg.store_dsn, c.cfg.store.database, create=False) as st:
             n = st.migrate()
             total = st.count("schema_migrations")
+            retention = st.apply_retention(c.cfg.store.retention_days)
     except SmtpguardError:
         raise
     except Exception as e:  # noqa: BLE001 - the server's own errors (permissions, cluster) as one line
         raise SmtpguardError(f"cannot migrate the store {mask_dsn(c.cfg.store_dsn)}: {e}") from None
     click.echo(f"{n} schema steps applied now; {total} in all")
+    for table, days in retention.items():
+        click.echo(f"{table}: rows kept {days} days" if days else f"{table}: rows kept for ever")
 
 
 @store_group.command("schema")

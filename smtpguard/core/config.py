@@ -79,6 +79,10 @@ class Store(msgspec.Struct, forbid_unknown_fields=True):
     """clickhouse-connect DSN: chdb:///path (embedded) or http(s)://user:pass@host:8123/db; empty = chdb under data_dir"""
     database: str = "smtpguard"
     """database for smtpguard's tables (created if missing)"""
+    retention_days: dict[str, int] = msgspec.field(default_factory=lambda: {"flows": 30, "window_features": 180})
+    """days a row of these tables is kept (a ClickHouse TTL on its time column, applied by the detectors and
+    `store migrate`); 0 or a table left out = kept for ever. Tables that can expire: flows, window_features,
+    dnsbl_checks. Alerts, registry events, decisions and review labels are always kept"""
 
 
 class Ingest(msgspec.Struct, forbid_unknown_fields=True):
@@ -585,6 +589,13 @@ def validate(cfg: Config) -> None:
         bad("detect.learning_minutes must be >= 0")
     if cfg.detect.poll_messages < 1:
         bad("detect.poll_messages must be >= 1")
+    from smtpguard.core.store import RETENTION_COLUMNS
+
+    for table, days in cfg.store.retention_days.items():
+        if table not in RETENTION_COLUMNS:
+            bad(f"store.retention_days: {table!r} cannot expire (tables that can: {', '.join(RETENTION_COLUMNS)})")
+        if isinstance(days, bool) or not isinstance(days, int) or days < 0:
+            bad(f"store.retention_days.{table} must be a whole number of days >= 0 (0 = kept for ever)")
     if cfg.kafka.partitions < 1 or cfg.kafka.records_per_message < 1:
         bad("kafka.partitions and kafka.records_per_message must be >= 1")
     if cfg.ingest.chunk_lines < 1:

@@ -15,6 +15,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -94,6 +95,11 @@ ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)""",
         # alerts carry their recommended next step
         ("core-3", [f"ALTER TABLE {db}.alerts ADD COLUMN IF NOT EXISTS `next_step` String"]),
     ]
+
+
+#: Tables whose rows may expire (``store.retention_days``) and the time column their TTL counts from.
+RETENTION_COLUMNS = {"flows": "start", "window_features": "window_start", "dnsbl_checks": "checked_at"}
+_TTL_RE = re.compile(r"\sTTL\s.*?toIntervalDay\((\d+)\)")
 
 
 class Store:
@@ -199,6 +205,31 @@ class Store:
                 done.add(version)  # a step listed twice runs once
                 applied += 1
             return applied
+
+    def apply_retention(self, days: dict[str, int]) -> dict[str, int]:
+        """Give each table of :data:`RETENTION_COLUMNS` the TTL of ``days`` (0 or absent: none). Only
+        a table whose TTL differs is altered; existing parts are not rewritten (rows past their TTL go
+        at the table's next merges). Returns the tables changed, with their new days (0 = removed)."""
+        changed: dict[str, int] = {}
+        db = self.database
+        with self._mutex:
+            for table, col in RETENTION_COLUMNS.items():
+                want = int(days.get(table, 0))
+                rows = self.client.query("SELECT create_table_query FROM system.tables WHERE database = {db:String} "
+                                         "AND name = {t:String}", parameters={"db": db, "t": table}).result_rows
+                if not rows:
+                    continue
+                m = _TTL_RE.search(rows[0][0])
+                have = int(m.group(1)) if m else 0
+                if have == want:
+                    continue
+                if want:
+                    self.client.command(f"ALTER TABLE {db}.{table} MODIFY TTL toDateTime(`{col}`) + INTERVAL {want} DAY "
+                                        "SETTINGS materialize_ttl_after_modify = 0")
+                else:
+                    self.client.command(f"ALTER TABLE {db}.{table} REMOVE TTL")
+                changed[table] = want
+        return changed
 
     # -- writes ---------------------------------------------------------------------------
     def insert_arrow(self, table: str, data: pa.Table, settings: dict[str, Any] | None = None) -> None:
