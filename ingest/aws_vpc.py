@@ -459,6 +459,9 @@ class AwsVpcParser(ColumnParser):
                 expect += _np(pc.binary_length(a)).astype(np.int64)
         if not np.array_equal(expect, lens):
             return None
+        for f in ("packets", "bytes"):  # 20-digit counters fit a uint64 but not the line path's range
+            if cols[f].null_count < len(cols[f]) and pc.max(cols[f]).as_py() > _UINT_RULES[f][1]:
+                return None
         if version is not None and not pc.all(pc.equal(cols["version"], version)).as_py():
             return None
         c = {f: cols[f] for f in ("srcaddr", "dstaddr")}

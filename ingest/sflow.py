@@ -239,7 +239,7 @@ class SflowDecoder:
             read += 1
             try:
                 kept = self._flow_sample(body, fmt == 3, agent, when, c, cols)
-            except (SflowError, struct.error) as e:
+            except (SflowError, struct.error, ValueError) as e:
                 c.rejects += 1
                 rejects.append(Reject.make(src, f"{loc} sample {k + 1}", f"sFlow flow sample from {agent}: {e}",
                                            body[:RAW_PREFIX_BYTES].hex(), NAME))
@@ -363,6 +363,8 @@ def _ip(h: bytes, etype: int, off: int) -> _Packet | None:
 
 
 def _sampled_ip(b: bytes, v6: bool) -> _Packet:
+    if len(b) < (56 if v6 else 32):
+        raise SflowError(f"sampled IPv{6 if v6 else 4} record of {len(b)} bytes is too short")
     if v6:
         length, proto = struct.unpack_from(">II", b, 0)
         src = ipaddress.IPv6Address(b[8:24]).compressed

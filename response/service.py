@@ -110,6 +110,7 @@ class Responder:
     def step(self, timeout_s: float = 0.5) -> None:
         msgs = self.consumer.consume(self.poll_messages, timeout_s)
         raised = []
+        done: dict[int, int] = {}  # offsets to commit once everything this step owes is written
         for m in msgs:
             if m.error():
                 log.warning("consumer error: %s", m.error())
@@ -119,16 +120,17 @@ class Responder:
             except Exception as e:  # noqa: BLE001 - a message the detectors did not write: skipped, counted
                 self.stats.bad_messages += 1
                 log.warning("alerts[%d] offset %d is not an alert (%s): skipped", m.partition(), m.offset(), e)
-                self._pending[m.partition()] = m.offset() + 1
+                done[m.partition()] = m.offset() + 1
                 continue
             if not alert.suppressed:
                 raised.append(alert)
                 self._act(alert)
             else:
                 self.stats.decisions["suppressed"] = self.stats.decisions.get("suppressed", 0) + 1
-            self._pending[m.partition()] = m.offset() + 1
+            done[m.partition()] = m.offset() + 1
         if raised and self.findings is not None:
             self._owe_findings(raised)
+        self._pending.update(done)
         if msgs:
             self._commit()
 

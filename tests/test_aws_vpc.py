@@ -577,3 +577,10 @@ def test_the_reader_hands_blocks_with_the_lines_of_chunks(tmp_path: Path) -> Non
     p1, p2 = AwsVpcParser("test.log", (25,)), AwsVpcParser("test.log", (25,))
     for (ls, first), (data, _, crlf) in zip(by_lines, blocks):
         same_batch(p2.parse_block(data, first, crlf), p1.parse_lines(ls, first))
+
+
+def test_a_twenty_digit_counter_takes_the_line_path() -> None:
+    lines = clean_lines(50, 9)
+    lines[10] = v2(bytes="10000000000000000000")
+    assert AwsVpcParser("test.log", (25,))._parse_clean("\n".join(lines).encode(), 1) is None
+    assert [int(r.location) for r in parse(lines, smtp_ports=(25,)).rejects] == [11]

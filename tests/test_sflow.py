@@ -351,3 +351,11 @@ def test_estimates_from_sparse_samples_are_held_at_low_and_say_so() -> None:
     for a in out.alerts:
         assert a.severity in ("info", "low")
         assert "1 sFlow packet samples at 1:4096" in a.reasons[-1] and a.evidence["sampling_rate"] == 4096
+
+
+def test_a_short_sampled_ipv6_record_is_a_dead_letter() -> None:
+    rec = struct.pack(">II", 60, 6) + b"\x20\x01" + b"\0" * 4
+    body = struct.pack(">IIIIIIII", 1, 7, 1, 100, 0, 3, 2, 1) + struct.pack(">II", 4, len(rec)) + rec
+    b = check_batch(SflowDecoder(None).decode_many([Datagram(_datagram([struct.pack(">II", 1, len(body)) + body]),
+                                                             "a", 1, "dg")]), "sflow")
+    assert b.records.num_rows == 0 and "too short" in b.rejects[0].reason
