@@ -74,10 +74,8 @@ Accounting
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-import socket
 import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -91,8 +89,8 @@ from smtpguard.core.errors import ConfigError
 from smtpguard.core.wire import MAX_EPOCH_MS
 from smtpguard.ingest.base import Batch, Counters, Reject
 from smtpguard.ingest.netflow import sniff_pcap as _sniff_netflow_pcap
-from smtpguard.ingest.pcapfile import (RAW_IP, VLAN_TYPES, PcapError, is_capture, iter_frames, link_header,
-                                       raw_ip_type, skip_vlan)
+from smtpguard.ingest.pcapfile import (RAW_IP, VLAN_TYPES, PcapError, addr_text, is_capture, iter_frames,
+                                       link_header, raw_ip_type, skip_vlan)
 from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, smtp_ports_config
 
 FORMAT = "pcap"
@@ -1115,7 +1113,7 @@ class SmtpCaptureParser:
         if t is None:
             if len(self._ip_text) > 65536:
                 self._ip_text.clear()
-            t = socket.inet_ntoa(addr) if len(addr) == 4 else str(ipaddress.IPv6Address(addr))
+            t = addr_text(addr)
             self._ip_text[addr] = t
         return t
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import socket
 import struct
 from typing import BinaryIO, Callable, Iterator, NamedTuple
 
@@ -226,6 +227,72 @@ class UdpDatagram(NamedTuple):
     truncated: bool
 
 
+def addr_text(raw: bytes) -> str:
+    """The text of a 4- or 16-byte address (IPv6 as :mod:`ipaddress` prints it)."""
+    return socket.inet_ntoa(raw) if len(raw) == 4 else str(ipaddress.IPv6Address(raw))
+
+
+#: IPv6 extension headers walked to the transport header: hop-by-hop, routing, destination options
+#: (length in 8-byte units after the first 8), fragment (8 bytes), authentication (4-byte units after 8)
+_IPV6_EXT = frozenset((0, 43, 60, 44, 51))
+
+
+class IpHeader(NamedTuple):
+    src: bytes
+    dst: bytes
+    proto: int
+    """the transport protocol (after IPv6 extension headers)"""
+    l4: int
+    """offset of the transport header in the frame; -1 for a fragment other than the first, or when the
+    frame ends inside the IPv6 extension headers"""
+    end: int
+    """end of the IP packet in the frame (the frame's end when the header says more, or 0)"""
+    length: int
+    """the packet's length as its header says (IPv4 total length, IPv6 payload length + 40)"""
+    more_fragments: bool
+
+
+def ip_header(frame: bytes, etype: int, pos: int) -> IpHeader | None:
+    """The IPv4 (``etype`` 0x0800) or IPv6 (0x86DD) header at ``pos`` of ``frame``; None when the frame
+    is too short for it, its version is not the ethertype's, or an IPv4 header length is under 20."""
+    n = len(frame)
+    if etype == 0x0800:
+        if n < pos + 20 or frame[pos] >> 4 != 4:
+            return None
+        ihl = (frame[pos] & 0x0F) * 4
+        if ihl < 20:
+            return None
+        total = (frame[pos + 2] << 8) | frame[pos + 3]
+        frag = ((frame[pos + 6] << 8) | frame[pos + 7]) & 0x3FFF
+        end = min(n, pos + total) if total >= ihl else n
+        return IpHeader(frame[pos + 12:pos + 16], frame[pos + 16:pos + 20], frame[pos + 9],
+                        -1 if frag & 0x1FFF else pos + ihl, end, total, bool(frag & 0x2000))
+    if etype == 0x86DD:
+        if n < pos + 40 or frame[pos] >> 4 != 6:
+            return None
+        plen = (frame[pos + 4] << 8) | frame[pos + 5]
+        nxt, l4 = frame[pos + 6], pos + 40
+        end = min(n, l4 + plen) if plen else n
+        more = False
+        while nxt in _IPV6_EXT:
+            if l4 + 8 > end:
+                l4 = -1
+                break
+            if nxt == 44:
+                off_m = (frame[l4 + 2] << 8) | frame[l4 + 3]
+                if off_m & 0xFFF8:
+                    l4 = -1
+                    break
+                more = bool(off_m & 1)
+                nxt, l4 = frame[l4], l4 + 8
+            elif nxt == 51:
+                nxt, l4 = frame[l4], l4 + (frame[l4 + 1] + 2) * 4
+            else:
+                nxt, l4 = frame[l4], l4 + 8 + frame[l4 + 1] * 8
+        return IpHeader(frame[pos + 8:pos + 24], frame[pos + 24:pos + 40], nxt, l4, end, plen + 40, more)
+    return None
+
+
 def udp_of(frame: bytes, linktype: int) -> UdpDatagram | None:
     """The UDP datagram in a captured frame, or None (not UDP over IPv4/IPv6, or an IP
     fragment other than the first)."""
@@ -235,47 +302,19 @@ def udp_of(frame: bytes, linktype: int) -> UdpDatagram | None:
             return None
         # not raw_ip_type: a raw frame whose version is not 4 has always been read as IPv6 here
         etype = 0x0800 if frame[0] >> 4 == 4 else 0x86DD
-    if etype == 0x0800:
-        if len(frame) < pos + 20:
-            return None
-        ihl = (frame[pos] & 0x0F) * 4
-        total = (frame[pos + 2] << 8) | frame[pos + 3]
-        frag = ((frame[pos + 6] << 8) | frame[pos + 7]) & 0x3FFF
-        if frame[pos + 9] != 17 or frag & 0x1FFF or ihl < 20:
-            return None
-        src = ".".join(str(b) for b in frame[pos + 12:pos + 16])
-        udp = pos + ihl
-        end = min(len(frame), pos + total) if total >= ihl else len(frame)
-        more_fragments = bool(frag & 0x2000)
-    elif etype == 0x86DD:
-        if len(frame) < pos + 40:
-            return None
-        nxt = frame[pos + 6]
-        plen = (frame[pos + 4] << 8) | frame[pos + 5]
-        src = str(ipaddress.IPv6Address(frame[pos + 8:pos + 24]))
-        udp = pos + 40
-        end = min(len(frame), udp + plen) if plen else len(frame)
-        more_fragments = False
-        while nxt in (0, 43, 60, 44) and udp + 8 <= end:
-            if nxt == 44:
-                off_m = (frame[udp + 2] << 8) | frame[udp + 3]
-                if off_m & 0xFFF8:
-                    return None
-                more_fragments = bool(off_m & 1)
-                nxt, udp = frame[udp], udp + 8
-            else:
-                nxt, udp = frame[udp], udp + 8 + frame[udp + 1] * 8
-        if nxt != 17:
-            return None
-        src = f"[{src}]"
-    else:
+    ip = ip_header(frame, etype, pos)
+    if ip is None or ip.proto != 17 or ip.l4 < 0:
         return None
+    udp, end = ip.l4, ip.end
     if udp + 8 > end:
         return None
+    src = addr_text(ip.src)
+    if len(ip.src) == 16:
+        src = f"[{src}]"
     sport = (frame[udp] << 8) | frame[udp + 1]
     ulen = (frame[udp + 4] << 8) | frame[udp + 5]
     stop = udp + ulen if 8 <= ulen and udp + ulen <= end else end
-    truncated = more_fragments or (8 <= ulen and udp + ulen > end)
+    truncated = ip.more_fragments or (8 <= ulen and udp + ulen > end)
     return UdpDatagram(src, sport, frame[udp + 8:stop], truncated)
 
 

@@ -40,10 +40,10 @@ Counters
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
@@ -52,7 +52,7 @@ import pyarrow as pa
 from smtpguard.core import record
 from smtpguard.core.wire import MAX_EPOCH_MS
 from smtpguard.ingest.base import Batch, Counters, Datagram, Reject
-from smtpguard.ingest.pcapfile import ExportCapture, is_capture, skip_vlan, with_rejects
+from smtpguard.ingest.pcapfile import ExportCapture, addr_text, ip_header, is_capture, skip_vlan, with_rejects
 from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, smtp_ports_config
 
 NAME = "sflow"
@@ -100,19 +100,39 @@ class _Packet:
         self.proto, self.length, self.flags = proto, length, flags
 
 
+class _Agent:
+    """What the decoder remembers of one agent: its counters, the last datagram sequence number, and
+    the drops counter of each of its data sources (at most :data:`MAX_SOURCES_PER_AGENT`)."""
+
+    __slots__ = ("counters", "seq", "drops")
+
+    def __init__(self) -> None:
+        self.counters = AgentCounters()
+        self.seq: int | None = None
+        self.drops: dict[int, int] = {}
+
+
+#: data sources per agent whose drops counter is followed (a switch has one per sampled interface)
+MAX_SOURCES_PER_AGENT = 4096
+
+
 class SflowDecoder:
     """Decode sFlow v5 datagrams into record batches; see the module docstring. The state it
-    keeps per agent (the last sequence number of each (agent, sub-agent), the drops counter of
-    each data source) is bounded by ``max_agents``: the least recently heard is forgotten."""
+    keeps (:class:`_Agent`) is bounded by ``max_agents``: the least recently heard agent is
+    forgotten, its counts kept in :meth:`totals`."""
 
     name = NAME
 
     def __init__(self, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS, *, max_agents: int = 10_000):
         self.smtp_ports = smtp_ports_config(smtp_ports)
         self.max_agents = max_agents
-        self.counters: dict[str, AgentCounters] = {}
-        self._seq: dict[str, int] = {}
-        self._drops: dict[tuple[str, int], int] = {}
+        self._agents: OrderedDict[str, _Agent] = OrderedDict()
+        self._forgotten = AgentCounters()
+
+    @property
+    def counters(self) -> dict[str, AgentCounters]:
+        """Per agent heard (and not forgotten): its counters."""
+        return {name: a.counters for name, a in self._agents.items()}
 
     # the listener's interface, shared with the NetFlow decoder: sFlow has no templates to wait for
     pending_sets = 0
@@ -125,8 +145,9 @@ class SflowDecoder:
 
     def totals(self) -> AgentCounters:
         t = AgentCounters()
-        for c in self.counters.values():
-            t.add(c)
+        t.add(self._forgotten)
+        for a in self._agents.values():
+            t.add(a.counters)
         return t
 
     def decode(self, payload: bytes, exporter: str = "", received_ms: int | None = None) -> Batch:
@@ -169,16 +190,16 @@ class SflowDecoder:
 
     # ------------------------------------------------------------------ internals
 
-    def _agent(self, name: str) -> AgentCounters:
-        c = self.counters.pop(name, None) or AgentCounters()
-        self.counters[name] = c  # most recently heard last
-        while len(self.counters) > self.max_agents:
-            old = next(iter(self.counters))
-            del self.counters[old]
-            self._seq.pop(old, None)
-            for k in [k for k in self._drops if k[0] == old]:
-                del self._drops[k]
-        return c
+    def _agent(self, name: str) -> _Agent:
+        a = self._agents.get(name)
+        if a is None:
+            a = self._agents[name] = _Agent()
+            while len(self._agents) > self.max_agents:
+                _, old = self._agents.popitem(last=False)
+                self._forgotten.add(old.counters)
+        else:
+            self._agents.move_to_end(name)  # most recently heard last
+        return a
 
     def _datagram(self, dg: Datagram, cols: dict[str, list], rejects: list[Reject], src: str,
                   loc: str) -> tuple[int, int]:
@@ -197,18 +218,18 @@ class SflowDecoder:
             raise SflowError(f"agent address type {atype} (1 = IPv4, 2 = IPv6)")
         if len(p) < 8 + alen + 16:
             raise SflowError(f"{len(p)} bytes, shorter than its header")
-        agent_ip = str(ipaddress.ip_address(p[8:8 + alen]))
+        agent_ip = addr_text(p[8:8 + alen])
         sub, seq, uptime = _HEADER.unpack_from(p, 8 + alen)
         (nsamples,) = _U32.unpack_from(p, 20 + alen)
         if nsamples > MAX_SAMPLES:
             raise SflowError(f"{nsamples} samples declared (at most {MAX_SAMPLES})")
         agent = agent_ip if sub == 0 else f"{agent_ip}/{sub}"
-        c = self._agent(agent)
+        state = self._agent(agent)
+        c = state.counters
         c.datagrams += 1
-        last = self._seq.get(agent)
-        if last is not None and seq > last + 1:
-            c.sequence_gaps += seq - last - 1
-        self._seq[agent] = seq
+        if state.seq is not None and seq > state.seq + 1:
+            c.sequence_gaps += seq - state.seq - 1
+        state.seq = seq
         when = dg.received_ms if dg.received_ms is not None else int(time.time() * 1000)
         when = min(max(when, 0), MAX_EPOCH_MS)
         pos = 24 + alen
@@ -238,7 +259,7 @@ class SflowDecoder:
             c.flow_samples += 1
             read += 1
             try:
-                kept = self._flow_sample(body, fmt == 3, agent, when, c, cols)
+                kept = self._flow_sample(body, fmt == 3, agent, when, state, cols)
             except (SflowError, struct.error, ValueError) as e:
                 c.rejects += 1
                 rejects.append(Reject.make(src, f"{loc} sample {k + 1}", f"sFlow flow sample from {agent}: {e}",
@@ -251,7 +272,7 @@ class SflowDecoder:
                 skipped += 1
         return read, skipped
 
-    def _flow_sample(self, b: bytes, expanded: bool, agent: str, when: int, c: AgentCounters,
+    def _flow_sample(self, b: bytes, expanded: bool, agent: str, when: int, state: _Agent,
                      cols: dict[str, list]) -> bool:
         if expanded:
             (_seq, id_type, id_index, rate, _pool, drops, in_fmt, in_val, out_fmt, _out_val,
@@ -264,11 +285,11 @@ class SflowDecoder:
             in_fmt, in_val, out_fmt = inp >> 30, inp & 0x3FFFFFFF, out >> 30
         if rate == 0:
             raise SflowError("sampling rate 0 (it is 1 in N, N >= 1)")
-        key = (agent, source_id)
-        before = self._drops.get(key)
+        before = state.drops.get(source_id)
         if before is not None and drops > before:
-            c.agent_drops += drops - before
-        self._drops[key] = drops
+            state.counters.agent_drops += drops - before
+        if before is not None or len(state.drops) < MAX_SOURCES_PER_AGENT:
+            state.drops[source_id] = drops
         pkt = None
         for _ in range(nrec):
             if pos + 8 > len(b):
@@ -323,43 +344,17 @@ def _raw_header(b: bytes) -> _Packet | None:
 
 
 def _ip(h: bytes, etype: int, off: int) -> _Packet | None:
-    if etype == 0x0800:
-        if len(h) < off + 20 or h[off] >> 4 != 4:
-            return None
-        ihl = (h[off] & 0x0F) * 4
-        length = (h[off + 2] << 8) | h[off + 3]
-        frag = ((h[off + 6] << 8) | h[off + 7]) & 0x1FFF
-        proto = h[off + 9]
-        src = ".".join(map(str, h[off + 12:off + 16]))
-        dst = ".".join(map(str, h[off + 16:off + 20]))
-        l4 = off + ihl if not frag else -1
-    elif etype == 0x86DD:
-        if len(h) < off + 40 or h[off] >> 4 != 6:
-            return None
-        length = ((h[off + 4] << 8) | h[off + 5]) + 40
-        proto = h[off + 6]
-        src = ipaddress.IPv6Address(h[off + 8:off + 24]).compressed
-        dst = ipaddress.IPv6Address(h[off + 24:off + 40]).compressed
-        l4 = off + 40
-        while proto in (0, 43, 60, 44, 51) and l4 + 8 <= len(h):
-            if proto == 44:
-                if ((h[l4 + 2] << 8) | h[l4 + 3]) & 0xFFF8:
-                    l4 = -1
-                    break
-                proto, l4 = h[l4], l4 + 8
-            elif proto == 51:
-                proto, l4 = h[l4], l4 + (h[l4 + 1] + 2) * 4
-            else:
-                proto, l4 = h[l4], l4 + (h[l4 + 1] + 1) * 8
-    else:
+    ip = ip_header(h, etype, off)
+    if ip is None:
         return None
     sport = dport = 0
     flags = None
-    if proto in (6, 17) and l4 >= 0 and len(h) >= l4 + 4:
+    if ip.proto in (6, 17) and ip.l4 >= 0 and len(h) >= ip.l4 + 4:
+        l4 = ip.l4
         sport, dport = (h[l4] << 8) | h[l4 + 1], (h[l4 + 2] << 8) | h[l4 + 3]
-        if proto == 6 and len(h) >= l4 + 14:
+        if ip.proto == 6 and len(h) >= l4 + 14:
             flags = ((h[l4 + 12] & 1) << 8) | h[l4 + 13]
-    return _Packet(src, dst, sport, dport, proto, length, flags)
+    return _Packet(addr_text(ip.src), addr_text(ip.dst), sport, dport, ip.proto, ip.length, flags)
 
 
 def _sampled_ip(b: bytes, v6: bool) -> _Packet:
@@ -367,13 +362,11 @@ def _sampled_ip(b: bytes, v6: bool) -> _Packet:
         raise SflowError(f"sampled IPv{6 if v6 else 4} record of {len(b)} bytes is too short")
     if v6:
         length, proto = struct.unpack_from(">II", b, 0)
-        src = ipaddress.IPv6Address(b[8:24]).compressed
-        dst = ipaddress.IPv6Address(b[24:40]).compressed
+        src, dst = addr_text(b[8:24]), addr_text(b[24:40])
         sport, dport, flags = struct.unpack_from(">III", b, 40)
     else:
         length, proto = struct.unpack_from(">II", b, 0)
-        src = ".".join(map(str, b[8:12]))
-        dst = ".".join(map(str, b[12:16]))
+        src, dst = addr_text(b[8:12]), addr_text(b[12:16])
         sport, dport, flags = struct.unpack_from(">III", b, 16)
     if sport > 0xFFFF or dport > 0xFFFF or proto > 0xFF:
         raise SflowError(f"sampled IP record with port {max(sport, dport)} or protocol {proto} out of range")

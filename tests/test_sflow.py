@@ -359,3 +359,24 @@ def test_a_short_sampled_ipv6_record_is_a_dead_letter() -> None:
     b = check_batch(SflowDecoder(None).decode_many([Datagram(_datagram([struct.pack(">II", 1, len(body)) + body]),
                                                              "a", 1, "dg")]), "sflow")
     assert b.records.num_rows == 0 and "too short" in b.rejects[0].reason
+
+
+def test_forgotten_agents_stay_in_the_totals_and_sources_per_agent_are_bounded() -> None:
+    from smtpguard.ingest import sflow
+
+    s = _flow_sample(64, _ipv4_tcp(bytes([10, 0, 0, 5]), bytes([198, 51, 100, 7]), 25, 0x02))
+    dec = SflowDecoder((25,), max_agents=2)
+    dec.decode_many([Datagram(_datagram([s], agent=bytes([192, 0, 2, i])), "a", 1) for i in range(1, 6)])
+    assert list(dec.counters) == ["192.0.2.4", "192.0.2.5"] and dec.totals().datagrams == 5
+    many = [struct.pack(">II", 1, 48) + struct.pack(">IIIIIIII", 1, i, 64, 100, 0, 3, 2, 0) + b"\0" * 16
+            for i in range(sflow.MAX_SOURCES_PER_AGENT + 10)]
+    dec.decode_many([Datagram(_datagram(many[k:k + 1000]), "a", 1) for k in range(0, len(many), 1000)])
+    assert len(dec._agents["192.0.2.1"].drops) == sflow.MAX_SOURCES_PER_AGENT
+
+
+def test_an_ipv4_header_shorter_than_twenty_bytes_is_not_read() -> None:
+    from smtpguard.ingest.pcapfile import ip_header
+
+    good = _ipv4_tcp(bytes([10, 0, 0, 5]), bytes([198, 51, 100, 7]), 25, 0x02)
+    assert ip_header(good, 0x0800, 0).l4 == 20
+    assert ip_header(bytes([0x40]) + good[1:], 0x0800, 0) is None  # IHL 0
