@@ -207,7 +207,9 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
     sum_exprs = {
         "accepted": wif(accept), "rejected": wif(reject),
         "bytes": times_w("bytes"), "packets": times_w("packets"), "rev_bytes": times_w("rev_bytes"),
-        "low_byte_conns": wif((pl.col("packets") <= 3) & (pl.col("bytes") <= 300)),
+        # a packet sample is one packet of a connection: it cannot tell a handshake-only connection
+        "low_byte_conns": wif((pl.col("packets") <= 3) & (pl.col("bytes") <= 300)
+                              & (pl.col("conn_weight").is_null() if samples else pl.lit(True))),
         "rejected_port25": wif(reject & (port == 25)),
         "unanswered": wif(accept & (pl.col("rev_packets") == 0)),
         "port25": wif(port == 25), "port465": wif(port == 465), "port587": wif(port == 587),
@@ -231,11 +233,15 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
         irow=pl.when(pl.col("instance_id") != "").then(pl.int_range(pl.len(), dtype=pl.UInt32)),
         t=pl.col("t"),
         p25=(port == 25).cast(pl.UInt32), r25=(reject & (port == 25)).cast(pl.UInt32),
+        # a tenant's connections: a flow record is one, a packet sample the connections it stands for
+        **({"c25": (port == 25).cast(pl.UInt64) * cw, "cr25": (reject & (port == 25)).cast(pl.UInt64) * cw}
+           if samples else {}),
     )
     per_dst = base.group_by("kd").agg(
         pl.col("w").sum().alias("n"), *[pl.col(c).sum() for c in sums],
         dur=pl.col("dur").sum(), rows=pl.len(), irow=pl.col("irow").min(),
         t=pl.col("t").min(), t_hi=pl.col("t").max(), n25=pl.col("p25").sum(), r25=pl.col("r25").sum(),
+        **({"c25": pl.col("c25").sum(), "cr25": pl.col("cr25").sum()} if samples else {}),
     ).with_columns(k=pl.col("kd") // ndst, d=(pl.col("kd") % ndst).cast(pl.UInt32)).collect()
     per_dst = per_dst.with_columns(net=net_of_dst.gather(per_dst["d"]))
     by_key = per_dst.lazy().group_by("k").agg(
@@ -266,16 +272,19 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
         # one tenant per (window, source, destination), as records of one source have: counted from the pairs
         named = per_dst.lazy().filter(pl.col("t") != no_tenant)
         mode = named.group_by("k", "t").agg(n=pl.col("rows").sum())
+        conns, rejected = ("c25", "cr25") if samples else ("n25", "r25")
         t25 = (named.filter(pl.col("n25") > 0)
-               .select("k", "t", "d", conns=pl.col("n25").cast(pl.UInt32), rejected=pl.col("r25").cast(pl.UInt32))
+               .select("k", "t", "d", conns=pl.col(conns).cast(pl.UInt32), rejected=pl.col(rejected).cast(pl.UInt32))
                .collect())
     else:
-        named = pl.DataFrame({"k": key, "t": tenant, "d": dst}).hstack(rows.select("dst_port", "action")).lazy() \
-            .filter(pl.col("t") != no_tenant)
+        tw = rows["conn_weight"].fill_null(1) if samples else pl.repeat(1, rows.height, dtype=pl.UInt32, eager=True)
+        named = pl.DataFrame({"k": key, "t": tenant, "d": dst, "tw": tw}).hstack(rows.select("dst_port", "action")) \
+            .lazy().filter(pl.col("t") != no_tenant)
         mode = named.group_by("k", "t").agg(n=pl.len())
         t25 = (named.filter(pl.col("dst_port") == 25)
-               .group_by("k", "t", "d").agg(conns=pl.len().cast(pl.UInt32),
-                                            rejected=(pl.col("action") == "reject").sum().cast(pl.UInt32))
+               .group_by("k", "t", "d").agg(conns=pl.col("tw").sum().cast(pl.UInt32),
+                                            rejected=pl.col("tw").filter(pl.col("action") == "reject").sum()
+                                            .cast(pl.UInt32))
                .collect())
     mode = _top(mode, "t").collect()
     out = out.join(mode.select("k", tenant=tenants.gather(mode["top"])), on="k", how="left", maintain_order="left")
@@ -296,11 +305,17 @@ def close_windows(rows: pl.DataFrame, window_ms: int) -> Closed:
         tenant=pl.col("tenant").fill_null(""),
         window_ms=pl.lit(window_ms, pl.UInt32),
         window_end=pl.col("window_start") + window_ms,
-        bytes_per_conn=pl.col("bytes") / pl.col("connections"),
-        packets_per_conn=pl.col("packets") / pl.col("connections"),
-        top_dst_share=pl.col("top_dst_conns") / pl.col("connections"),
+        # a window of packet samples none of which opened a connection has none: its ratios are 0
+        bytes_per_conn=_per_conn("bytes"),
+        packets_per_conn=_per_conn("packets"),
+        top_dst_share=_per_conn("top_dst_conns"),
     )
     return Closed(_typed(out, BASE_FEATURES), pairs, tenant_rows)
+
+
+def _per_conn(col: str) -> pl.Expr:
+    conns = pl.col("connections")
+    return pl.when(conns > 0).then(pl.col(col) / conns).otherwise(0.0)
 
 
 def window_features(rows: pl.DataFrame, window_ms: int) -> pl.DataFrame:

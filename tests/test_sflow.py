@@ -326,6 +326,7 @@ def test_packet_samples_count_connections_by_their_first_packet_and_weigh_their_
                    for k in range(0, len(packets), 10)])
     assert (f["connections"], f["distinct_dst"], f["packets"]) == (3, 3, 33)
     assert f["bytes"] == 3 * (60 + 10 * 200)
+    assert f["low_byte_conns"] == 0  # a sampled SYN is not a handshake-only connection
     # 1 in 10: the samples that came are a SYN to one server and two data packets to two others; each
     # stands for ten packets, the SYN for ten connections; all three servers were seen
     picked = [_session(client, servers[0], 40000, 0)[0], _session(client, servers[1], 40001, 1)[1],
@@ -380,3 +381,22 @@ def test_an_ipv4_header_shorter_than_twenty_bytes_is_not_read() -> None:
     good = _ipv4_tcp(bytes([10, 0, 0, 5]), bytes([198, 51, 100, 7]), 25, 0x02)
     assert ip_header(good, 0x0800, 0).l4 == 20
     assert ip_header(bytes([0x40]) + good[1:], 0x0800, 0) is None  # IHL 0
+
+
+def test_a_window_of_samples_that_opened_nothing_has_no_connections_and_tenants_count_connections() -> None:
+    import polars as pl
+
+    from smtpguard.detectors.features import close_windows, connection_weights
+
+    client, server = bytes([10, 0, 0, 5]), bytes([198, 51, 100, 7])
+    data = _session(client, server, 40000, 3)[1:]  # three data packets, no SYN
+    batch = SflowDecoder((25,)).decode_many([Datagram(_datagram([_flow_sample(1, p) for p in data]), "a",
+                                                      1_764_583_210_000)])
+
+    rows = pl.from_arrow(batch.records).with_columns(connection_weights(batch.records), tenant=pl.lit("acct"),
+                                                     window_start=pl.lit(1_764_583_200_000, pl.Int64),
+                                                     src_addr=pl.lit(None, pl.String))
+    closed = close_windows(rows, 60_000)
+    f = closed.features.row(0, named=True)
+    assert (f["connections"], f["packets"], f["bytes_per_conn"], f["top_dst_share"]) == (0, 3, 0.0, 0.0)
+    assert closed.tenant_rows["conns"].to_list() == [0]  # three packets of one session opened no connection here
