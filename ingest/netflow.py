@@ -72,7 +72,7 @@ from smtpguard.core.wire import MAX_EPOCH_MS
 from smtpguard.ingest import ipfix, netflow_v5, netflow_v9
 from smtpguard.ingest.base import Batch, Counters, Datagram, Reject
 from smtpguard.ingest.ipfix import DecodeError, Template
-from smtpguard.ingest.pcapfile import ExportCapture, first_udp_payload, is_capture, read_exact
+from smtpguard.ingest.pcapfile import ExportCaptureParser, first_udp_payload, is_capture, read_exact
 from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, pair_reverse, smtp_directions, smtp_ports_config
 
 #: record ``source_format`` per export version
@@ -1037,7 +1037,7 @@ sniff = sniff_pcap
 BATCH_DATAGRAMS = 2000
 
 
-class NetflowPcapParser:
+class NetflowPcapParser(ExportCaptureParser):
     """NetFlow/IPFIX datagrams in a pcap or pcapng capture (Ethernet, VLAN, Linux cooked,
     loopback or raw IP; IPv4 or IPv6). The exporter of each datagram is its sender's
     ``ip:port``, its receive time the capture timestamp. Non-UDP packets, and UDP payloads
@@ -1048,20 +1048,8 @@ class NetflowPcapParser:
 
     def __init__(self, source: str, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS, *,
                  decoder: NetflowDecoder | None = None, batch_datagrams: int = BATCH_DATAGRAMS):
-        self.source = source
-        self.decoder = decoder if decoder is not None else NetflowDecoder(smtp_ports)
-        self._capture = ExportCapture("netflow", _is_netflow_payload, batch_datagrams, RAW_PREFIX_BYTES)
-
-    def parse_stream(self, fh: BinaryIO, source: str) -> Iterator[Batch]:
-        yield from self._capture.batches(fh, source, self.decoder.decode_many)
-
-    @property
-    def ignored_packets(self) -> int:
-        return self._capture.ignored_packets
-
-    def close(self) -> Batch:
-        """Give up on data still waiting for templates (call after the last input)."""
-        return self.decoder.flush()
+        super().__init__(source, decoder if decoder is not None else NetflowDecoder(smtp_ports), "netflow",
+                         _is_netflow_payload, batch_datagrams, RAW_PREFIX_BYTES)
 
 
 class NetflowDatParser:

@@ -333,23 +333,32 @@ def first_udp_payload(head: bytes) -> bytes | None:
 # ---------------------------------------------------------------------- export captures
 
 
-class ExportCapture:
-    """The UDP datagrams of a capture of flow-export traffic (NetFlow/IPFIX, sFlow), handed to a
-    decoder in batches. A datagram is its sender's (exporter ``ip:port``) at its capture time; UDP
-    the format does not recognise (DNS, syslog beside the collector port) is counted in
-    :attr:`ignored_packets`, not dead-lettered; a datagram cut by the capture or fragmented is a dead
-    letter (it cannot be decoded whole)."""
+class ExportCaptureParser:
+    """A capture of flow-export traffic (NetFlow/IPFIX, sFlow) as a stream format: its UDP datagrams
+    handed to ``decoder`` (``decode_many``, ``flush``) in batches. A datagram is its sender's (exporter
+    ``ip:port``) at its capture time; UDP the format does not ``recognise`` (DNS, syslog beside the
+    collector port) is counted in :attr:`ignored_packets`, not dead-lettered; a datagram cut by the
+    capture or fragmented is a dead letter (it cannot be decoded whole). The decoder lives as long as
+    the parser: several captures of one session are fed in order."""
 
-    def __init__(self, fmt: str, recognise: Callable[[bytes], bool], batch_datagrams: int,
+    name = ""
+
+    def __init__(self, source: str, decoder, fmt: str, recognise: Callable[[bytes], bool], batch_datagrams: int,
                  raw_prefix_bytes: int = 256):
+        self.source = source
+        self.decoder = decoder
         self.fmt = fmt
         self.recognise = recognise
         self.batch_datagrams = batch_datagrams
         self.raw_prefix_bytes = raw_prefix_bytes
         self.ignored_packets = 0
 
-    def batches(self, fh: BinaryIO, source: str,
-                decode: Callable[[list[Datagram], str], Batch]) -> Iterator[Batch]:
+    def close(self) -> Batch:
+        """What the decoder still holds (NetFlow data waiting for templates); call after the last input."""
+        return self.decoder.flush()
+
+    def parse_stream(self, fh: BinaryIO, source: str) -> Iterator[Batch]:
+        decode = self.decoder.decode_many
         todo: list[Datagram] = []
         extra: list[Reject] = []
         frames = iter_frames(fh)

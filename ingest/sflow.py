@@ -52,7 +52,8 @@ import pyarrow as pa
 from smtpguard.core import record
 from smtpguard.core.wire import MAX_EPOCH_MS
 from smtpguard.ingest.base import Batch, Counters, Datagram, Reject
-from smtpguard.ingest.pcapfile import ExportCapture, addr_text, ip_header, is_capture, skip_vlan, with_rejects
+from smtpguard.ingest.pcapfile import (ExportCaptureParser, addr_text, ip_header, is_capture, skip_vlan,
+                                       with_rejects)
 from smtpguard.ingest.selection import DEFAULT_SMTP_PORTS, smtp_ports_config
 
 NAME = "sflow"
@@ -405,7 +406,7 @@ def sniff_dat(head: bytes) -> bool:
 sniff = sniff_pcap
 
 
-class SflowPcapParser:
+class SflowPcapParser(ExportCaptureParser):
     """sFlow datagrams in a pcap or pcapng capture of the export traffic; each datagram's time is
     its capture time. UDP that is not sFlow is counted in :attr:`ignored_packets`."""
 
@@ -413,19 +414,8 @@ class SflowPcapParser:
 
     def __init__(self, source: str, smtp_ports: Sequence[int] | None = DEFAULT_SMTP_PORTS, *,
                  decoder: SflowDecoder | None = None, batch_datagrams: int = 2000):
-        self.source = source
-        self.decoder = decoder if decoder is not None else SflowDecoder(smtp_ports)
-        self._capture = ExportCapture("sflow", looks_like_sflow, batch_datagrams, RAW_PREFIX_BYTES)
-
-    def parse_stream(self, fh: BinaryIO, source: str) -> Iterator[Batch]:
-        yield from self._capture.batches(fh, source, self.decoder.decode_many)
-
-    @property
-    def ignored_packets(self) -> int:
-        return self._capture.ignored_packets
-
-    def close(self) -> Batch:
-        return Batch.empty()
+        super().__init__(source, decoder if decoder is not None else SflowDecoder(smtp_ports), "sflow",
+                         looks_like_sflow, batch_datagrams, RAW_PREFIX_BYTES)
 
 
 class SflowDatParser:
