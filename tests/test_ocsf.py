@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
 from pathlib import Path
 
 import jsonschema
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 from ocsf_json_schema import OcsfJsonSchemaEmbedded, get_ocsf_schema
 
 from conftest import replace
+from test_response_service import Hook
 from test_streaming import (read_topic, run_detector_until_idle, run_responder_until_idle,  # noqa: F401
                             small_scenario)
 from smtpguard.app.analyze import analyze
@@ -130,40 +130,11 @@ def test_alerts_list_and_show_print_valid_findings(offline_cfg, small_scenario, 
     assert [(e["name"], e["value"]) for e in one["enrichments"]] == [("dnsbl:demo-bl", "listed")]
 
 
-class Siem:
-    """An HTTP receiver standing in for a SIEM's ingest endpoint: it keeps every request's headers and body."""
-
-    def __init__(self) -> None:
-        import http.server
-
-        self.requests: list[tuple[dict, bytes]] = []
-        siem = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                siem.requests.append((dict(self.headers), body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_the_ocsf_topic_and_the_siem_webhook_carry_the_finding_of_every_raised_alert(cfg, small_scenario) -> None:  # noqa: F811
     from smtpguard.response.webhook import signature
 
     _scen, paths = small_scenario
-    siem = Siem()
+    siem = Hook()
     try:
         cfg = replace(cfg, kafka={"topics": msgspec.structs.replace(cfg.kafka.topics,
                                                                     ocsf=cfg.kafka.topics.alerts + "-ocsf")},
@@ -191,7 +162,7 @@ def test_the_ocsf_topic_and_the_siem_webhook_carry_the_finding_of_every_raised_a
     assert topic.keys() == by_id.keys()
     # the SIEM webhook: every raised alert once, the same object, signed
     hooked = {}
-    for headers, body in siem.requests:
+    for headers, body in siem.raw:
         assert headers["X-Smtpguard-Signature"] == signature("s3cret", headers["X-Smtpguard-Timestamp"], body)
         f = valid(json.loads(body))
         assert headers["X-Smtpguard-Event-Id"] == f["finding_info"]["uid"] not in hooked

@@ -36,12 +36,16 @@ ABUSE = ("spam_exempted_new", "flood", "volume_spike", "spam_burst", "flood", "s
 
 
 class Hook:
-    """A webhook receiver that hangs every request while ``hanging`` is set (up to 60 s)."""
+    """A webhook receiver (enforcement events, or the SIEM's findings) that hangs every request while
+    ``hanging`` is set (up to 60 s)."""
 
     def __init__(self) -> None:
         self.hanging = threading.Event()
         self.delay_s = 0.0
         self.requests: list[tuple[str, str, dict]] = []
+        """(event id, ip, body) of every request"""
+        self.raw: list[tuple[dict, bytes]] = []
+        """(headers, body) of every request, as they came"""
         self.lock = threading.Lock()
         hook = self
 
@@ -53,7 +57,8 @@ class Hook:
                     time.sleep(0.1)
                 time.sleep(hook.delay_s)
                 with hook.lock:
-                    hook.requests.append((self.headers["X-Smtpguard-Event-Id"], json.loads(body)["ip"],
+                    hook.raw.append((dict(self.headers), body))
+                    hook.requests.append((self.headers["X-Smtpguard-Event-Id"], json.loads(body).get("ip"),
                                           json.loads(body)))
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
