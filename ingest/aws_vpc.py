@@ -199,6 +199,19 @@ def _classify_header(line: str, line_no: int = 0) -> tuple[str, Layout | str | N
     return "header", Layout(names, f"header at line {line_no}")
 
 
+def _text_checks(c: dict[str, pa.Array], ok: np.ndarray) -> np.ndarray:
+    """``ok`` narrowed to the rows whose action, ids and addresses are valid (both parsing paths run
+    these); the address columns of ``c`` become canonical text."""
+    if "action" in c:
+        ok &= _np(pc.is_in(c["action"], value_set=pa.array(_ACTIONS)))
+    for f in [f for f, _ in _ID_FIELDS] + list(_TGW_ID_FIELDS):
+        if f in c:
+            ok &= _np(pc.binary_length(c[f])) <= MAX_ID_CHARS
+    c["srcaddr"], src_ok = canonicalize_ips(c["srcaddr"], check=ok)
+    c["dstaddr"], dst_ok = canonicalize_ips(c["dstaddr"], check=ok & src_ok)
+    return ok & src_ok & dst_ok
+
+
 def _headerless_problem(tokens: list[str]) -> str:
     ver, n = tokens[0], len(tokens)
     if ver == "6":
@@ -476,14 +489,7 @@ class AwsVpcParser(ColumnParser):
         for f in _NUM_TYPES:
             if cols[f].null_count and (_np(cols[f].is_null()) & ok).any():
                 return None
-        if "action" in c and not _np(pc.is_in(c["action"], value_set=pa.array(_ACTIONS)))[ok].all():
-            return None
-        for f in [f for f, _ in _ID_FIELDS] + list(_TGW_ID_FIELDS):
-            if f in c and (_np(pc.binary_length(c[f])) > MAX_ID_CHARS)[ok].any():
-                return None
-        c["srcaddr"], src_ok = canonicalize_ips(c["srcaddr"], check=ok)
-        c["dstaddr"], dst_ok = canonicalize_ips(c["dstaddr"], check=ok & src_ok)
-        if not (src_ok & dst_ok)[ok].all():
+        if not np.array_equal(_text_checks(c, ok.copy()), ok):
             return None
         rows = np.flatnonzero(ok)
         nums = {f: cols[f] for f in _NUM_TYPES}
@@ -531,18 +537,11 @@ class AwsVpcParser(ColumnParser):
         ok = ~nodata
         for f in ("srcport", "dstport", "protocol", "packets", "bytes", "start", "end"):
             ok &= _np(pc.ascii_is_decimal(c[f])) & (_np(pc.binary_length(c[f])) <= _UINT_RULES[f][0])
-        if "action" in c:
-            ok &= _np(pc.is_in(c["action"], value_set=pa.array(_ACTIONS)))
         if "tcp-flags" in c:
             fl = c["tcp-flags"]
             numeric = _np(pc.ascii_is_decimal(fl)) & (_np(pc.binary_length(fl)) <= _UINT_RULES["tcp-flags"][0])
             ok &= numeric | _np(pc.equal(fl, "-"))
-        for f in [f for f, _ in _ID_FIELDS] + list(_TGW_ID_FIELDS):
-            if f in c:
-                ok &= _np(pc.binary_length(c[f])) <= MAX_ID_CHARS
-        c["srcaddr"], src_ok = canonicalize_ips(c["srcaddr"], check=ok)
-        c["dstaddr"], dst_ok = canonicalize_ips(c["dstaddr"], check=ok & src_ok)
-        ok &= src_ok & dst_ok
+        ok = _text_checks(c, ok)
 
         # keep the rows that passed the text checks, then cast and check ranges
         if not ok.all():
