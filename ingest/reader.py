@@ -12,6 +12,7 @@ from typing import IO, Any, Iterator, Sequence
 import numpy as np
 
 from smtpguard.core.errors import InputError
+from smtpguard.ingest.columns import block_lines
 
 SNIFF_BYTES = 64 * 1024
 
@@ -84,8 +85,6 @@ class Opened:
     def chunks(self, chunk_lines: int) -> Iterator[tuple[list[str], int]]:
         """Yield (lines, number of the first line); lines keep no newline. The chunks of :meth:`blocks`,
         decoded (undecodable bytes become U+FFFD)."""
-        from .columns import block_lines
-
         for data, line_no, crlf in self.blocks(chunk_lines):
             yield block_lines(data, crlf), line_no
 

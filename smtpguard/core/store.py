@@ -215,8 +215,8 @@ class Store:
         with self._mutex:
             for table, col in RETENTION_COLUMNS.items():
                 want = int(days.get(table, 0))
-                rows = self.client.query("SELECT create_table_query FROM system.tables WHERE database = {db:String} "
-                                         "AND name = {t:String}", parameters={"db": db, "t": table}).result_rows
+                rows = self.query("SELECT create_table_query FROM system.tables WHERE database = {db:String} "
+                                  "AND name = {t:String}", {"db": db, "t": table})
                 if not rows:
                     continue
                 m = _TTL_RE.search(rows[0][0])
