@@ -12,7 +12,7 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from smtpguard.core.store import Store
+from smtpguard.core.store import STORED_AT_DDL, Store
 
 from .features import FEATURES
 
@@ -33,7 +33,7 @@ def migrations(db: str) -> list[tuple[str, list[str]]]:
     `group_id` String, `topic` String, `partition` UInt32, `saved_at` DateTime64(3, 'UTC'),
     `closed_upto_ms` Int64, `history` String, `panes` String, `gate` String
 ) ENGINE = ReplacingMergeTree(`saved_at`) ORDER BY (`group_id`, `topic`, `partition`)""",
-    ])]
+    ]), ("detectors-2", [f"ALTER TABLE {db}.{FEATURES_TABLE} ADD COLUMN IF NOT EXISTS {STORED_AT_DDL}"])]
 
 
 def insert_features(store: Store, features: pa.Table) -> None:

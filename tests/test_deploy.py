@@ -119,8 +119,11 @@ def test_store_migrate_applies_every_step_once_and_schema_prints_them(tmp_path: 
 def _ttl_days(store: Store, table: str) -> int | None:
     sql = store.query("SELECT create_table_query FROM system.tables WHERE database = {db:String} AND name = {t:String}",
                       {"db": store.database, "t": table})[0][0]
-    m = re.search(r"TTL .*?toIntervalDay\((\d+)\)", sql)
-    return int(m.group(1)) if m else None
+    m = re.search(r"TTL toDateTime\((\w+)\) \+ toIntervalDay\((\d+)\)", sql)
+    if m is None:
+        return None
+    assert m.group(1) == ("checked_at" if table == "dnsbl_checks" else "stored_at"), sql
+    return int(m.group(2))
 
 
 def test_retention_is_a_ttl_per_table_from_the_config_and_old_rows_expire(tmp_path: Path) -> None:
@@ -142,14 +145,19 @@ def test_retention_is_a_ttl_per_table_from_the_config_and_old_rows_expire(tmp_pa
     assert "flows: rows kept 7 days" in changed.output and "window_features: rows kept for ever" in changed.output
     with Store(dsn, create=False) as st:
         assert (_ttl_days(st, "flows"), _ttl_days(st, "window_features")) == (7, None)
+        # retention counts from when a row was stored, not from its event time: a flow of two years ago read
+        # today stays; one stored 30 days ago goes
         now = dt.datetime.now(dt.timezone.utc)
-        rows = [{"start": t, "end": t, "src_ip": ip, "dst_ip": "192.0.2.25", "src_port": 40000, "dst_port": 25,
-                 "protocol": 6, "packets": 1, "bytes": 60, "source_format": "aws-vpc"}
-                for t, ip in ((now - dt.timedelta(days=30), "10.0.0.1"), (now - dt.timedelta(hours=1), "10.0.0.2"))]
+        old_event = now - dt.timedelta(days=730)
+        rows = [{"start": old_event, "end": old_event, "src_ip": ip, "dst_ip": "192.0.2.25", "src_port": 40000,
+                 "dst_port": 25, "protocol": 6, "packets": 1, "bytes": 60, "source_format": "aws-vpc"}
+                for ip in ("10.0.0.1", "10.0.0.2")]
         flows = record.from_dicts(rows)
-        positions = pa.table({"kafka_partition": pa.array([0, 0], pa.uint32()), "kafka_offset": pa.array([1, 2], pa.int64()),
-                              "kafka_row": pa.array([0, 0], pa.uint32())})
-        st.insert_flows(pa.Table.from_arrays(flows.columns + positions.columns, names=flows.column_names + positions.column_names))
+        extra = pa.table({"kafka_partition": pa.array([0, 0], pa.uint32()), "kafka_offset": pa.array([1, 2], pa.int64()),
+                          "kafka_row": pa.array([0, 0], pa.uint32()),
+                          "stored_at": pa.array([now - dt.timedelta(days=30), now], pa.timestamp("s", tz="UTC"))})
+        st.insert_arrow("flows", pa.Table.from_arrays(flows.columns + extra.columns,
+                                                      names=flows.column_names + extra.column_names))
         st.query(f"OPTIMIZE TABLE {st.database}.flows FINAL")
         assert [r[0] for r in st.query(f"SELECT src_ip FROM {st.database}.flows")] == ["10.0.0.2"]
 

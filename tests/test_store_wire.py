@@ -40,11 +40,13 @@ def test_tables_match_the_definitions(store):
             "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
             {"db": store.database, "t": table})}
 
-    from smtpguard.core.store import FLOW_POSITION_COLUMNS
+    from smtpguard.core.store import FLOW_POSITION_COLUMNS, STORED_AT
 
-    want = {f.name: _normalise(f.clickhouse) for f in record.FIELDS} | {k: v for k, v in FLOW_POSITION_COLUMNS}
+    stored = {STORED_AT[0]: STORED_AT[1]}
+    want = {f.name: _normalise(f.clickhouse) for f in record.FIELDS} | {k: v for k, v in FLOW_POSITION_COLUMNS} | stored
     assert {k: _normalise(v) for k, v in columns("flows").items()} == want
-    assert {k: _normalise(v) for k, v in columns("window_features").items()} == {f.name: _normalise(f.clickhouse) for f in FEATURES}
+    assert {k: _normalise(v) for k, v in columns("window_features").items()} == \
+        {f.name: _normalise(f.clickhouse) for f in FEATURES} | stored
     assert {k: _normalise(v) for k, v in columns("alerts").items()} == {
         n: _normalise(t) for n, t in ALERT.clickhouse_columns()}
 

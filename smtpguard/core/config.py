@@ -80,7 +80,7 @@ class Store(msgspec.Struct, forbid_unknown_fields=True):
     database: str = "smtpguard"
     """database for smtpguard's tables (created if missing)"""
     retention_days: dict[str, int] = msgspec.field(default_factory=lambda: {"flows": 30, "window_features": 180})
-    """days a row of these tables is kept (a ClickHouse TTL on its time column, applied by the detectors and
+    """days a row of these tables is kept after it was stored (a ClickHouse TTL, applied by the detectors and
     `store migrate`); 0 or a table left out = kept for ever. Tables that can expire: flows, window_features,
     dnsbl_checks. Alerts, registry events, decisions and review labels are always kept"""
 

@@ -43,6 +43,11 @@ def _columns(fields: Iterable[tuple[str, str]]) -> str:
 
 #: Where a stored flow came from on the flows topic: a replay after a restart rewrites the same
 #: (partition, offset, row), which the table folds into one row.
+#: The write time of a row of ``flows`` and ``window_features`` (filled by the store, never by a writer):
+#: what their retention (``store.retention_days``) counts from.
+STORED_AT = ("stored_at", "DateTime")
+STORED_AT_DDL = f"`{STORED_AT[0]}` {STORED_AT[1]} DEFAULT now()"
+
 FLOW_POSITION_COLUMNS: tuple[tuple[str, str], ...] = (
     ("kafka_partition", "UInt32"), ("kafka_offset", "Int64"), ("kafka_row", "UInt32"))
 
@@ -94,12 +99,15 @@ ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)""",
         ]),
         # alerts carry their recommended next step
         ("core-3", [f"ALTER TABLE {db}.alerts ADD COLUMN IF NOT EXISTS `next_step` String"]),
+        # when a flow was written: retention counts from it, so a replay of old logs is kept as long as new ones
+        ("core-4", [f"ALTER TABLE {db}.flows ADD COLUMN IF NOT EXISTS {STORED_AT_DDL}"]),
     ]
 
 
-#: Tables whose rows may expire (``store.retention_days``) and the time column their TTL counts from.
-RETENTION_COLUMNS = {"flows": "start", "window_features": "window_start", "dnsbl_checks": "checked_at"}
-_TTL_RE = re.compile(r"\sTTL\s.*?toIntervalDay\((\d+)\)")
+#: Tables whose rows may expire (``store.retention_days``) and the time column their TTL counts from: the
+#: time a row was written, not the event's (historical logs read today are kept as long as live ones).
+RETENTION_COLUMNS = {"flows": "stored_at", "window_features": "stored_at", "dnsbl_checks": "checked_at"}
+_TTL_RE = re.compile(r"\sTTL\s+toDateTime\(`?(\w+)`?\)\s*\+\s*toIntervalDay\((\d+)\)")
 
 
 class Store:
@@ -220,8 +228,8 @@ class Store:
                 if not rows:
                     continue
                 m = _TTL_RE.search(rows[0][0])
-                have = int(m.group(1)) if m else 0
-                if have == want:
+                have = (m.group(1), int(m.group(2))) if m else None
+                if have == ((col, want) if want else None):
                     continue
                 if want:
                     self.client.command(f"ALTER TABLE {db}.{table} MODIFY TTL toDateTime(`{col}`) + INTERVAL {want} DAY "
