@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -119,6 +120,73 @@ def connection_weights(records: pa.Table) -> pl.Series | None:
     return df.select(pl.when(pl.col("source_format") == "sflow")
                      .then(pl.col("sampling_rate").cast(pl.UInt32) * syn.cast(pl.UInt32))
                      .otherwise(None).alias("conn_weight")).to_series()
+
+
+#: features that are sums weighted by the sampling rate: under packet sampling each is N times a count of
+#: samples, an estimate whose lower bound detectors judge (:func:`lower_bounds`)
+SAMPLED_COUNTS = ("connections", "accepted", "rejected", "bytes", "packets", "rev_bytes", "rejected_port25",
+                  "unanswered", "port25", "port465", "port587", "port_other", "top_dst_conns", "top3_dst_conns",
+                  "conns_10m", "conns_60m", "rejected_port25_10m", "rejected_port25_60m")
+#: of those, the largest per destination: the busiest of many noisy counts is picked for being high, so their
+#: bound is taken over every destination the samples saw (a Bonferroni bound)
+SELECTED_COUNTS = ("top_dst_conns", "top3_dst_conns")
+#: novelty judged against the source's own usual: a destination enters a source's familiar set only when a
+#: sample of it is seen, so under packet sampling a recurring destination keeps looking new; these are not
+#: judged on packet-sampled windows (0 for the detectors)
+SAMPLED_UNJUDGED = ("elevated", "new_excess", "elevated_minutes_10m", "elevated_minutes_60m", "new_excess_10m",
+                    "new_excess_60m")
+
+
+def sample_support(rows: pl.DataFrame) -> pl.DataFrame | None:
+    """Per (window_start, src_ip) estimated from packet samples at 1 in N > 1: ``sampling_rate`` (the
+    highest N) and ``samples``; None when no row is such a sample."""
+    if "conn_weight" not in rows.columns or rows["conn_weight"].null_count() == rows.height:
+        return None
+    est = (rows.filter(pl.col("conn_weight").is_not_null() & (pl.col("sampling_rate") > 1))
+           .group_by("window_start", "src_ip").agg(sampling_rate=pl.col("sampling_rate").max().cast(pl.UInt32),
+                                                   samples=pl.len().cast(pl.UInt32)))
+    return est if est.height else None
+
+
+def poisson_lower(k: np.ndarray, confidence: float | np.ndarray) -> np.ndarray:
+    """The exact one-sided lower bound, at ``confidence`` (one value or one per count), of a Poisson
+    mean from ``k`` observed events (0 for k = 0): the mean below which seeing ``k`` or more has
+    probability ``1 - confidence``."""
+    from scipy.special import gammaincinv
+
+    k = np.asarray(k, dtype=np.float64)
+    alpha = np.broadcast_to(1.0 - np.asarray(confidence, dtype=np.float64), k.shape)
+    out = np.zeros_like(k)
+    pos = k > 0
+    out[pos] = gammaincinv(k[pos], alpha[pos])
+    return out
+
+
+def lower_bounds(features: pl.DataFrame, support: pl.DataFrame, confidence: float) -> pl.DataFrame:
+    """``features`` with each :data:`SAMPLED_COUNTS` column of a window estimated from packet samples
+    (``support``: :func:`sample_support`) replaced by the lower bound of its estimate: a count of
+    ``N * k`` (k samples at 1 in N) becomes ``N * poisson_lower(k)``, at ``confidence`` divided over
+    the destinations seen for :data:`SELECTED_COUNTS`; :data:`SAMPLED_UNJUDGED` are 0 there. Other
+    rows are unchanged; the rows estimated gain ``sampling_rate`` and ``samples`` (null elsewhere)."""
+    out = features.join(support.with_columns(pl.col("window_start").cast(features.schema["window_start"])),
+                        on=["window_start", "src_ip"], how="left", maintain_order="left")
+    rate = out["sampling_rate"].fill_null(1).cast(pl.Float64).to_numpy()
+    hit = out["sampling_rate"].is_not_null().to_numpy()
+    if not hit.any():
+        return out
+    cols = []
+    seen = np.maximum(out["distinct_dst"].fill_null(1).cast(pl.Float64).to_numpy(), 1)
+    for c in SAMPLED_COUNTS:
+        if c not in out.columns:
+            continue
+        v = out[c].cast(pl.Float64).fill_null(0).to_numpy()
+        k = np.rint(v / rate)
+        low = poisson_lower(k, 1 - (1 - confidence) / seen if c in SELECTED_COUNTS else confidence)
+        cols.append(pl.Series(c, np.where(hit, np.floor(rate * low), v)).cast(out.schema[c]))
+    for c in SAMPLED_UNJUDGED:
+        if c in out.columns:
+            cols.append(pl.when(pl.Series(hit)).then(pl.lit(0, out.schema[c])).otherwise(pl.col(c)).alias(c))
+    return out.with_columns(cols)
 
 
 BITS = 16384

@@ -25,7 +25,8 @@ from smtpguard.core.inventory import Inventory, SourceKeys
 from smtpguard.core.alert import Alert
 
 from .alerts import AlertGate
-from .features import RECORD_COLUMNS, close_windows, connection_weights, empty_features
+from .features import (RECORD_COLUMNS, close_windows, connection_weights, empty_features, lower_bounds,
+                       sample_support)
 from .history import HistoryParams, SourceHistory
 from .horizons import Panes, pane_types
 from .rules import Detector, build_detectors
@@ -148,9 +149,12 @@ class Pipeline:
                                   (h.evicted, h.unremembered, h.saturated, s.panes.evicted)):
             self.evictions[k] += now - before
         annotated = self.exemptions.annotate(feats)
-        findings = [f for d in self.detectors for f in d.evaluate(annotated)]
-        if "conn_weight" in rows.columns and rows["conn_weight"].null_count() < rows.height:
-            _hold_sampled(findings, rows)
+        # packet-sampled windows: the features keep the estimates, the detectors judge their lower bounds
+        support = sample_support(rows)
+        judged = annotated if support is None else lower_bounds(annotated, support, self.cfg.detect.sampling_confidence)
+        findings = [f for d in self.detectors for f in d.evaluate(judged)]
+        if support is not None:
+            _say_sampled(findings, support, self.cfg.detect.sampling_confidence)
         skip = annotated.filter(pl.col("exempted") & (pl.col("exemption_age_days") >= self.tenant_established_days))
         self.tenants.add(closed.tenant_rows, set(skip["src_ip"].to_list()))
         lateness = self.cfg.detect.allowed_lateness_ms
@@ -239,27 +243,18 @@ class Pipeline:
         return sum(s.engine.late.records for s in self.streams.values())
 
 
-#: the highest score a finding judged on packet-sample estimates gets (0.45 = low) until detection under
-#: sampling is evaluated (docs/DETECTION.md, "Sampled inputs")
-MAX_SAMPLED_SCORE = 0.45
-
-
-def _hold_sampled(findings: list, rows: pl.DataFrame) -> None:
-    """Findings on windows whose numbers are estimated from sFlow packet samples (1 in N, N > 1) are held
-    at low, and say so: one sampled SYN at 1:4096 stands for 4,096 connections, an estimate too noisy to
-    revoke an exemption on."""
-    est = (rows.filter(pl.col("conn_weight").is_not_null() & (pl.col("sampling_rate") > 1))
-           .group_by("window_start", "src_ip").agg(rate=pl.col("sampling_rate").max(), samples=pl.len()))
-    if est.height == 0:
-        return
-    by_key = {(int(w), k): (int(r), int(n)) for w, k, r, n in est.iter_rows()}
+def _say_sampled(findings: list, support: pl.DataFrame, confidence: float) -> None:
+    """A finding on a window estimated from sFlow packet samples (1 in N, N > 1) says so: its numbers
+    are the lower bounds of estimates (:func:`.features.lower_bounds`), from how many samples at which
+    rate."""
+    by_key = {(int(w), k): (int(r), int(n)) for w, k, r, n in
+              support.select("window_start", "src_ip", "sampling_rate", "samples").iter_rows()}
     for f in findings:
         hit = by_key.get((f.window_start_ms, f.src_ip))
         if hit is None:
             continue
         rate, samples = hit
-        f.score = min(f.score, MAX_SAMPLED_SCORE)
-        f.reasons.append(f"estimated from {samples} sFlow packet samples at 1:{rate}: held at low until detection "
-                         "under sampling is evaluated")
+        f.reasons.append(f"estimated from {samples} sFlow packet samples at 1:{rate}: counts are the lower "
+                         f"{confidence:.0%} bound of the estimate, distinct destinations those the samples saw")
         f.evidence["estimated_from_samples"] = samples
         f.evidence["sampling_rate"] = rate

@@ -51,6 +51,7 @@ def test_wrong_flag_is_one_line_and_exit_2():
     ("[ingest]\nsmtp_ports = [25, 70000]\n", "70000"),
     ("[detect.detectors.spam_fanout]\nmin_distinct_dst = 'x'\n", "spam_fanout"),
     ("not toml at all = = =\n", "config file"),
+    ("[detect]\nsampling_confidence = 1.0\n", "sampling_confidence"),
 ])
 def test_bad_config_is_one_clear_line_and_exit_2(tmp_path, toml, needle):
     f = tmp_path / "c.toml"
@@ -106,6 +107,15 @@ def test_analyze_reads_stdin_and_gzip(scen_files, tmp_path):
     b = run("analyze", "-", "--json", input=Path(paths["flows"]).read_text())
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout and a.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--formats", "sflow-0"], "--formats"), (["--formats", "netflow-v5"], "sflow-N"),
+    (["--sampling", "64,x"], "--sampling"), (["--sampling", "0"], "--sampling"),
+])
+def test_eval_wrong_format_or_rate_is_one_line_and_exit_2(args, needle):
+    r = run("eval", "--seeds", "101", *args)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
 
 
 def test_analyze_missing_input_and_unknown_format(tmp_path):

@@ -666,17 +666,22 @@ def alerts_show(c: Ctx, alert_id: str, out_format: str, as_json: bool) -> None:
 @click.option("--instances", default=600, show_default=True, help="instances per scenario")
 @click.option("--hours", default=2.0, show_default=True, help="hours of traffic per scenario, all of them scored")
 @click.option("--formats", default="aws-vpc,netflow-v9", show_default=True,
-              help="write each scenario as these and detect on each: aws-vpc, netflow-v9")
+              help="write each scenario as these and detect on each: aws-vpc, netflow-v9, sflow-N "
+                   "(sFlow sampling 1 packet in N, e.g. sflow-256)")
 @click.option("--late-fraction", default=0.0, show_default=True, help="share of flow lines delivered 1-4 minutes late")
 @click.option("--labelled", "labelled", multiple=True, metavar="DIR",
               help="folder of labelled Argus flows (CTU-13); may repeat")
 @click.option("--sweep", "sweep_dir", metavar="DIR",
               help="instead: run each detector's main parameters over a range on the seeds and write a "
                    "precision/recall table (Markdown) and plot (PNG) per detector into DIR")
+@click.option("--sampling", "sampling_rates", metavar="RATES", default=None, is_flag=False, flag_value="64,256,1024,4096",
+              help="instead: detect the same traffic unsampled and exported as sFlow sampling 1 packet in each "
+                   "of RATES (default 64,256,1024,4096) and print recall per kind and rate as a Markdown table; "
+                   "exit status 1 when a benign source reaches medium at any rate")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def eval_cmd(c: Ctx, seeds: str, instances: int, hours: float, formats: str, late_fraction: float,
-             labelled: tuple[str, ...], sweep_dir: str | None, as_json: bool) -> None:
+             labelled: tuple[str, ...], sweep_dir: str | None, sampling_rates: str | None, as_json: bool) -> None:
     """Measure detection quality on generated traffic, scored from the first minute.
 
     Every medium-or-higher alert counts: on an abuser inside its abuse window (start - 1 min to
@@ -689,6 +694,7 @@ def eval_cmd(c: Ctx, seeds: str, instances: int, hours: float, formats: str, lat
     smtpguard eval                                # the evaluation seeds (never tuned on)
     smtpguard eval --seeds tuning --formats aws-vpc
     smtpguard eval --seeds tuning --sweep docs/sweep
+    smtpguard eval --sampling                     # recall at 1:1, 1:64, 1:256, 1:1024, 1:4096
     """
     from pathlib import Path
 
@@ -705,11 +711,27 @@ def eval_cmd(c: Ctx, seeds: str, instances: int, hours: float, formats: str, lat
             raise click.BadParameter(f"--seeds must be 'evaluation', 'tuning' or integers separated by commas, "
                                      f"not {seeds!r}") from None
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
-    bad = [f for f in fmts if f not in evaluate.FORMATS]
-    if bad or not fmts:
-        raise click.BadParameter(f"--formats takes {', '.join(evaluate.FORMATS)}, not {formats!r}")
+    try:
+        evaluate.check_formats(fmts)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--formats") from None
     from smtpguard.ingest.reader import step_bar
 
+    if sampling_rates is not None:
+        try:
+            rates = [int(x) for x in sampling_rates.split(",") if x.strip()]
+        except ValueError:
+            rates = []
+        if not rates or min(rates) < 1:
+            raise click.BadParameter(f"takes sampling rates N >= 1 separated by commas, not {sampling_rates!r}",
+                                     param_hint="--sampling")
+        with step_bar("eval", len(seed_list) * (1 + len({r for r in rates if r > 1})), "run") as bar:
+            sres = evaluate.sampling(c.cfg, seed_list, rates, instances=instances, hours=hours,
+                                     progress=lambda name: bar.update(1))
+        click.echo(json.dumps(sres.to_dict(), default=str) if as_json else evaluate.sampling_report(sres))
+        if not sres.no_false_positives():
+            sys.exit(1)
+        return
     if sweep_dir:
         from smtpguard.lab import sweep
 

@@ -124,6 +124,11 @@ class Detect(msgspec.Struct, forbid_unknown_fields=True):
     """a source is learning until its history covers this many minutes: until then, an established exempted
     sender without a declared volume is never raised above low for volume or fan-out that only its own history
     could judge (docs/DETECTION.md, cold start)"""
+    sampling_confidence: float = 0.999
+    """inputs sampled per packet (sFlow 1 in N > 1): each count a detector judges is the lower bound of its
+    estimate at this one-sided confidence (a Poisson bound on the samples behind it), so at 1:4,096 one sampled
+    SYN is "at least 4 connections", not 4,096, and three are "at least 780" (docs/DETECTION.md, sampled inputs;
+    chosen on the tuning seeds: 0.99 let benign senders reach medium at 1:1,024 and 1:4,096)"""
     exemptions_refresh_ms: int = 5_000
     """how often a detector reads the exemption registry again when it changed: revocations by the response
     service, restores and grants by people reach detection within this time"""
@@ -585,6 +590,8 @@ def validate(cfg: Config) -> None:
         bad("detect.ipv6_prefix_len must be between 1 and 128")
     if cfg.detect.exemptions_refresh_ms <= 0:
         bad("detect.exemptions_refresh_ms must be positive")
+    if not 0.5 <= cfg.detect.sampling_confidence < 1:
+        bad("detect.sampling_confidence must be at least 0.5 and below 1")
     if cfg.detect.learning_minutes < 0:
         bad("detect.learning_minutes must be >= 0")
     if cfg.detect.poll_messages < 1:

@@ -49,7 +49,26 @@ FAST_DELAY_S = 90.0
 #: kinds that are defined by persistence (judged over 10 and 60 minutes)
 SLOW_KINDS = ("low_and_slow", "low_and_slow_blocked", "low_and_slow_in_mail", "volume_spike")
 SLOW_DELAY_S = 1800.0
+#: what ``run`` writes each scenario as by default (both unsampled)
 FORMATS = ("aws-vpc", "netflow-v9")
+#: sFlow packet-sampling rates the sampling evaluation exports at (``sflow-N``: 1 packet in N)
+SAMPLING_RATES = (64, 256, 1024, 4096)
+
+
+def sflow_rate(fmt: str) -> int | None:
+    """N of an ``sflow-N`` evaluation format (the traffic exported as sFlow sampling 1 in N), else None."""
+    head, _, n = fmt.partition("-")
+    if head == "sflow" and n.isdigit() and int(n) >= 1:
+        return int(n)
+    return None
+
+
+def check_formats(formats: Sequence[str]) -> None:
+    """Raise ValueError naming what is not an evaluation format."""
+    unknown = [f for f in formats if f not in FORMATS and sflow_rate(f) is None]
+    if unknown or not formats:
+        raise ValueError(f"unknown eval format(s) {unknown}; known: {', '.join(FORMATS)}, sflow-N "
+                         f"(sFlow sampling 1 packet in N, e.g. sflow-256)")
 
 
 def eval_abuse() -> tuple[str, ...]:
@@ -236,19 +255,35 @@ def score_run(result: EvalResult, run: str, truth: list[dict[str, Any]], alerts:
             k.missed.append(f"{run} {t['ip']}")
 
 
+def exported(scen, paths: dict[str, Path], fmt: str, tmp: Path) -> tuple[Path, str]:
+    """The file holding ``scen`` as evaluation format ``fmt`` and the input format that reads it:
+    flows.log and netflow.pcap as :func:`smtpguard.lab.scenario.write` wrote them, ``sflow-N``
+    written now into ``tmp``."""
+    from smtpguard.lab import scenario
+
+    rate = sflow_rate(fmt)
+    if rate is not None:
+        out = tmp / f"{fmt}.pcap"
+        scenario.write_sflow(scen, out, rate)
+        return out, "sflow-pcap"
+    if fmt == "aws-vpc":
+        return paths["flows"], "aws-vpc"
+    if fmt == "netflow-v9":
+        return paths["netflow"], "netflow-pcap"
+    raise ValueError(f"unknown eval format {fmt!r}")
+
+
 def run(cfg: Config, seeds: Sequence[int], *, instances: int = 600, hours: float = 2.0,
         formats: Sequence[str] = FORMATS, late_fraction: float = 0.0, labelled_dirs: Sequence[Path] = (),
         abuse: Sequence[str] | None = None, progress=None, keep_alerts: bool = False) -> EvalResult:
-    """Generate, detect and score ``seeds`` in each of ``formats`` (aws-vpc, netflow-v9)."""
+    """Generate, detect and score ``seeds`` in each of ``formats`` (aws-vpc, netflow-v9, sflow-N)."""
     from smtpguard.lab import scenario
     from smtpguard.app.analyze import analyze
     from smtpguard.core.exemptions import Exemptions
     from smtpguard.core.inventory import Inventory
 
     result = EvalResult()
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise ValueError(f"unknown eval format(s) {unknown}; known: {', '.join(FORMATS)}")
+    check_formats(formats)
     for seed in seeds:
         scen = scenario.generate(seed, instances=instances, duration_s=int(hours * 3600),
                                  abuse=tuple(abuse) if abuse is not None else eval_abuse(), late_fraction=late_fraction)
@@ -258,8 +293,8 @@ def run(cfg: Config, seeds: Sequence[int], *, instances: int = 600, hours: float
             ex = Exemptions.from_csv(paths["exemptions"])
             inv = Inventory.from_csv(paths["inventory"])
             for fmt in formats:
-                src = paths["flows"] if fmt == "aws-vpc" else paths["netflow"]
-                res = analyze(cfg, [str(src)], "aws-vpc" if fmt == "aws-vpc" else "netflow-pcap", ex, inventory=inv)
+                src, parser = exported(scen, paths, fmt, Path(tmp))
+                res = analyze(cfg, [str(src)], parser, ex, inventory=inv)
                 name = f"{seed}/{fmt}"
                 score_run(result, name, truth, res.alerts, scen.duration_s / 3600)
                 entry = {"seed": seed, "format": fmt, "records": res.read, "smtp_records": res.kept, "late": res.late,
@@ -274,6 +309,75 @@ def run(cfg: Config, seeds: Sequence[int], *, instances: int = 600, hours: float
     for d in labelled_dirs:
         result.labelled.extend(evaluate_labelled(cfg, Path(d)))
     return result
+
+
+@dataclass
+class SamplingResult:
+    """One :class:`EvalResult` per sampling rate (1 = the unsampled flow log) on the same scenarios."""
+
+    rates: dict[int, EvalResult] = field(default_factory=dict)
+
+    def kinds(self) -> list[str]:
+        return sorted({k for r in self.rates.values() for k in r.kinds})
+
+    def detectable_up_to(self, kind: str) -> int | None:
+        """The highest rate N such that ``kind`` has recall 1.0 at N and at every lower rate evaluated."""
+        best = None
+        for n in sorted(self.rates):
+            k = self.rates[n].kinds.get(kind)
+            if k is None or k.recall < 1.0:
+                break
+            best = n
+        return best
+
+    def no_false_positives(self) -> bool:
+        return all(not r.false_positives for r in self.rates.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rates": {n: r.to_dict() for n, r in self.rates.items()},
+                "detectable_up_to": {k: self.detectable_up_to(k) for k in self.kinds()},
+                "no_false_positives": self.no_false_positives()}
+
+
+def sampling(cfg: Config, seeds: Sequence[int], rates: Sequence[int] = SAMPLING_RATES, *, instances: int = 600,
+             hours: float = 2.0, progress=None) -> SamplingResult:
+    """The same scenarios detected unsampled (the AWS VPC flow log, rate 1) and exported as sFlow
+    sampling 1 packet in each of ``rates``: one :class:`EvalResult` per rate."""
+    out = SamplingResult()
+    for n in (1, *sorted(r for r in rates if r > 1)):
+        fmt = "aws-vpc" if n == 1 else f"sflow-{n}"
+        out.rates[n] = run(cfg, seeds, instances=instances, hours=hours, formats=(fmt,), progress=progress)
+    return out
+
+
+def _rate(n: int) -> str:
+    return "1:1" if n == 1 else f"1:{n:,}"
+
+
+def sampling_report(res: SamplingResult) -> str:
+    """A Markdown table: recall per abuse kind at each rate, the highest rate each kind is still fully
+    detected at, false-positive sources, precision and median delay per rate."""
+    rates = sorted(res.rates)
+    head = "| abuse kind | " + " | ".join(_rate(n) for n in rates) + " | detected up to |"
+    lines = [head, "|" + " --- |" * (len(rates) + 2)]
+    for k in res.kinds():
+        cells = []
+        for n in rates:
+            kr = res.rates[n].kinds.get(k)
+            cells.append(f"{kr.detected}/{kr.sources}" if kr else "-")
+        up = res.detectable_up_to(k)
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {_rate(up) if up else 'not at 1:1'} |")
+    lines.append("| **false-positive sources** | " + " | ".join(str(res.rates[n].fp_sources) for n in rates) + " | |")
+    lines.append("| precision (flagged sources) | " + " | ".join(
+        f"{res.rates[n].precision:.3f}" if res.rates[n].flagged_sources else "-" for n in rates) + " | |")
+    lines.append("| median delay, fast kinds | " + " | ".join(
+        f"{d:.0f} s" if d == d else "-" for d in (res.rates[n].median_delay_s(FAST_KINDS) for n in rates)) + " | |")
+    lines.append("| median delay, low-and-slow | " + " | ".join(
+        f"{d / 60:.1f} min" if d == d else "-" for d in (res.rates[n].median_delay_s(SLOW_KINDS) for n in rates))
+        + " | |")
+    fps = [f"  FP at {_rate(n)}: {fp['run']} {fp['source']} ({fp['label']}/{fp['kind']}): {fp['detector']} "
+           f"{fp['severity']}: {fp['reason']}" for n in rates for fp in res.rates[n].false_positives]
+    return "\n".join(lines + ([""] + fps if fps else []))
 
 
 def evaluate_labelled(cfg: Config, directory: Path) -> list[dict[str, Any]]:

@@ -90,7 +90,8 @@ by their /64), ``inventory.csv`` (``ip,tenant,instance_id,interface_id``: every
 instance's address or prefix, as a provider's IPAM knows it), ``truth.json`` (every
 actor with its label and, for abusive ones, the abuse window) and ``scenario.json``
 (the options, the tenant-level truth and the benign episodes).
-:func:`write_netflow` writes the same flows as a pcap of NetFlow v9 export packets.
+:func:`write_netflow` writes the same flows as a pcap of NetFlow v9 export packets,
+:func:`write_sflow` the same traffic as an sFlow v5 export sampling 1 packet in N.
 
 The same seed (and arguments, numpy version) gives byte-identical output.
 
@@ -1797,6 +1798,159 @@ def write_netflow(scenario: Scenario, path: Path | str) -> int:
                 seq += 1
                 fh.write(_udp_frame(payload, src_ip, dst_ip, port, export_ms))
     return flows
+
+
+# ---------------------------------------------------------------------------
+# sFlow v5 re-export of the same traffic, packet-sampled 1 in N
+
+#: sFlow flow samples per datagram (an agent sends a datagram when it has a few, or every second)
+_SF_SAMPLES_PER_DATAGRAM = 8
+#: a sample reaches the collector this long after its packet (the agent's batching)
+_SF_EXPORT_DELAY_MS = 100
+_SF_AGENT = (bytes([10, 255, 0, 3]), bytes([10, 255, 0, 2]), 6343)
+#: output ifIndex of a packet the switch discarded (sFlow v5: format 1 in the top bits, a reason code)
+_SF_DISCARDED = 0x40000000 | 258
+_SF_ACK, _SF_ACKPSH = 0x10, 0x18
+
+
+def _sf_dtype(v6: bool) -> np.dtype:
+    """One flow sample (format 1) with one raw packet header record (Ethernet, IP, TCP/UDP), as written."""
+    ip = ([("ip_vtc", ">u4"), ("ip_plen", ">u2"), ("ip_next", "u1"), ("ip_hop", "u1"),
+           ("ip_src", "u1", 16), ("ip_dst", "u1", 16)] if v6 else
+          [("ip_vhl", "u1"), ("ip_tos", "u1"), ("ip_len", ">u2"), ("ip_id", ">u2"), ("ip_frag", ">u2"),
+           ("ip_ttl", "u1"), ("ip_proto", "u1"), ("ip_sum", ">u2"), ("ip_src", ">u4"), ("ip_dst", ">u4")])
+    return np.dtype([("fmt", ">u4"), ("len", ">u4"),
+                     ("seq", ">u4"), ("source_id", ">u4"), ("rate", ">u4"), ("pool", ">u4"), ("drops", ">u4"),
+                     ("input", ">u4"), ("output", ">u4"), ("n_records", ">u4"),
+                     ("rec_fmt", ">u4"), ("rec_len", ">u4"),
+                     ("h_proto", ">u4"), ("frame_len", ">u4"), ("stripped", ">u4"), ("h_len", ">u4"),
+                     ("eth", "u1", 12), ("etype", ">u2"), *ip,
+                     ("sport", ">u2"), ("dport", ">u2"), ("tcp_seq", ">u4"), ("tcp_ack", ">u4"),
+                     ("tcp_off", "u1"), ("tcp_flags", "u1"), ("tcp_win", ">u2"), ("tcp_sum", ">u2"),
+                     ("tcp_urg", ">u2"), ("pad", "u1", 2)])
+
+
+_SF_DTYPES = {False: _sf_dtype(False), True: _sf_dtype(True)}
+
+
+def _sflow_samples(plan: _Plan, ci: int, rate: int) -> dict[str, np.ndarray] | None:
+    """The packets of chunk ``ci``'s flows that a 1-in-``rate`` packet sampler picks: each packet is
+    picked with probability 1/rate, independently. A flow's first packet is its SYN (SYN-ACK for a
+    reply); every packet of a flow with only SYN set is a SYN (retries of a connection nobody
+    answered); the others carry ACK. Times are spread over the flow's seconds."""
+    c = _chunk_columns(plan, ci)
+    if c is None:
+        return None
+    rng = np.random.default_rng([plan.seed & 0xFFFFFFFF, plan.seed >> 32 & 0xFFFFFFFF, 4, ci, rate])
+    pk = c["packets"]
+    first = rng.random(len(pk)) < 1.0 / rate
+    rest = rng.binomial(np.maximum(pk - 1, 0), 1.0 / rate)
+    n_of = first.astype(np.int64) + rest
+    flow = np.repeat(np.arange(len(pk)), n_of)
+    # the first sample of a flow whose first packet was picked is that packet
+    starts = np.cumsum(n_of) - n_of
+    is_first = np.zeros(len(flow), bool)
+    is_first[starts[first]] = True
+    fl = c["flags"][flow]
+    tcp = c["proto"][flow] == 6
+    syn_only = fl == _SYN
+    pflags = np.where(is_first | syn_only, fl & (_SYN | _SF_ACK), _SF_ACKPSH)
+    pflags = np.where(tcp, pflags, 0)
+    dur_ms = (c["end"][flow] - c["start"][flow] + 1) * 1000
+    t = c["start"][flow] * 1000 + np.where(is_first, rng.integers(0, 1000, size=len(flow)),
+                                           (rng.random(len(flow)) * dur_ms).astype(np.int64))
+    length = np.maximum(c["bytes"][flow] // np.maximum(pk[flow], 1), 40)
+    return {"t": t, "src": c["src"][flow], "dst": c["dst"][flow], "sport": c["sport"][flow],
+            "dport": c["dport"][flow], "proto": c["proto"][flow], "flags": pflags, "length": length,
+            "action": c["action"][flow], "actor": c["actor"][flow]}
+
+
+def write_sflow(scenario: Scenario, path: Path | str, rate: int) -> int:
+    """The scenario's traffic (both directions, as in flows.log) as a pcap of sFlow v5 export
+    datagrams from one agent sampling 1 packet in ``rate`` on every instance's interface. Each
+    sample is a flow sample with the packet's Ethernet, IP and TCP/UDP headers; the input ifIndex is
+    the instance's, the output says discarded for a rejected flow. Returns the number of samples.
+
+    Samples are written in packet-time order (a flow's packets spill into later chunks: those are
+    held until their chunk), in datagrams of up to 8, each sent 100 ms after its last packet."""
+    plan = scenario._plan
+    if plan is None:
+        raise ValueError("scenario has no plan (make it with generate())")
+    if rate < 1:
+        raise ValueError(f"sampling rate {rate}: it is 1 in N, N >= 1")
+    boot_ms = plan.start_ms - 10 * 86_400_000
+    agent, dst_ip, port = _SF_AGENT
+    total = seq = dg_seq = 0
+    held: dict[str, np.ndarray] | None = None
+    with open(path, "wb", buffering=1 << 20) as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for ci in range(plan.n_chunks + 1):
+            s = _sflow_samples(plan, ci, rate) if ci < plan.n_chunks else None
+            parts = [p for p in (held, s) if p is not None]
+            if not parts:
+                continue
+            s = _concat(*parts)
+            due = (s["t"] < plan.chunk0_ms + (ci + 1) * plan.chunk_ms) if ci < plan.n_chunks else np.ones(len(s["t"]), bool)
+            held, s = _rows(s, ~due), _rows(s, due)
+            s = _rows(s, np.argsort(s["t"], kind="stable"))
+            n = len(s["t"])
+            if n == 0:
+                continue
+            v6 = plan.addr_v6[s["src"]]
+            rows = []
+            for fam in (False, True):
+                idx = np.flatnonzero(v6 == fam)
+                r = np.zeros(len(idx), _SF_DTYPES[fam])
+                r["fmt"] = 1
+                r["len"] = r.itemsize - 8
+                r["seq"] = seq + idx + 1
+                r["source_id"] = r["input"] = s["actor"][idx] % 65535 + 1
+                r["rate"] = rate
+                r["pool"] = (seq + idx + 1) * rate
+                r["output"] = np.where(s["action"][idx] == REJECT, _SF_DISCARDED, 0)
+                r["n_records"] = 1
+                r["rec_fmt"] = 1
+                r["rec_len"] = r.itemsize - 48  # after the sample's 8-byte head, 32 of fields, 8 of record head
+                hlen = 14 + (40 if fam else 20) + 20
+                length = s["length"][idx]
+                r["h_proto"], r["stripped"], r["h_len"] = 1, 4, hlen
+                r["frame_len"] = length + 14 + 4
+                r["eth"] = np.frombuffer(b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01", np.uint8)
+                r["ip_src"] = plan.addr_bin[s["src"][idx]] if fam else plan.addr_bin[s["src"][idx], 12:].copy().view(">u4").ravel()
+                r["ip_dst"] = plan.addr_bin[s["dst"][idx]] if fam else plan.addr_bin[s["dst"][idx], 12:].copy().view(">u4").ravel()
+                if fam:
+                    r["etype"], r["ip_vtc"], r["ip_hop"] = 0x86DD, 6 << 28, 64
+                    r["ip_plen"] = np.maximum(length - 40, 0)
+                    r["ip_next"] = s["proto"][idx]
+                else:
+                    r["etype"], r["ip_vhl"], r["ip_ttl"] = 0x0800, 0x45, 64
+                    r["ip_len"] = np.minimum(length, 0xFFFF)
+                    r["ip_proto"] = s["proto"][idx]
+                r["sport"], r["dport"] = s["sport"][idx], s["dport"][idx]
+                r["tcp_off"], r["tcp_flags"], r["tcp_win"] = 0x50, s["flags"][idx], 65535
+                rows.append((idx, r))
+            # sample i of the block, as bytes, wherever its family's array holds it
+            where = np.empty(n, np.int64)
+            blobs = []
+            for fam, (idx, r) in enumerate(rows):
+                where[idx] = np.arange(len(idx))
+                blobs.append((r.tobytes(), r.itemsize))
+            t = s["t"]
+            for lo in range(0, n, _SF_SAMPLES_PER_DATAGRAM):
+                hi = min(lo + _SF_SAMPLES_PER_DATAGRAM, n)
+                sent = int(t[hi - 1]) + _SF_EXPORT_DELAY_MS
+                body = []
+                for i in range(lo, hi):
+                    blob, size = blobs[int(v6[i])]
+                    k = int(where[i]) * size
+                    body.append(blob[k:k + size])
+                dg_seq += 1
+                payload = struct.pack(">II4sIIII", 5, 1, agent, 0, dg_seq, (sent - boot_ms) & 0xFFFFFFFF,
+                                      hi - lo) + b"".join(body)
+                fh.write(_udp_frame(payload, agent, dst_ip, port, sent))
+            seq += n
+            total += n
+    return total
 
 
 def _udp_frame(payload: bytes, src: bytes, dst: bytes, port: int, ts_ms: int) -> bytes:

@@ -28,7 +28,7 @@ from smtpguard.core.config import Config
 from smtpguard.detectors.alerts import AlertGate
 from smtpguard.detectors.rules import REGISTRY
 from smtpguard.core.errors import ConfigError
-from smtpguard.lab.evaluate import FORMATS, _Actors, _in_window, eval_abuse, medium_up
+from smtpguard.lab.evaluate import _Actors, exported, _in_window, eval_abuse, medium_up
 
 #: detector -> (parameter, values)
 SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -87,11 +87,11 @@ def run(cfg: Config, seeds: Sequence[int], out_dir: Path, *, instances: int = 60
             paths = scenario.write(scen, Path(tmp), netflow="netflow-v9" in formats)
             ex, inv = Exemptions.from_csv(paths["exemptions"]), Inventory.from_csv(paths["inventory"])
             for fmt in formats:
-                if fmt not in FORMATS:
-                    raise ConfigError(f"unknown eval format {fmt!r}")
-                src = paths["flows"] if fmt == "aws-vpc" else paths["netflow"]
-                res = analyze(cfg, [str(src)], "aws-vpc" if fmt == "aws-vpc" else "netflow-pcap", ex,
-                              keep_features=True, inventory=inv)
+                try:
+                    src, parser = exported(scen, paths, fmt, Path(tmp))
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+                res = analyze(cfg, [str(src)], parser, ex, keep_features=True, inventory=inv)
                 feats = pl.concat(res.features, how="diagonal_relaxed") if res.features else pl.DataFrame()
                 tfeats = pl.concat(res.tenant_features, how="diagonal_relaxed") if res.tenant_features else pl.DataFrame()
                 runs.append({"name": f"{seed}/{fmt}", "truth": truth, "actors": _Actors(truth), "features": feats,
