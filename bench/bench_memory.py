@@ -155,7 +155,9 @@ def run(args, scen, exemptions_csv, flood: bool):
 
     from smtpguard.core import wire
     from smtpguard.core.config import load
+    from smtpguard.detectors.features import to_store
     from smtpguard.detectors.pipeline import Output, Pipeline
+    from smtpguard.detectors.runner import HAND_OFF_WINDOWS
     from smtpguard.core.exemptions import Exemptions
 
     cfg = load(environ={})
@@ -184,7 +186,14 @@ def run(args, scen, exemptions_csv, flood: bool):
         out = Output()
         for p in np.unique(part):
             sub = batch.filter(pa.array(part == p))
-            out.extend(pipe.process(sub, key=int(p), offset=offsets[p]))
+            o = pipe.process(sub, key=int(p), offset=offsets[p])
+            if o.features.height >= HAND_OFF_WINDOWS:
+                # as the detector consumer does: a large close goes to the store writer at once
+                # (converted to the store's Arrow table; the writer thread then owns it)
+                to_store(o.features)
+                out.alerts.extend(o.alerts)
+            else:
+                out.extend(o)
             offsets[p] += 1
         cpu += cpu_seconds() - c0
         records += batch.num_rows

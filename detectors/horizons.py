@@ -20,6 +20,12 @@ PANE_COLUMNS = ("src_ip", "window_start", "connections", "new_dst", "rejected_po
                 "new_excess", "elevated")
 
 
+#: (pane column, type summed in, horizon feature name)
+_SUMS = (("connections", pl.UInt64, "conns"), ("new_dst", pl.UInt64, "new_dst"),
+         ("rejected_port25", pl.UInt64, "rejected_port25"), ("rejected_new_dst25", pl.UInt64, "rejected_new_dst25"),
+         ("new_excess", pl.Float64, "new_excess"), ("elevated", pl.UInt64, "elevated_minutes"))
+
+
 def pane_types(panes: pl.DataFrame) -> pl.DataFrame:
     """Panes with 32-bit counts (12 bytes less per pane than the features' 64-bit ones)."""
     return panes.with_columns(pl.col("connections", "new_dst", "rejected_port25", "rejected_new_dst25").cast(pl.UInt32),
@@ -50,23 +56,21 @@ class Panes:
         self.panes = self.panes.filter(pl.col("window_start") > oldest - pl.duration(milliseconds=self.keep_ms))
         keys = feats.select("src_ip", "window_start")
         joined = keys.join(self.panes.rename({"window_start": "pane_start"}), on="src_ip", how="inner")
-        sums = []
+        # both horizons in one pass
+        longest = pl.duration(milliseconds=max(HORIZONS_MIN) * 60_000)
+        joined = joined.filter((pl.col("pane_start") <= pl.col("window_start"))
+                               & (pl.col("pane_start") > pl.col("window_start") - longest))
+        aggs = []
         for h in HORIZONS_MIN:
-            span = pl.duration(milliseconds=h * 60_000)
-            inside = (pl.col("pane_start") <= pl.col("window_start")) & (pl.col("pane_start") > pl.col("window_start") - span)
-            sums.append(
-                joined.filter(inside).group_by("src_ip", "window_start").agg(
-                    pl.col("connections").cast(pl.UInt64).sum().alias(f"conns_{h}m"),
-                    pl.col("new_dst").cast(pl.UInt64).sum().alias(f"new_dst_{h}m"),
-                    pl.col("rejected_port25").cast(pl.UInt64).sum().alias(f"rejected_port25_{h}m"),
-                    pl.col("rejected_new_dst25").cast(pl.UInt64).sum().alias(f"rejected_new_dst25_{h}m"),
-                    pl.col("new_excess").cast(pl.Float64).sum().alias(f"new_excess_{h}m"),
-                    pl.col("elevated").cast(pl.UInt64).sum().alias(f"elevated_minutes_{h}m"),
-                    pl.len().cast(pl.UInt64).alias(f"active_minutes_{h}m"),
-                ))
-        out = feats
-        for s in sums:
-            out = out.join(s, on=["src_ip", "window_start"], how="left")
+            inside = pl.col("pane_start") > pl.col("window_start") - pl.duration(milliseconds=h * 60_000)
+            last = h == max(HORIZONS_MIN)  # every joined pane is inside the longest horizon
+            aggs += [(pl.col(col).cast(typ) if last else pl.col(col).cast(typ).filter(inside)).sum().alias(f"{name}_{h}m")
+                     for col, typ, name in _SUMS]
+            aggs.append((pl.len() if last else inside.sum()).cast(pl.UInt64).alias(f"active_minutes_{h}m"))
+        sums = joined.group_by("src_ip", "window_start").agg(aggs)
+        # joined on the keys only and added as columns: a join of ``feats`` itself would copy every column
+        out = feats.hstack(keys.join(sums, on=["src_ip", "window_start"], how="left", maintain_order="left")
+                           .drop("src_ip", "window_start"))
         self.panes = self.panes.filter(pl.col("window_start") > newest - pl.duration(milliseconds=self.keep_ms))
         self.bound()
         return out

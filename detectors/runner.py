@@ -64,6 +64,11 @@ class RunnerStats:
                 f"{self.commits} commits")
 
 
+#: a partition's close of at least this many source windows is handed to the writer at once
+#: (:meth:`DetectorRunner._hand_off`); smaller ones go with the step's flows
+HAND_OFF_WINDOWS = 20_000
+
+
 class DetectorRunner:
     def __init__(self, cfg: Config, store: Store, exemptions: Exemptions | None = None,
                  stop: threading.Event | None = None, poll_batch: int | None = None):
@@ -177,6 +182,7 @@ class DetectorRunner:
         per_partition: dict[int, list[tuple[pa.Table, int]]] = {}
         seen = (self.stats.messages,)
         consumed = 0
+        handed = 0
         for m in msgs:
             if m.error():
                 log.warning("consumer error: %s", m.error())
@@ -215,7 +221,11 @@ class DetectorRunner:
             table = pa.concat_tables([t for t, _ in parts])
             offsets = pa.array(np.repeat(np.array([off for _, off in parts], np.int64),
                                          [t.num_rows for t, _ in parts]))
-            out.extend(self.pipeline.process(table, key=p, offsets=offsets))
+            part = self.pipeline.process(table, key=p, offsets=offsets)
+            if part.features.height >= HAND_OFF_WINDOWS:
+                handed += self._hand_off(part)
+            else:
+                out.extend(part)
         ended = (self._input_end is not None and self._consumed + consumed >= self._input_end
                  and self._caught_up())
         out.extend(self._flush_idle(exclude=set() if ended else touched, now_idle=ended))
@@ -228,7 +238,7 @@ class DetectorRunner:
         if msgs:
             self.stats.last_message_at = time.monotonic()
             metrics.DETECTOR_MESSAGES.inc(self.stats.messages - seen[0])
-        if touched or out.features.height:
+        if touched or out.features.height or handed:
             self._dirty = True
         if self._dirty and time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
             self._commit_or_wait(sorted(set(self._next_offset)))
@@ -327,6 +337,20 @@ class DetectorRunner:
         return out
 
     # -- output -----------------------------------------------------------------------------
+    def _hand_off(self, out: Output) -> int:
+        """One partition's large output (a close of many sources) goes out before the step's other
+        partitions are processed: its alerts published, its features queued for the writer, so a step
+        never holds every partition's features at once. Returns the windows handed off."""
+        if out.alerts:
+            self._retrying(lambda: self._publish_alerts(out.alerts))
+        n = out.features.height
+        features = to_store(out.features)
+        out.features = Output().features
+        with self._pending_lock:
+            self._pending_windows += n
+        self._writes.put((None, features, 0, n))
+        return n
+
     def _write(self, flows: list[pa.Table], out: Output, consumed: int) -> None:
         """Alerts now (small, and someone is waiting for them); the step's flows and features go to the
         writer thread, which writes them while the next poll is processed. Offsets are committed only

@@ -104,14 +104,15 @@ class Exemptions:
         g = pl.DataFrame({"src_ip": list(found), "_granted_ms": [e.granted_at_ms for e in found.values()],
                           "_declared": [e.declared_conns_per_min for e in found.values()]},
                          schema={"src_ip": pl.String, "_granted_ms": pl.Int64, "_declared": pl.Float64})
-        out = feats.join(g, on="src_ip", how="left")
+        # joined on the keys only and added as columns: a join of ``feats`` itself would copy every column
+        keys = feats.select("src_ip", "window_start").join(g, on="src_ip", how="left", maintain_order="left")
         start_ms = pl.col("window_start").dt.epoch("ms")
         active = pl.col("_granted_ms").is_not_null() & (pl.col("_granted_ms") <= start_ms)
-        return out.with_columns(
+        return feats.hstack(keys.select(
             exempted=active,
             exemption_age_days=pl.when(active).then((start_ms - pl.col("_granted_ms")) / 86_400_000.0),
             declared_conns_per_min=pl.when(active).then(pl.col("_declared")),
-        ).drop("_granted_ms", "_declared")
+        ))
 
 
 def parse_declared(text: str | None) -> float | None:
