@@ -135,19 +135,31 @@ def evaluate(model: Model, feats: pl.DataFrame, labels: np.ndarray | None = None
 
 
 def save(model: Model, directory: str | Path) -> Path:
-    import skops.io as sio
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    blob = sio.dumps(model.pipeline)
-    model.card.sha256 = hashlib.sha256(blob).hexdigest()
-    (d / "model.skops").write_bytes(blob)
-    (d / "card.json").write_text(json.dumps(asdict(model.card), indent=2))
-    return d
+    return save_artifact(model.pipeline, model.card, directory)
 
 
 def load(directory: str | Path) -> Model:
     """Load an artifact folder; refuses a changed file, an unknown kind or another feature list."""
+    pipe, card = load_artifact(directory, MODEL_KIND, FEATURES, TRUSTED_TYPES)
+    return Model(pipe, card)
+
+
+def save_artifact(pipeline: Any, card: Card, directory: str | Path) -> Path:
+    """Write ``model.skops`` and ``card.json`` (with the SHA-256 of the model file) into ``directory``."""
+    import skops.io as sio
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    blob = sio.dumps(pipeline)
+    card.sha256 = hashlib.sha256(blob).hexdigest()
+    (d / "model.skops").write_bytes(blob)
+    (d / "card.json").write_text(json.dumps(asdict(card), indent=2))
+    return d
+
+
+def load_artifact(directory: str | Path, kind: str, features: tuple[str, ...], trusted: list[str]) -> tuple[Any, Card]:
+    """An artifact folder's model and card; refuses a changed file, another kind, another feature list
+    or a type outside ``trusted``."""
     import skops.io as sio
 
     d = Path(directory)
@@ -158,13 +170,13 @@ def load(directory: str | Path) -> Model:
         raise ConfigError(f"model artifact {d} is unreadable: {e}") from None
     if hashlib.sha256(blob).hexdigest() != card.sha256:
         raise ConfigError(f"model artifact {d}: model.skops does not match the SHA-256 in card.json; refusing to load it")
-    if card.kind != MODEL_KIND:
-        raise ConfigError(f"model artifact {d} is a {card.kind!r}, this version reads {MODEL_KIND!r}")
-    if list(card.features) != list(FEATURES):
+    if card.kind != kind:
+        raise ConfigError(f"model artifact {d} is a {card.kind!r}, this version reads {kind!r}")
+    if list(card.features) != list(features):
         raise ConfigError(f"model artifact {d} was trained on features {card.features}, this version computes "
-                          f"{list(FEATURES)}; retrain it with `smtpguard model train`")
+                          f"{list(features)}; retrain it with `smtpguard model train`")
     untrusted = sio.get_untrusted_types(data=blob)
-    unknown = [t for t in untrusted if t not in TRUSTED_TYPES]
+    unknown = [t for t in untrusted if t not in trusted]
     if unknown:
         raise ConfigError(f"model artifact {d} contains types that are not trusted: {unknown}")
-    return Model(sio.loads(blob, trusted=TRUSTED_TYPES), card)
+    return sio.loads(blob, trusted=trusted), card
