@@ -327,6 +327,9 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
         return r
 
     # -- alerts -----------------------------------------------------------------------------------------
+    # the promoted model of the team's verdicts (smtpguard model train --supervised), if any: ranks the queue
+    ranker = queries.VerdictRanker(Path(cfg.data_dir) / "models")
+
     def parse_filter(request: Request) -> AlertFilter:
         f = AlertFilter.parse(dict(request.query_params))
         return f if "per_page" in request.query_params else replace(f, per_page=settings.per_page)
@@ -339,14 +342,19 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
             f = parse_filter(request)
         except InputError as e:
             f, error = AlertFilter(per_page=settings.per_page), str(e)
-        result = queries.alert_queue(store, f)
+        try:
+            result = queries.alert_queue(store, f, ranker)
+        except InputError as e:  # e.g. the order by verdicts without a promoted model
+            f, error = replace(f, order=""), str(e)
+            result = queries.alert_queue(store, f, ranker)
         detectors = sorted(set(REGISTRY) | set(queries.detectors_seen(store)))
 
         def link(**changes: Any) -> str:
             return "/alerts?" + urlencode(f.query_params(**changes))
 
+        ranked = any("confirm_probability" in a for a in result.alerts)
         return page(request, p, "alerts.html", 400 if error else 200, page_=result, f=f, detectors=detectors,
-                    link=link, error=error)
+                    link=link, error=error, ranked=ranked)
 
     def alert_or_404(alert_id: str) -> dict[str, Any]:
         a = queries.get_alert(store, alert_id)
@@ -538,7 +546,10 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
     @app.get("/api/alerts")
     def api_alerts(request: Request):
         who(request)
-        result = queries.alert_queue(store, parse_filter(request))
+        try:
+            result = queries.alert_queue(store, parse_filter(request), ranker)
+        except InputError as e:
+            raise Problem(400, str(e)) from None
         return {"alerts": [queries.alert_json(a) for a in result.alerts], "total": result.total,
                 "page": result.filter.page, "per_page": result.filter.per_page, "pages": result.pages}
 

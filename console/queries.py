@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from smtpguard.core.record import SEVERITIES
@@ -63,6 +64,10 @@ def _row(row: tuple) -> dict[str, Any]:
     return d
 
 
+#: orders of the alert queue: newest first, or most likely to be confirmed first
+ORDERS = ("", "likely")
+
+
 @dataclass(frozen=True)
 class AlertFilter:
     """The alert queue's filters. Empty fields do not filter."""
@@ -79,6 +84,8 @@ class AlertFilter:
     """window start before"""
     suppressed: bool = False
     """include findings suppressed by cooldown"""
+    order: str = ""
+    """'' newest window first; 'likely': most likely to be confirmed first (the promoted verdicts model)"""
     page: int = 1
     per_page: int = 50
 
@@ -93,6 +100,8 @@ class AlertFilter:
             raise InputError(f"severity must be one of {', '.join(SEVERITIES)}")
         if status and status not in STATUSES:
             raise InputError(f"status must be one of {', '.join(STATUSES)}")
+        if text("order") not in ORDERS:
+            raise InputError("order must be 'likely' (most likely to be confirmed first) or empty (newest first)")
 
         def when(name: str) -> dt.datetime | None:
             value = text(name)
@@ -114,7 +123,7 @@ class AlertFilter:
 
         return cls(severity=sev, detector=text("detector"), tenant=text("tenant"), status=status, ip=text("ip"),
                    since=when("since"), until=when("until"), suppressed=text("suppressed") in ("1", "on", "true"),
-                   page=number("page", 1, 1_000_000), per_page=number("per_page", 50, MAX_PER_PAGE))
+                   order=text("order"), page=number("page", 1, 1_000_000), per_page=number("per_page", 50, MAX_PER_PAGE))
 
     def query_params(self, **changes: Any) -> dict[str, str]:
         """The filter as query parameters (for paging links), without empty values."""
@@ -122,7 +131,7 @@ class AlertFilter:
         out = {"severity": f.severity, "detector": f.detector, "tenant": f.tenant, "status": f.status, "ip": f.ip,
                "since": f.since.strftime("%Y-%m-%dT%H:%M") if f.since else "",
                "until": f.until.strftime("%Y-%m-%dT%H:%M") if f.until else "",
-               "suppressed": "1" if f.suppressed else "", "page": str(f.page) if f.page > 1 else "",
+               "suppressed": "1" if f.suppressed else "", "order": f.order, "page": str(f.page) if f.page > 1 else "",
                "per_page": str(f.per_page) if f.per_page != 50 else ""}
         return {k: v for k, v in out.items() if v}
 
@@ -138,8 +147,10 @@ class Page:
         return max(1, -(-self.total // self.filter.per_page))
 
 
-def alert_queue(store: Store, f: AlertFilter) -> Page:
-    """One page of alerts matching ``f``, newest window first, worst first within a window."""
+def alert_queue(store: Store, f: AlertFilter, ranker: "VerdictRanker | None" = None) -> Page:
+    """One page of alerts matching ``f``, newest window first, worst first within a window; with
+    ``order='likely'``, most likely to be confirmed first (``ranker``'s model; ties newest first).
+    With a ranker, each alert carries ``confirm_probability`` (None where its window has no features)."""
     db = store.database
     where = ["1"]
     params: dict[str, Any] = {"limit": f.per_page, "offset": (f.page - 1) * f.per_page}
@@ -167,10 +178,70 @@ def alert_queue(store: Store, f: AlertFilter) -> Page:
     if not f.suppressed:
         where.append("a.suppressed = ''")
     cond = " AND ".join(where)
+    model = ranker.model() if ranker is not None else None
+    if f.order == "likely" and model is None:
+        raise InputError("no verdicts model is promoted yet: confirm and dismiss alerts, then run "
+                         "`smtpguard model train --supervised`")
     total = store.query(f"SELECT count() FROM {db}.alerts AS a FINAL {_status_join(db)} WHERE {cond}", params)[0][0]
-    rows = store.query(f"{_select(db)} WHERE {cond} ORDER BY a.window_start DESC, a.severity_rank DESC, a.alert_id "
-                       "LIMIT {limit:UInt32} OFFSET {offset:UInt64}", params)
-    return Page([_row(r) for r in rows], int(total), f)
+    order = "ORDER BY a.window_start DESC, a.severity_rank DESC, a.alert_id"
+    if f.order == "likely":
+        # every matching alert is scored, then paged: the order is over the whole queue
+        alerts = [_row(r) for r in store.query(f"{_select(db)} WHERE {cond} {order}", params)]
+        ranker.annotate(store, alerts)
+        alerts.sort(key=lambda a: -(a["confirm_probability"] if a["confirm_probability"] is not None else -1))
+        alerts = alerts[(f.page - 1) * f.per_page:f.page * f.per_page]
+    else:
+        alerts = [_row(r) for r in store.query(f"{_select(db)} WHERE {cond} {order} "
+                                               "LIMIT {limit:UInt32} OFFSET {offset:UInt64}", params)]
+        if model is not None:
+            ranker.annotate(store, alerts)
+    return Page(alerts, int(total), f)
+
+
+class VerdictRanker:
+    """The promoted verdicts model of a models folder (``DATA_DIR/models/verdicts-current``), reloaded
+    when another one is promoted, scoring alerts by the window features they were raised on."""
+
+    def __init__(self, models_dir: str | Path):
+        self.models_dir = Path(models_dir)
+        self._loaded: tuple[str, Any] | None = None
+
+    def model(self):
+        from smtpguard.models import verdicts
+
+        d = verdicts.current_dir(self.models_dir)
+        if d is None:
+            return None
+        if self._loaded is None or self._loaded[0] != d.name:
+            self._loaded = (d.name, verdicts.load(d))
+        return self._loaded[1]
+
+    def annotate(self, store: Store, alerts: list[dict[str, Any]]) -> None:
+        """Set ``confirm_probability`` on each alert (None: a tenant alert, or no stored window)."""
+        import polars as pl
+
+        from smtpguard.models.anomaly import INPUT_COLUMNS
+
+        for a in alerts:
+            a["confirm_probability"] = None
+        model = self.model()
+        keyed = [a for a in alerts if a.get("src_ip")]
+        if model is None or not keyed:
+            return
+        cols = ", ".join(f"`{c}`" for c in INPUT_COLUMNS)
+        rows = store.query(
+            f"SELECT src_ip, toUnixTimestamp64Milli(window_start), {cols} FROM {store.database}.window_features FINAL "
+            "WHERE src_ip IN {ips:Array(String)} AND window_start >= {lo:DateTime64(3, 'UTC')} "
+            "AND window_start <= {hi:DateTime64(3, 'UTC')}",
+            {"ips": sorted({a["src_ip"] for a in keyed}), "lo": min(a["window_start"] for a in keyed),
+             "hi": max(a["window_start"] for a in keyed)})
+        if not rows:
+            return
+        feats = pl.DataFrame(rows, schema=["src_ip", "_ms", *INPUT_COLUMNS], orient="row")
+        p = model.probability(feats)
+        by_key = {(ip, int(ms)): float(x) for ip, ms, x in zip(feats["src_ip"], feats["_ms"], p)}
+        for a in keyed:
+            a["confirm_probability"] = by_key.get((a["src_ip"], to_ms(a["window_start"])))
 
 
 def get_alert(store: Store, alert_id: str) -> dict[str, Any] | None:

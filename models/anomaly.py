@@ -31,6 +31,11 @@ FEATURES: tuple[str, ...] = (
     "low_byte_share", "top_dst_share", "new_dst_share", "port25_share", "mean_duration_ms",
 )
 
+#: The window-feature columns :func:`matrix` reads (the ratios come from these).
+INPUT_COLUMNS: tuple[str, ...] = tuple(
+    c for c in FEATURES if c not in ("rejected_share", "low_byte_share", "port25_share")) + (
+    "rejected", "low_byte_conns", "port25")
+
 #: Types inside a saved pipeline that skops must be told to trust (nothing else loads).
 TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
 

@@ -149,6 +149,64 @@ def test_retraining_compares_with_the_current_model_and_keeps_the_last_artifacts
     assert len(kept) == verdicts.KEEP and verdicts.current_dir(models).name in kept
 
 
+def test_the_queue_ranks_by_the_verdicts_model_once_one_is_promoted(reviewed):
+    """With a promoted model every alert shows how likely the team is to confirm it, and the queue can be
+    ordered by it: what the team confirms comes first; newest-first stays the default order."""
+    from smtpguard.console import queries
+    from smtpguard.core.errors import InputError
+    from smtpguard.models import verdicts
+
+    cfg, filled = reviewed
+    models = Path(cfg.data_dir) / "models"
+    if verdicts.current_dir(models) is None:
+        assert run(cfg, "model", "train", "--supervised").returncode == 0
+    ranker = queries.VerdictRanker(models)
+    empty = queries.VerdictRanker(Path(cfg.data_dir) / "no-models")
+    every = queries.AlertFilter(per_page=1000)
+    with Store(cfg.store_dsn, cfg.store.database) as store:
+        plain = queries.alert_queue(store, every)
+        newest = queries.alert_queue(store, every, ranker)
+        likely = queries.alert_queue(store, queries.AlertFilter(per_page=1000, order="likely"), ranker)
+        paged = [queries.alert_queue(store, queries.AlertFilter(per_page=10, page=n, order="likely"), ranker)
+                 for n in (1, 2)]
+        with pytest.raises(InputError, match="model train --supervised"):
+            queries.alert_queue(store, queries.AlertFilter(order="likely"), empty)
+    ids = [a["alert_id"] for a in plain.alerts]
+    assert [a["alert_id"] for a in newest.alerts] == ids  # the default order does not change
+    assert all(a.get("confirm_probability") is None for a in plain.alerts)
+    p = [a["confirm_probability"] for a in likely.alerts if a["src_ip"]]
+    assert p and all(x is not None for x in p) and p == sorted(p, reverse=True)
+    assert sorted(a["alert_id"] for a in likely.alerts) == sorted(ids)
+    assert [a["alert_id"] for a in paged[0].alerts + paged[1].alerts] == [a["alert_id"] for a in likely.alerts][:20]
+    rank = {a["alert_id"]: i for i, a in enumerate(likely.alerts)}
+    abusive = [rank[a.alert_id] for a in filled.alerts if a.src_ip in filled.truth]
+    benign = [rank[a.alert_id] for a in filled.alerts if a.src_ip and a.src_ip not in filled.truth]
+    assert np.mean(abusive) < np.mean(benign) and min(abusive) == 0, (abusive, benign)
+
+
+def test_the_console_shows_and_orders_by_the_likelihood(reviewed):
+    from fastapi.testclient import TestClient
+
+    from smtpguard.console.app import create_app
+    from smtpguard.console.auth import ApiTokens, Users
+    from smtpguard.models import verdicts
+
+    cfg, filled = reviewed
+    if verdicts.current_dir(Path(cfg.data_dir) / "models") is None:
+        assert run(cfg, "model", "train", "--supervised").returncode == 0
+    with Store(cfg.store_dsn, cfg.store.database) as store:
+        token = ApiTokens(store).issue(Users(store).add("ranker", "viewer", "correct horse battery", "test"), "t")
+        cl = TestClient(create_app(cfg, store), headers={"Authorization": f"Bearer {token}"})
+        r = cl.get("/api/alerts", params={"order": "likely", "per_page": 5})
+        assert r.status_code == 200, r.text
+        got = r.json()["alerts"]
+        assert len(got) == 5 and all(a["src_ip"] in filled.truth for a in got[:1])
+        assert [a["confirm_probability"] for a in got] == sorted((a["confirm_probability"] for a in got), reverse=True)
+        page = cl.get("/alerts", params={"order": "likely"})
+        assert page.status_code == 200 and ">Likely<" in page.text and "most likely confirmed first" in page.text
+        assert cl.get("/api/alerts", params={"order": "worst"}).status_code == 400
+
+
 def test_scheduled_training_runs_until_sigterm(reviewed):
     """`model train --supervised --every 24h` trains at once, waits, and stops cleanly on SIGTERM."""
     import signal
