@@ -389,7 +389,9 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
         source = alert["src_ip"] or f"tenant {alert['tenant']}"
         chart = Markup(minute_chart(minutes, ws, we, title=f"traffic of {source} per minute around the alert"))
         decisions = ([d for d in c.decisions.list(ip=alert["src_ip"], limit=50)] if alert["src_ip"] else [])
+        ranker.annotate(store, [alert])
         return page(request, p, "alert.html", alert=alert, chart=chart, minutes=minutes,
+                    earlier=queries.earlier_verdicts(store, alert),
                     destinations=queries.top_destinations(store, alert), evidence=evidence_rows(alert),
                     exemption=exemption_view(alert["src_ip"]), decisions=decisions,
                     dnsbl=queries.stored_dnsbl(store, alert["src_ip"]) if alert["src_ip"] else [],
@@ -558,7 +560,9 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
         who(request)
         alert = alert_or_404(alert_id)
         ex = exemption_view(alert["src_ip"])
+        ranker.annotate(store, [alert])
         return _jsonable({
+            "earlier_verdicts": queries.earlier_verdicts(store, alert),
             "alert": queries.alert_json(alert),
             "traffic": [m.__dict__ | {"minute": iso_z(queries.from_ms(m.start_ms))} for m in
                         queries.traffic_minutes(store, alert)],

@@ -359,6 +359,18 @@ def label_of(store: Store, alert_id: str) -> dict[str, Any] | None:
     return d
 
 
+def earlier_verdicts(store: Store, alert: dict[str, Any]) -> dict[str, int]:
+    """How the team judged this source's earlier alerts of the same detector (windows before this
+    one): ``{"confirmed": n, "false_positive": m}``; empty for a tenant alert."""
+    if not alert.get("src_ip"):
+        return {}
+    rows = store.query(
+        f"SELECT label, count() FROM {store.database}.{schema.REVIEW_LABELS} FINAL WHERE src_ip = {{ip:String}} "
+        "AND detector = {detector:String} AND window_start < {ws:DateTime64(3, 'UTC')} GROUP BY label",
+        {"ip": alert["src_ip"], "detector": alert["detector"], "ws": alert["window_start"]})
+    return {str(label): int(n) for label, n in rows}
+
+
 def stored_dnsbl(store: Store, ip: str) -> list[dict[str, Any]]:
     """The latest stored answer of every zone for ``ip``."""
     names = list(DNSBL_ANSWER.names)

@@ -205,6 +205,20 @@ def test_the_console_shows_and_orders_by_the_likelihood(reviewed):
         page = cl.get("/alerts", params={"order": "likely"})
         assert page.status_code == 200 and ">Likely<" in page.text and "most likely confirmed first" in page.text
         assert cl.get("/api/alerts", params={"order": "worst"}).status_code == 400
+        # an alert of a source whose earlier alerts of that detector the team dismissed says so, with its likelihood
+        by_key: dict = {}
+        for a in filled.alerts:
+            if a.src_ip and a.src_ip not in filled.truth:
+                by_key.setdefault((a.src_ip, a.detector), []).append(a)
+        repeats = max(by_key.values(), key=len)
+        assert len(repeats) >= 2, "the store has no benign source alerted twice by one detector"
+        last = max(repeats, key=lambda a: a.window_start_ms)
+        body = cl.get(f"/api/alerts/{last.alert_id}").json()
+        earlier = sum(1 for a in repeats if a.window_start_ms < last.window_start_ms)
+        assert body["earlier_verdicts"] == {"false_positive": earlier}, body["earlier_verdicts"]
+        assert 0 <= body["alert"]["confirm_probability"] <= 1
+        html = cl.get(f"/alerts/{last.alert_id}").text
+        assert f"{earlier} dismissed, 0 confirmed" in html and 'id="likely"' in html
 
 
 def test_scheduled_training_runs_until_sigterm(reviewed):
