@@ -255,6 +255,6 @@ def _say_sampled(findings: list, support: pl.DataFrame, confidence: float) -> No
             continue
         rate, samples = hit
         f.reasons.append(f"estimated from {samples} sFlow packet samples at 1:{rate}: counts are the lower "
-                         f"{confidence:.0%} bound of the estimate, distinct destinations those the samples saw")
+                         f"{confidence * 100:g} % bound of the estimate, distinct destinations those the samples saw")
         f.evidence["estimated_from_samples"] = samples
         f.evidence["sampling_rate"] = rate

@@ -366,7 +366,8 @@ def test_a_sampled_flood_is_raised_and_says_it_is_an_estimate() -> None:
     assert flood and flood[0].severity in ("medium", "high", "critical"), out.alerts
     a = flood[0]
     assert 2200 <= int(a.evidence["top3_dst_conns"]) < 20 * 256, a.evidence
-    assert any("estimated from 20 sFlow packet samples at 1:256" in r for r in a.reasons), a.reasons
+    assert any("estimated from 20 sFlow packet samples at 1:256: counts are the lower 99.9 % bound" in r
+               for r in a.reasons), a.reasons
     assert a.evidence["sampling_rate"] == 256 and a.evidence["estimated_from_samples"] == 20
 
 

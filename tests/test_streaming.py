@@ -89,7 +89,14 @@ def read_topic(cfg, topic, expect_at_least, timeout_s=30):
     return got
 
 
-def test_flow_log_to_alerts_in_clickhouse_matches_analyze(cfg, small_scenario):
+@pytest.mark.parametrize("hand_off", [None, 1], ids=["step-writes", "every-close-handed-off"])
+def test_flow_log_to_alerts_in_clickhouse_matches_analyze(cfg, small_scenario, hand_off, monkeypatch):
+    """The streamed alerts, features and flows equal analyze's; also when every partition's close goes to the
+    writer on its own (as a flood's closes of 20,000 windows or more do: runner.HAND_OFF_WINDOWS)."""
+    if hand_off is not None:
+        import smtpguard.detectors.runner as runner_module
+
+        monkeypatch.setattr(runner_module, "HAND_OFF_WINDOWS", hand_off)
     scen, paths = small_scenario
     exemptions = Exemptions.from_csv(paths["exemptions"])
     ensure_topics(cfg)
