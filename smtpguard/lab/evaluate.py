@@ -115,6 +115,8 @@ class EvalResult:
     hours: float = 0.0
     false_positives: list[dict[str, Any]] = field(default_factory=list)
     labelled: list[dict[str, Any]] = field(default_factory=list)
+    by_format: dict[str, "EvalResult"] = field(default_factory=dict)
+    """the same scores per format (each scenario is generated once and written in every format)"""
 
     @property
     def precision(self) -> float:
@@ -296,7 +298,8 @@ def run(cfg: Config, seeds: Sequence[int], *, instances: int = 600, hours: float
                 src, parser = exported(scen, paths, fmt, Path(tmp))
                 res = analyze(cfg, [str(src)], parser, ex, inventory=inv)
                 name = f"{seed}/{fmt}"
-                score_run(result, name, truth, res.alerts, scen.duration_s / 3600)
+                for into in (result, result.by_format.setdefault(fmt, EvalResult())):
+                    score_run(into, name, truth, res.alerts, scen.duration_s / 3600)
                 entry = {"seed": seed, "format": fmt, "records": res.read, "smtp_records": res.kept, "late": res.late,
                          "alerts": len(medium_up(res.alerts)), "instances": len(scen.actors),
                          "hours": scen.duration_s / 3600}
@@ -304,6 +307,7 @@ def run(cfg: Config, seeds: Sequence[int], *, instances: int = 600, hours: float
                     entry["_alerts"] = res.alerts
                     entry["_truth"] = truth
                 result.runs.append(entry)
+                result.by_format[fmt].runs.append(entry)
                 if progress:
                     progress(name)
     for d in labelled_dirs:
@@ -343,11 +347,9 @@ def sampling(cfg: Config, seeds: Sequence[int], rates: Sequence[int] = SAMPLING_
              hours: float = 2.0, progress=None) -> SamplingResult:
     """The same scenarios detected unsampled (the AWS VPC flow log, rate 1) and exported as sFlow
     sampling 1 packet in each of ``rates``: one :class:`EvalResult` per rate."""
-    out = SamplingResult()
-    for n in (1, *sorted(r for r in rates if r > 1)):
-        fmt = "aws-vpc" if n == 1 else f"sflow-{n}"
-        out.rates[n] = run(cfg, seeds, instances=instances, hours=hours, formats=(fmt,), progress=progress)
-    return out
+    fmts = {n: "aws-vpc" if n == 1 else f"sflow-{n}" for n in (1, *sorted(r for r in rates if r > 1))}
+    res = run(cfg, seeds, instances=instances, hours=hours, formats=tuple(fmts.values()), progress=progress)
+    return SamplingResult({n: res.by_format[f] for n, f in fmts.items()})
 
 
 def _rate(n: int) -> str:
