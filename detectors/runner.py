@@ -29,7 +29,7 @@ from smtpguard.core.deadletter import Reject
 from smtpguard.core.store import Store
 
 from smtpguard.core.alert import Alert, to_json
-from .features import to_store
+from .features import empty_features, to_store
 from . import storage
 from .pipeline import Output, Pipeline
 
@@ -345,7 +345,7 @@ class DetectorRunner:
             self._retrying(lambda: self._publish_alerts(out.alerts))
         n = out.features.height
         features = to_store(out.features)
-        out.features = Output().features
+        out.features = empty_features()
         with self._pending_lock:
             self._pending_windows += n
         self._writes.put((None, features, 0, n))
