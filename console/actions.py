@@ -49,6 +49,7 @@ from smtpguard.response.enforce import Outputs, PublishReport, messages_for
 from smtpguard.response.lookups import store_results
 from smtpguard.response.policy import Decision, DecisionLog, Executor
 from smtpguard.core.registry import ExemptionEvent, Registry, parse_key
+from smtpguard.core.records import iso_of, ms_of
 from smtpguard.core.store import Store
 
 from . import queries, schema
@@ -253,6 +254,33 @@ def dismiss(c: Console, alert_id: str, actor: str, note: str = "") -> ActionResu
         result = _record(c, alert, "dismiss", actor, "dismissed", note, message, {})
         _label(c, alert, "false_positive", actor)
         return result
+
+
+def restore(c: Console, alert_id: str, actor: str, note: str = "") -> ActionResult:
+    """Give an alert the detectors held at low, as a repeat of alerts the team dismissed
+    (``evidence.held``: detectors/repeats.py), the severity its rules gave it. The alert row is
+    written again with that severity (and the restore in its evidence and reasons); confirming it then
+    applies the revocation policy as for any alert."""
+    note = _note(note)
+    with c.lock:
+        alert = _alert(c, alert_id)
+        a = queries.as_alert(alert)
+        held = a.evidence.get("held")
+        if not isinstance(held, dict) or "rule_severity" not in held:
+            raise Refused(f"alert {alert_id} was not held: its severity is the one its rules gave it")
+        if held.get("restored_by"):
+            raise Refused(f"alert {alert_id} was already restored to {held['rule_severity']} by {held['restored_by']}")
+        rule, at = held["rule_severity"], _now()
+        restored = msgspec.structs.replace(
+            a, severity=rule, status=alert["status"],
+            evidence={**a.evidence, "held": {**held, "restored_by": actor, "restored_at": _iso(at)}},
+            reasons=[*a.reasons, f"severity restored to {rule} by {actor} ({_iso(at)})"],
+            # the alerts table keeps the row with the latest created_at: the restored one
+            created_at=iso_of(ms_of(a.created_at) + 1))
+        c.store.insert_alerts([restored])
+        return _record(c, alert, "restore", actor, "", note,
+                       f"severity restored from {a.severity} to {rule} by {actor}; confirm it to apply the "
+                       "revocation policy", {"from": a.severity, "to": rule})
 
 
 def recheck_dnsbl(c: Console, alert_id: str, actor: str) -> ActionResult:

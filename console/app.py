@@ -13,7 +13,7 @@ cookie plus an ``X-CSRF-Token`` header)::
     GET  /api/me
     GET  /api/alerts?severity=&detector=&tenant=&status=&ip=&since=&until=&suppressed=&page=&per_page=
     GET  /api/alerts/{id}
-    POST /api/alerts/{id}/ack | confirm | dismiss | dnsbl         {"note": "..."} (analyst)
+    POST /api/alerts/{id}/ack | confirm | dismiss | dnsbl | restore   {"note": "..."} (analyst)
     GET  /api/exemptions?state=active|revoked|expired|lifted|all&tenant=
     GET  /api/exemptions/show?key=IP_OR_CIDR
     POST /api/exemptions/grant | revoke | restore                 {"key", "reason", "tenant", "expires", "alert_id"} (admin)
@@ -328,7 +328,9 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
 
     # -- alerts -----------------------------------------------------------------------------------------
     # the promoted model of the team's verdicts (smtpguard model train --supervised), if any: ranks the queue
-    ranker = queries.VerdictRanker(Path(cfg.data_dir) / "models")
+    from smtpguard.models.verdicts import models_folder
+
+    ranker = queries.VerdictRanker(models_folder(cfg.data_dir))
 
     def parse_filter(request: Request) -> AlertFilter:
         f = AlertFilter.parse(dict(request.query_params))
@@ -392,6 +394,7 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
         ranker.annotate(store, [alert])
         return page(request, p, "alert.html", alert=alert, chart=chart, minutes=minutes,
                     earlier=queries.earlier_verdicts(store, alert),
+                    held=queries.alert_json(alert)["evidence"].get("held"),
                     destinations=queries.top_destinations(store, alert), evidence=evidence_rows(alert),
                     exemption=exemption_view(alert["src_ip"]), decisions=decisions,
                     dnsbl=queries.stored_dnsbl(store, alert["src_ip"]) if alert["src_ip"] else [],
@@ -403,6 +406,7 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
         "confirm": lambda p, aid, note: actions.confirm(c, aid, p.user.name, note),
         "dismiss": lambda p, aid, note: actions.dismiss(c, aid, p.user.name, note),
         "dnsbl": lambda p, aid, note: actions.recheck_dnsbl(c, aid, p.user.name),
+        "restore": lambda p, aid, note: actions.restore(c, aid, p.user.name, note),
     }
 
     @app.post("/alerts/{alert_id}/{action}")
@@ -581,7 +585,7 @@ def create_app(cfg: Config, store: Store, *, settings: ConsoleSettings | None = 
     def api_alert_action(request: Request, alert_id: str, action: str, payload: dict[str, Any] | None = Body(None)):
         p = who(request, "analyst")
         if action not in ALERT_ACTIONS:
-            raise Problem(404, f"no action {action}; use ack, confirm, dismiss or dnsbl")
+            raise Problem(404, f"no action {action}; use ack, confirm, dismiss, dnsbl or restore")
         note = str((payload or {}).get("note") or "")
         return ALERT_ACTIONS[action](p, alert_id, note).to_dict()
 

@@ -203,23 +203,18 @@ class VerdictRanker:
     when another one is promoted, scoring alerts by the window features they were raised on."""
 
     def __init__(self, models_dir: str | Path):
-        self.models_dir = Path(models_dir)
-        self._loaded: tuple[str, Any] | None = None
-
-    def model(self):
         from smtpguard.models import verdicts
 
-        d = verdicts.current_dir(self.models_dir)
-        if d is None:
-            return None
-        if self._loaded is None or self._loaded[0] != d.name:
-            self._loaded = (d.name, verdicts.load(d))
-        return self._loaded[1]
+        self.current = verdicts.Current(models_dir)
+
+    def model(self):
+        return self.current.get()
 
     def annotate(self, store: Store, alerts: list[dict[str, Any]]) -> None:
         """Set ``confirm_probability`` on each alert (None: a tenant alert, or no stored window)."""
         import polars as pl
 
+        from smtpguard.models import verdicts
         from smtpguard.models.anomaly import INPUT_COLUMNS
 
         for a in alerts:
@@ -237,11 +232,17 @@ class VerdictRanker:
              "hi": max(a["window_start"] for a in keyed)})
         if not rows:
             return
-        feats = pl.DataFrame(rows, schema=["src_ip", "_ms", *INPUT_COLUMNS], orient="row")
-        p = model.probability(feats)
-        by_key = {(ip, int(ms)): float(x) for ip, ms, x in zip(feats["src_ip"], feats["_ms"], p)}
-        for a in keyed:
-            a["confirm_probability"] = by_key.get((a["src_ip"], to_ms(a["window_start"])))
+        feats = pl.DataFrame(rows, schema=["src_ip", "window_start", *INPUT_COLUMNS], orient="row")
+        by_key = {(ip, int(ms)): i for i, (ip, ms) in enumerate(zip(feats["src_ip"], feats["window_start"]))}
+        found = [(a, by_key[k]) for a in keyed if (k := (a["src_ip"], to_ms(a["window_start"]))) in by_key]
+        if not found:
+            return
+        # one row per alert (alerts of several detectors on one window each count their own earlier verdicts)
+        rows_of = feats[[i for _, i in found]]
+        p = model.probability(verdicts.with_earlier(rows_of, verdicts.load_history(store),
+                                                    [a["detector"] for a, _ in found]))
+        for (a, _), x in zip(found, p.tolist()):
+            a["confirm_probability"] = float(x)
 
 
 def get_alert(store: Store, alert_id: str) -> dict[str, Any] | None:

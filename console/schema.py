@@ -17,11 +17,13 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+# the verdicts' table is named by the model that learns from it, where the detectors can read it too
+from smtpguard.models.verdicts import REVIEW_LABELS  # noqa: F401
+
 USERS = "console_users"
 SESSIONS = "console_sessions"
 API_TOKENS = "console_api_tokens"
 ALERT_ACTIONS = "alert_actions"
-REVIEW_LABELS = "review_labels"
 
 TS3 = "DateTime64(3, 'UTC')"
 TS6 = "DateTime64(6, 'UTC')"

@@ -56,7 +56,7 @@ class AlertGate:
         out = []
         for f in sorted(findings, key=lambda f: (f.window_start_ms, f.src_ip or "", f.detector)):
             scope = f.src_ip if f.src_ip is not None else f"tenant:{f.tenant}"
-            sev = severity_of(f.score)
+            sev = f.severity or severity_of(f.score)
             key = (scope, f.detector)
             last = self._last.get(key)
             suppressed = ""

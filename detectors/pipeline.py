@@ -25,6 +25,7 @@ from smtpguard.core.inventory import Inventory, SourceKeys
 from smtpguard.core.alert import Alert
 
 from .alerts import AlertGate
+from .repeats import RepeatHold
 from .features import (RECORD_COLUMNS, close_windows, connection_weights, empty_features, lower_bounds,
                        sample_support)
 from .history import HistoryParams, SourceHistory
@@ -73,6 +74,12 @@ class Pipeline:
         self.tenant_gate = AlertGate(cfg.detect.cooldown_ms)
         established = [d.params.established_exemption_days for d in self.tenant_detectors]
         self.tenant_established_days = established[0] if established else 7.0
+        self.repeats: RepeatHold | None = None
+        """holds repeats of dismissed alerts at low once it has the team's verdicts (:meth:`RepeatHold.refresh`)"""
+        if cfg.detect.hold_repeats_below > 0:
+            from smtpguard.models.verdicts import models_folder
+
+            self.repeats = RepeatHold(models_folder(cfg.data_dir), cfg.detect.hold_repeats_below)
         self.tenant_features: list[pl.DataFrame] | None = None
         """when a list, every closed tenant window's features are appended to it (analyze --keep-features)"""
         self.evictions: dict[str, int] = {"sources": 0, "sources_unremembered": 0, "familiar_saturated": 0,
@@ -155,6 +162,8 @@ class Pipeline:
         findings = [f for d in self.detectors for f in d.evaluate(judged)]
         if support is not None:
             _say_sampled(findings, support, self.cfg.detect.sampling_confidence)
+        if self.repeats is not None and findings:
+            self.repeats.hold(findings, annotated)
         skip = annotated.filter(pl.col("exempted") & (pl.col("exemption_age_days") >= self.tenant_established_days))
         self.tenants.add(closed.tenant_rows, set(skip["src_ip"].to_list()))
         lateness = self.cfg.detect.allowed_lateness_ms

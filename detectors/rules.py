@@ -47,6 +47,8 @@ class Finding:
     evidence: dict[str, Any] = field(default_factory=dict)
     exempted: bool = False
     next_step: str = ""
+    severity: str | None = None
+    """set only to override the severity of the score (a repeat held at low: detectors/repeats.py)"""
 
 
 def ramp(x: pl.Expr, lo: float | pl.Expr, hi: float | pl.Expr, s_lo: float = 0.5, s_hi: float = 1.0) -> pl.Expr:

@@ -89,6 +89,8 @@ class DetectorRunner:
         self._exemptions_version = self.registry.version() if exemptions is None else None
         self._exemptions_checked = time.monotonic()
         self.pipeline = Pipeline(cfg, exemptions if exemptions is not None else self.registry.current())
+        self._verdicts_version: tuple | None = None
+        self._refresh_verdicts()
         self.poll_batch = poll_batch or cfg.detect.poll_messages
         self.topics = cfg.kafka.topics
         self.consumer = Consumer(consumer_settings(cfg))
@@ -541,6 +543,7 @@ class DetectorRunner:
         if now - self._exemptions_checked < self.cfg.detect.exemptions_refresh_ms / 1000:
             return
         self._exemptions_checked = now
+        self._refresh_verdicts()
         try:
             version = self.registry.version()
             if version != self._exemptions_version:
@@ -549,6 +552,21 @@ class DetectorRunner:
                 log.info("exemptions read again from the registry (%d in force)", len(self.pipeline.exemptions))
         except StoreError as e:  # the exemptions in hand stay; the next refresh tries again
             log.warning("could not read the exemption registry: %s", e)
+
+    def _refresh_verdicts(self) -> None:
+        """Read the team's verdicts again when they changed (with the exemptions, at most every
+        ``detect.exemptions_refresh_ms``): repeats of alerts dismissed since are held (detectors/repeats.py)."""
+        from smtpguard.models.verdicts import history_version
+
+        if self.pipeline.repeats is None:
+            return
+        try:
+            version = history_version(self.store)
+            if version != self._verdicts_version:
+                self.pipeline.repeats.refresh(self.store)
+                self._verdicts_version = version
+        except StoreError as e:  # the verdicts in hand stay; the next refresh tries again
+            log.warning("could not read the team's verdicts: %s", e)
 
     def _dead_letter(self, r: Reject) -> None:
         metrics.DEAD_LETTERS.labels(r.format).inc()

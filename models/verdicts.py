@@ -7,7 +7,9 @@ confirm an alert that looks like this one. It never raises an alert: the rule de
 
 Model
     The features of :data:`smtpguard.models.anomaly.FEATURES` (one definition, one
-    :func:`~smtpguard.models.anomaly.matrix`), log-scaled and standardised, a logistic
+    :func:`~smtpguard.models.anomaly.matrix`) and :data:`EARLIER`, how the team judged the same
+    source's earlier alerts of the same detector (what an analyst remembers: "this newsletter was
+    dismissed nine times"), log-scaled and standardised, a logistic
     regression with balanced class weights (the team confirms far more than it dismisses, or the
     other way round), calibrated with Platt scaling (``CalibratedClassifierCV``) so that its
     probability can be read as one.
@@ -32,7 +34,8 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +46,16 @@ from smtpguard.core.errors import SmtpguardError
 
 from .anomaly import FEATURES, Card, load_artifact, matrix, save_artifact
 
-MODEL_KIND = "verdicts-logistic-v1"
+MODEL_KIND = "verdicts-logistic-v2"
 #: the most recent share of labelled windows held out to judge a model
 HOLDOUT_SHARE = 0.3
 #: confirmed and dismissed windows each needed in the training part (and one of each held out)
 MIN_PER_CLASS = 5
+#: labelled windows of one kind of alert (detector) the model must have learned from, both verdicts among
+#: them, before it may hold that kind's repeats (:func:`knows_kind`)
+MIN_PER_KIND = 5
+#: the table of the team's verdicts (written by the console's confirm and dismiss)
+REVIEW_LABELS = "review_labels"
 #: labels as the console stores them -> class
 LABELS = {"confirmed": 1, "false_positive": 0}
 TRUSTED_TYPES = [
@@ -58,16 +66,92 @@ TRUSTED_TYPES = [
 ]
 
 
+#: the team's verdicts on the source's earlier alerts of the same detector (windows before this one)
+EARLIER = ("earlier_dismissed", "earlier_confirmed")
+#: the model's inputs, in order
+INPUTS = tuple(FEATURES) + EARLIER
+
+
+@dataclass
+class Earlier:
+    """The team's verdicts on one source's alerts of one detector, in window order, with the score each
+    alert was raised at."""
+
+    window_ms: list[int] = field(default_factory=list)
+    dismissed: list[bool] = field(default_factory=list)
+    score: list[float] = field(default_factory=list)
+
+    def before(self, window_ms: int) -> tuple[int, int, float]:
+        """(dismissed, confirmed, highest dismissed score) of the windows before ``window_ms``."""
+        n = bisect_left(self.window_ms, window_ms)
+        dis = [s for d, s in zip(self.dismissed[:n], self.score[:n]) if d]
+        return len(dis), n - len(dis), max(dis, default=0.0)
+
+
+#: (source, detector) -> its verdicts
+History = dict[tuple[str, str], Earlier]
+
+
+def history_version(store: Any) -> tuple:
+    """Changes whenever a verdict is added (a cheap check before :func:`load_history`)."""
+    return tuple(store.query(f"SELECT count(), max(at) FROM {store.database}.{REVIEW_LABELS}")[0])
+
+
+def load_history(store: Any) -> History:
+    """Every source alert the team confirmed or dismissed (its latest verdict), keyed by (source, detector)."""
+    db = store.database
+    rows = store.query(f"""
+SELECT assumeNotNull(l.src_ip), l.detector, toUnixTimestamp64Milli(l.window_start), l.label = 'false_positive',
+       a.score
+FROM (SELECT * FROM {db}.{REVIEW_LABELS} FINAL) AS l
+INNER JOIN (SELECT alert_id, argMax(score, created_at) AS score FROM {db}.alerts
+            WHERE alert_id IN (SELECT alert_id FROM {db}.{REVIEW_LABELS}) GROUP BY alert_id) AS a
+    ON a.alert_id = l.alert_id
+WHERE l.src_ip IS NOT NULL AND l.label IN {{labels:Array(String)}}
+ORDER BY 1, 2, 3""", {"labels": list(LABELS)})
+    out: History = {}
+    for ip, det, ms, dismissed, score in rows:
+        v = out.setdefault((ip, det), Earlier())
+        v.window_ms.append(int(ms))
+        v.dismissed.append(bool(dismissed))
+        v.score.append(float(score))
+    return out
+
+
+def _window_ms(feats: pl.DataFrame) -> list[int]:
+    ws = pl.col("window_start")
+    return feats.select(ws.dt.epoch("ms") if feats.schema["window_start"].is_temporal() else ws.cast(pl.Int64)
+                        ).to_series().to_list()
+
+
+def with_earlier(feats: pl.DataFrame, history: History, detectors: list[str]) -> pl.DataFrame:
+    """``feats`` (one row per source and window) with the :data:`EARLIER` columns: the verdicts on the
+    source's alerts of ``detectors[i]`` in windows before row i's."""
+    counts = [history[(ip, det)].before(ms)[:2] if (ip, det) in history else (0, 0)
+              for ip, det, ms in zip(feats["src_ip"].to_list(), detectors, _window_ms(feats))]
+    return feats.with_columns(pl.Series(EARLIER[0], [c[0] for c in counts], pl.Int64),
+                              pl.Series(EARLIER[1], [c[1] for c in counts], pl.Int64))
+
+
+def model_matrix(feats: pl.DataFrame) -> np.ndarray:
+    """The model's input matrix: :func:`~smtpguard.models.anomaly.matrix` and the :data:`EARLIER` columns."""
+    missing = [c for c in EARLIER if c not in feats.columns]
+    if missing:
+        raise ValueError(f"window features lack {missing}: add them with with_earlier()")
+    return np.hstack([matrix(feats), feats.select([pl.col(c).cast(pl.Float64) for c in EARLIER]).to_numpy()])
+
+
 @dataclass
 class Model:
     pipeline: Any
     card: Card
 
     def probability(self, feats: pl.DataFrame) -> np.ndarray:
-        """The calibrated probability that a person confirms each window's alert."""
+        """The calibrated probability that a person confirms each window's alert (``feats`` with the
+        :data:`EARLIER` columns)."""
         if feats.height == 0:
             return np.zeros(0)
-        return self.pipeline.predict_proba(matrix(feats))[:, 1]
+        return self.pipeline.predict_proba(model_matrix(feats))[:, 1]
 
 
 def labels_of(values: list[str] | pl.Series) -> np.ndarray:
@@ -127,28 +211,49 @@ def metrics(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 def train(feats: pl.DataFrame, y: np.ndarray, *, seed: int = 0) -> tuple[Model, np.ndarray]:
     """Fit on the older labelled windows and judge on the most recent; returns the model (fitted on the
-    training part only, so its card's hold-out numbers are its own) and the hold-out indices."""
+    training part only, so its card's hold-out numbers are its own) and the hold-out indices. With a
+    ``detector`` column (the kind of alert each window was judged on), the card counts the training
+    labels per kind (:func:`knows_kind`)."""
     import sklearn
 
     y = np.asarray(y, dtype=np.int64)
     tr, hold = split(feats, y)
     folds = int(min(3, y[tr].sum(), len(tr) - y[tr].sum()))
     pipe = build_pipeline(folds, seed)
-    pipe.fit(matrix(feats[tr]), y[tr])
+    pipe.fit(model_matrix(feats[tr]), y[tr])
     model = Model(pipe, Card(
-        kind=MODEL_KIND, features=list(FEATURES),
+        kind=MODEL_KIND, features=list(INPUTS),
         trained_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         training_window={"from": _iso(feats[tr]["window_start"].min()), "to": _iso(feats[tr]["window_start"].max())},
         rows=int(len(tr)),
         versions={"scikit-learn": sklearn.__version__, "numpy": np.__version__, "python": platform.python_version()},
         metrics={"labels": {"train": {"confirmed": int(y[tr].sum()), "dismissed": int(len(tr) - y[tr].sum())},
-                            "holdout": {"confirmed": int(y[hold].sum()), "dismissed": int(len(hold) - y[hold].sum())}},
+                            "holdout": {"confirmed": int(y[hold].sum()), "dismissed": int(len(hold) - y[hold].sum())},
+                            "by_detector": _by_detector(feats, y, tr)},
                  "holdout_window": {"from": _iso(feats[hold]["window_start"].min()),
                                     "to": _iso(feats[hold]["window_start"].max())},
                  "holdout": {}},
     ))
     model.card.metrics["holdout"] = metrics(model.probability(feats[hold]), y[hold])
     return model, hold
+
+
+def _by_detector(feats: pl.DataFrame, y: np.ndarray, rows: np.ndarray) -> dict[str, dict[str, int]]:
+    if "detector" not in feats.columns:
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for det, label in zip(feats["detector"].gather(rows).to_list(), y[rows].tolist()):
+        c = out.setdefault(det, {"confirmed": 0, "dismissed": 0})
+        c["confirmed" if label else "dismissed"] += 1
+    return dict(sorted(out.items()))
+
+
+def knows_kind(card: Card, detector: str) -> bool:
+    """Whether the model learned enough of this kind of alert to act on it: at least :data:`MIN_PER_KIND`
+    training labels of the detector, confirmed and dismissed both among them. A model whose card does
+    not count labels per kind knows none."""
+    c = (card.metrics.get("labels") or {}).get("by_detector", {}).get(detector)
+    return bool(c) and c["confirmed"] >= 1 and c["dismissed"] >= 1 and c["confirmed"] + c["dismissed"] >= MIN_PER_KIND
 
 
 def _iso(v: Any) -> str | None:
@@ -161,7 +266,7 @@ def save(model: Model, directory: str | Path) -> Path:
 
 def load(directory: str | Path) -> Model:
     """Load an artifact folder; refuses a changed file, another kind or feature list, untrusted types."""
-    pipe, card = load_artifact(directory, MODEL_KIND, FEATURES, TRUSTED_TYPES)
+    pipe, card = load_artifact(directory, MODEL_KIND, INPUTS, TRUSTED_TYPES)
     return Model(pipe, card)
 
 
@@ -205,6 +310,33 @@ def current_dir(models_dir: Path) -> Path | None:
         return None
     d = models_dir / f.read_text().strip()
     return d if d.is_dir() else None
+
+
+def models_folder(data_dir: str | Path) -> Path:
+    """Where a deployment keeps its model artifacts: ``DATA_DIR/models``."""
+    return Path(data_dir) / "models"
+
+
+class Current:
+    """The promoted verdicts model of a models folder, loaded once and again whenever another one is
+    promoted (the console's ranking and the detectors' repeat hold read it through this)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._loaded: tuple[str, Model] | None = None
+
+    def get(self) -> Model | None:
+        d = current_dir(self.directory)
+        if d is None:
+            return None
+        if self._loaded is None or self._loaded[0] != d.name:
+            self._loaded = (d.name, load(d))
+        return self._loaded[1]
+
+    @property
+    def name(self) -> str | None:
+        """The loaded artifact's folder name."""
+        return self._loaded[0] if self._loaded else None
 
 
 def promote(models_dir: Path, artifact: Path) -> None:

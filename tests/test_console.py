@@ -393,7 +393,7 @@ def test_a_viewer_sees_no_buttons_and_cannot_act(env):
     page = cl.get(f"/alerts/{alert.alert_id}").text
     for button in ("Acknowledge", "Confirm abuse", "Dismiss as false positive", "Re-check DNSBLs", "Revoke exemption"):
         assert button not in page
-    for action in ("ack", "confirm", "dismiss", "dnsbl"):
+    for action in ("ack", "confirm", "dismiss", "dnsbl", "restore"):
         r = cl.post(f"/alerts/{alert.alert_id}/{action}", data={"csrf_token": csrf}, follow_redirects=False)
         assert r.status_code == 403 and "analyst role" in r.text
         assert env.api(app, "viewer").post(f"/api/alerts/{alert.alert_id}/{action}").status_code == 403
@@ -516,7 +516,7 @@ def test_console_listens_on_loopback_by_default_and_needs_a_user_first(tmp_path,
 
 
 def test_every_alert_action_has_a_cli_command_with_json(env, bl_server):
-    """CLI parity: `smtpguard alerts ack|confirm|dismiss|dnsbl` do what the console's buttons do."""
+    """CLI parity: `smtpguard alerts ack|confirm|dismiss|dnsbl|restore` do what the console's buttons do."""
     from smtpguard.cli.console import ALERT_ACTION_COMMANDS
     from smtpguard.console import queries
 
@@ -526,7 +526,10 @@ def test_every_alert_action_has_a_cli_command_with_json(env, bl_server):
     ack, confirm, dismiss = untouched[-3:]
     runner = CliRunner()
     by_name = {c.name: c for c in ALERT_ACTION_COMMANDS}
-    assert set(by_name) == {"ack", "confirm", "dismiss", "dnsbl"}
+    assert set(by_name) == {"ack", "confirm", "dismiss", "dnsbl", "restore"}
+    # restore gives a held repeat its rule severity back (tests/test_repeats.py); any other alert is refused
+    r = runner.invoke(by_name["restore"], [ack.alert_id, "--actor", "cli-tester"], obj=env.cfg)
+    assert r.exit_code != 0 and "was not held" in str(r.exception), r.output
 
     def invoke(name, *args):
         r = runner.invoke(by_name[name], [*args, "--json", "--actor", "cli-tester"], obj=env.cfg)

@@ -16,6 +16,7 @@ from smtpguard.core.inventory import Inventory
 from smtpguard.core.deadletter import Reject
 from smtpguard.ingest.reader import Progress, read_batches
 from smtpguard.core.record import SEVERITIES
+from smtpguard.core.store import Store
 
 
 @dataclass
@@ -48,9 +49,14 @@ class AnalyzeResult:
 
 def analyze(cfg: Config, paths: Sequence[str], fmt: str = "auto", exemptions: Exemptions | None = None,
             progress: Progress | None = None, on_reject: Callable[[Reject], None] | None = None,
-            keep_features: bool = False, inventory: Inventory | None = None) -> AnalyzeResult:
+            keep_features: bool = False, inventory: Inventory | None = None, verdicts_from: Store | None = None
+            ) -> AnalyzeResult:
+    """Detect over flow files. ``verdicts_from``: a store whose review verdicts hold repeats of dismissed
+    alerts at low (``detect.hold_repeats_below``), as the detector consumer does."""
     res = AnalyzeResult()
     pipe = Pipeline(cfg, exemptions, inventory=inventory)
+    if verdicts_from is not None and pipe.repeats is not None:
+        pipe.repeats.refresh(verdicts_from)
     if keep_features:
         pipe.tenant_features = res.tenant_features
     t0 = time.perf_counter()

@@ -231,6 +231,8 @@ ALERT_ACTION_COMMANDS = (
                    "policy to it (notify, warn, propose or revoke the source's exemption, published to the "
                    "enforcement outputs)."),
     _alert_command("dismiss", "dismiss", "Dismiss an alert as a false positive (stored as a training label)."),
+    _alert_command("restore", "restore", "Give an alert held at low as a repeat of dismissed alerts the severity its "
+                   "rules gave it (confirm it afterwards to apply the revocation policy)."),
     _alert_command("dnsbl", "recheck_dnsbl", "Look the alert's source up in the DNSBLs (dnsbl.default_zones) again "
                    "and store the answers with it.", with_note=False),
 )

@@ -59,16 +59,18 @@ def load_labels(path: str) -> dict[str, int]:
 def load_verdicts(store, since: dt.datetime | None = None, until: dt.datetime | None = None
                   ) -> tuple[pl.DataFrame, np.ndarray]:
     """The window features of reviewed source alerts and their verdicts (1 confirmed, 0 dismissed): one
-    row per (source, window), the latest verdict where alerts of several detectors were reviewed."""
-    from smtpguard.console.schema import REVIEW_LABELS
-    from smtpguard.models.verdicts import LABELS, labels_of
+    row per (source, window), the latest verdict where alerts of several detectors were reviewed, in
+    ``detector`` the kind of alert that verdict was given on, and the verdicts on the source's earlier
+    alerts of that kind (:data:`~smtpguard.models.verdicts.EARLIER`)."""
+    from smtpguard.models.verdicts import LABELS, REVIEW_LABELS, labels_of, load_history, with_earlier
 
     db = store.database
     where, params = _windows_between("l.window_start", since, until)
     where += ["l.src_ip IS NOT NULL", f"l.label IN ({', '.join(repr(k) for k in LABELS)})"]
     df = store.query_df(f"""
 SELECT * FROM (
-    SELECT assumeNotNull(src_ip) AS src_ip, window_start, argMax(label, at) AS verdict
+    SELECT assumeNotNull(src_ip) AS src_ip, window_start, argMax(label, at) AS verdict,
+        argMax(detector, at) AS detector
     FROM (SELECT * FROM {db}.{REVIEW_LABELS} FINAL) AS l
     WHERE {' AND '.join(where)} GROUP BY src_ip, window_start) AS l
 INNER JOIN (SELECT * FROM {db}.window_features FINAL) AS f USING (src_ip, window_start)
@@ -76,6 +78,7 @@ ORDER BY window_start, src_ip""", params)
     if not len(df):
         return pl.DataFrame(), np.zeros(0, np.int64)
     frame = pl.from_pandas(df)
+    frame = with_earlier(frame, load_history(store), frame["detector"].to_list())
     return frame.drop("verdict"), labels_of(frame["verdict"].to_list())
 
 
@@ -144,6 +147,7 @@ def train_cmd(c, since: str | None, until: str | None, out_dir: str | None, seed
                 stop.wait(interval)
         click.echo("smtpguard: scheduled training stopped", err=True)
         return
+    from smtpguard.models import verdicts
     from smtpguard.models.anomaly import save, train
     from smtpguard.core.store import Store
 
@@ -159,7 +163,7 @@ def train_cmd(c, since: str | None, until: str | None, out_dir: str | None, seed
         bar.set_postfix_str(f"fitting on {len(feats):,} windows", refresh=True)
         model = train(feats, window=(since, until), seed=seed)
         bar.update(1)
-        out = Path(out_dir) if out_dir else Path(cfg.data_dir) / "models" / f"anomaly-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+        out = Path(out_dir) if out_dir else verdicts.models_folder(cfg.data_dir) / f"anomaly-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
         bar.set_postfix_str("writing the artifact", refresh=True)
         save(model, out)
         bar.update(1)
@@ -174,7 +178,7 @@ def _train_supervised(cfg, since, until, out_dir: str | None, seed: int) -> None
     from smtpguard.ingest.reader import step_bar
     from smtpguard.models import verdicts
 
-    models_dir = Path(cfg.data_dir) / "models"
+    models_dir = verdicts.models_folder(cfg.data_dir)
     with step_bar("model train --supervised", 4, "step") as bar:
         bar.set_postfix_str("reading the reviewed alerts", refresh=True)
         with Store(cfg.store_dsn, cfg.store.database) as store:

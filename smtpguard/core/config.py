@@ -131,7 +131,12 @@ class Detect(msgspec.Struct, forbid_unknown_fields=True):
     chosen on the tuning seeds: 0.99 let benign senders reach medium at 1:1,024 and 1:4,096)"""
     exemptions_refresh_ms: int = 5_000
     """how often a detector reads the exemption registry again when it changed: revocations by the response
-    service, restores and grants by people reach detection within this time"""
+    service, restores and grants by people reach detection within this time (and the team's verdicts, for
+    hold_repeats_below)"""
+    hold_repeats_below: float = 0.1
+    """a source's repeat of an alert the team dismissed (and never confirmed), no stronger than the dismissed
+    ones, is held at low when the promoted verdicts model gives it at most this probability of being confirmed
+    and has learned that kind of alert (docs/DETECTION.md, repeats of dismissed alerts); 0 = never held"""
     max_sources: int = 1_000_000
     """source IPs whose history (baselines, familiar destinations) one detector process keeps, shared by its
     partitions; beyond it the least recently seen are evicted (counted in smtpguard_detector_state_evictions_total)"""
@@ -592,6 +597,8 @@ def validate(cfg: Config) -> None:
         bad("detect.exemptions_refresh_ms must be positive")
     if not 0.5 <= cfg.detect.sampling_confidence < 1:
         bad("detect.sampling_confidence must be at least 0.5 and below 1")
+    if not 0 <= cfg.detect.hold_repeats_below < 1:
+        bad("detect.hold_repeats_below must be at least 0 (never hold) and below 1")
     if cfg.detect.learning_minutes < 0:
         bad("detect.learning_minutes must be >= 0")
     if cfg.detect.poll_messages < 1:

@@ -1,0 +1,106 @@
+"""Repeats of what the team dismissed: a source's new finding of a kind the security team already
+dismissed for that source is held at ``low`` when every one of these holds:
+
+- the team dismissed at least one of the source's earlier alerts of this detector (windows before this
+  one) and confirmed none of them;
+- the rule evidence is no stronger: the finding's score is at most the highest score among those
+  dismissed alerts (so its severity is at most theirs);
+- the promoted verdicts model (:mod:`smtpguard.models.verdicts`) learned this kind of alert
+  (:func:`~smtpguard.models.verdicts.knows_kind`) and gives this window a probability of being
+  confirmed at or below ``detect.hold_repeats_below``.
+
+Anything else is untouched: a fresh source, a source the team ever confirmed for this detector, a
+stronger repeat, a kind the model has too few labels for, and every alert when no model is promoted.
+A held alert says so in its reasons and in ``evidence.held`` (the rule severity, the verdicts, the
+probability, the model); a person restores its rule severity on the alert page
+(:func:`smtpguard.console.actions.restore`).
+
+The verdicts are read from the store by whoever has one: the detector consumer whenever they change
+(checked with the exemptions), ``analyze(verdicts_from=store)`` once. The pipeline itself stays
+pure: it asks :meth:`RepeatHold.hold` to mark findings.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import polars as pl
+
+from smtpguard.core.alert import rank
+from smtpguard.core.record import SEVERITIES
+from smtpguard.models import verdicts
+
+from .alerts import severity_of
+from .rules import Finding
+
+log = logging.getLogger(__name__)
+
+MEDIUM = SEVERITIES.index("medium")
+HELD_SEVERITY = "low"
+
+
+class RepeatHold:
+    """Holds repeats of dismissed patterns at low (module docstring). ``models_dir`` is the folder with
+    the promoted verdicts model (:class:`smtpguard.models.verdicts.Current`)."""
+
+    def __init__(self, models_dir: Any, below: float):
+        self.current = verdicts.Current(models_dir)
+        self.below = below
+        self.history: verdicts.History = {}
+        self.held = 0
+        """findings held at low since this process started"""
+
+    def refresh(self, store: Any) -> None:
+        self.history = verdicts.load_history(store)
+
+    def hold(self, findings: Sequence[Finding], feats: pl.DataFrame) -> int:
+        """Mark the findings that repeat a dismissed pattern (``severity`` low, reasons, ``evidence.held``);
+        ``feats`` are the windows' features as stored (the model's input). Returns how many."""
+        if not self.history or self.below <= 0:
+            return 0
+        cands = []
+        for f in findings:
+            v = self.history.get((f.src_ip, f.detector)) if f.src_ip is not None else None
+            if v is None or f.severity is not None or rank(severity_of(f.score)) < MEDIUM:
+                continue
+            dismissed, confirmed, top = v.before(f.window_start_ms)
+            if dismissed and not confirmed and f.score <= top:
+                cands.append((f, dismissed, top))
+        if not cands:
+            return 0
+        try:
+            model = self.current.get()
+        except Exception as e:  # noqa: BLE001 - a broken artifact must never stop detection
+            log.warning("the promoted verdicts model cannot be loaded; no repeat is held: %s", e)
+            return 0
+        if model is None:
+            return 0
+        cands = [c for c in cands if verdicts.knows_kind(model.card, c[0].detector)]
+        if not cands:
+            return 0
+        ws = pl.col("window_start")
+        ms = ws.dt.epoch("ms") if feats.schema["window_start"].is_temporal() else ws.cast(pl.Int64)
+        keys = pl.DataFrame({"src_ip": [f.src_ip for f, _, _ in cands], "_ms": [f.window_start_ms for f, _, _ in cands]})
+        rows = keys.join(feats.with_columns(_ms=ms), on=["src_ip", "_ms"], how="inner", maintain_order="left")
+        if rows.height != len(cands):  # every finding comes from a window of these features
+            log.warning("repeat hold: %d of %d findings have no window features; none is held",
+                        len(cands) - rows.height, len(cands))
+            return 0
+        p = model.probability(verdicts.with_earlier(rows, self.history, [f.detector for f, _, _ in cands]))
+        n = 0
+        for (f, dismissed, top), prob in zip(cands, p.tolist()):
+            if prob > self.below:
+                continue
+            rule = severity_of(f.score)
+            f.severity = HELD_SEVERITY
+            f.evidence["held"] = {"rule_severity": rule, "dismissed": dismissed, "dismissed_top_score": round(top, 3),
+                                  "confirm_probability": round(prob, 4), "model": self.current.name}
+            f.reasons.append(
+                f"held at {HELD_SEVERITY} (the rules say {rule}): the team dismissed this source's earlier "
+                f"{f.detector} alerts {dismissed} time{'s' if dismissed != 1 else ''} and confirmed none; this one "
+                f"is no stronger (score {f.score:.2f}, dismissed up to {top:.2f}) and the verdicts model gives it "
+                f"a {prob:.0%} chance of being confirmed. Restore its severity on the alert page if it should stand.")
+            n += 1
+        self.held += n
+        return n
