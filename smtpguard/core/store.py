@@ -78,6 +78,53 @@ def all_migrations(db: str) -> list[tuple[str, list[str]]]:
     return [step for mod in MIGRATION_PROVIDERS for step in importlib.import_module(mod).migrations(db)]
 
 
+#: Per-minute rollups of ``flows`` kept by materialized views, so months of traffic are read without
+#: scanning raw flows (and outlive their retention). One row per minute, key and Kafka message: a
+#: replayed message rewrites the same rows, which the table folds into one (read with FINAL, then sum
+#: and merge the ``uniqExact`` states over messages). ``connections`` count as the window features do
+#: (a sampled record stands for ``sampling_rate`` connections).
+ROLLUPS: dict[str, dict[str, str]] = {
+    "source_minutes": {
+        "keys": "`src_ip`, `tenant`",
+        "key_columns": "`src_ip` String, `tenant` LowCardinality(String)",
+        "columns": "`dst` AggregateFunction(uniqExact, String)",
+        "select": "uniqExactState(`dst_ip`) AS `dst`",
+    },
+    "tenant_minutes": {
+        "keys": "`tenant`",
+        "key_columns": "`tenant` LowCardinality(String)",
+        "columns": "`sources` AggregateFunction(uniqExact, String), `dst` AggregateFunction(uniqExact, String)",
+        "select": "uniqExactState(`src_ip`) AS `sources`, uniqExactState(`dst_ip`) AS `dst`",
+    },
+}
+
+
+def rollup_select(name: str, source: str) -> str:
+    """The SELECT filling rollup ``name`` from ``source`` (``flows`` rows)."""
+    r = ROLLUPS[name]
+    return (f"SELECT toStartOfMinute(`start`) AS `minute`, {r['keys']}, `kafka_partition`, `kafka_offset`, "
+            "sum(greatest(`sampling_rate`, 1)) AS `connections`, "
+            "sumIf(greatest(`sampling_rate`, 1), `action` = 'reject') AS `rejected`, "
+            f"sum(`bytes`) AS `bytes`, sum(`packets`) AS `packets`, {r['select']} "
+            f"FROM {source} GROUP BY `minute`, {r['keys']}, `kafka_partition`, `kafka_offset`")
+
+
+def _rollup_steps(db: str) -> list[str]:
+    out = []
+    for name, r in ROLLUPS.items():
+        out += [
+            f"""CREATE TABLE IF NOT EXISTS {db}.{name} (
+    `minute` DateTime('UTC'), {r['key_columns']}, `kafka_partition` UInt32, `kafka_offset` Int64,
+    `connections` UInt64, `rejected` UInt64, `bytes` UInt64, `packets` UInt64, {r['columns']}
+) ENGINE = ReplacingMergeTree PARTITION BY toYYYYMM(`minute`)
+ORDER BY ({r['keys']}, `minute`, `kafka_partition`, `kafka_offset`)""",
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name}_mv TO {db}.{name} AS {rollup_select(name, f'{db}.flows')}",
+            # flows stored before the view existed (a replay racing this step writes the same keys: folded)
+            f"INSERT INTO {db}.{name} {rollup_select(name, f'{db}.flows FINAL')}",
+        ]
+    return out
+
+
 def migrations(db: str) -> list[tuple[str, list[str]]]:
     """The core tables' schema steps. Append a step; never edit a released one."""
     return [
@@ -101,6 +148,8 @@ ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)""",
         ("core-3", [f"ALTER TABLE {db}.alerts ADD COLUMN IF NOT EXISTS `next_step` String"]),
         # when a flow was written: retention counts from it, so a replay of old logs is kept as long as new ones
         ("core-4", [f"ALTER TABLE {db}.flows ADD COLUMN IF NOT EXISTS {STORED_AT_DDL}"]),
+        # per-minute rollups per source and per tenant (ROLLUPS), filled from the flows already stored
+        ("core-5", _rollup_steps(db)),
     ]
 
 

@@ -86,21 +86,40 @@ def sources(store: Store) -> pd.DataFrame:
         FROM {{db}}.flows FINAL GROUP BY src_ip ORDER BY connections DESC, src_ip""")
 
 
-def per_minute(store: Store, src_ips: list[str]) -> pd.DataFrame:
-    """Connections, distinct destinations and rejected connections per minute of the given sources."""
-    return frame(store, f"""
+def per_minute(store: Store, src_ips: list[str], *, raw: bool = False) -> pd.DataFrame:
+    """Connections, distinct destinations and rejected connections per minute of the given sources, from
+    the per-minute rollup (``source_minutes``: months without scanning raw flows, and beyond their
+    retention); ``raw=True`` computes the same from ``flows``."""
+    if raw:
+        return frame(store, f"""
         SELECT toStartOfMinute(`start`) AS minute, src_ip, sum({CONNS}) AS connections,
                uniqExact(dst_ip) AS distinct_dst, sumIf({CONNS}, action = 'reject') AS rejected
         FROM {{db}}.flows FINAL WHERE src_ip IN {{ips:Array(String)}} GROUP BY minute, src_ip ORDER BY minute, src_ip""",
-                 {"ips": list(src_ips)})
+                     {"ips": list(src_ips)})
+    return frame(store, """
+        SELECT minute, src_ip, sum(connections) AS connections, uniqExactMerge(dst) AS distinct_dst,
+               sum(rejected) AS rejected
+        FROM {db}.source_minutes FINAL WHERE src_ip IN {ips:Array(String)} GROUP BY minute, src_ip
+        ORDER BY minute, src_ip""", {"ips": list(src_ips)})
+
+
+def tenant_traffic(store: Store, *, raw: bool = False) -> pd.DataFrame:
+    """One row per tenant: sources, connections, fan-out and rejected share over everything stored, from the
+    per-minute rollup (``tenant_minutes``); ``raw=True`` computes the same from ``flows``."""
+    if raw:
+        return frame(store, f"""
+        SELECT tenant, uniqExact(src_ip) AS sources, sum({CONNS}) AS connections, uniqExact(dst_ip) AS distinct_dst,
+               sumIf({CONNS}, action = 'reject') AS rejected, rejected / connections AS rejected_share
+        FROM {{db}}.flows FINAL GROUP BY tenant ORDER BY tenant""")
+    return frame(store, """
+        SELECT tenant, uniqExactMerge(sources) AS sources, sum(connections) AS connections,
+               uniqExactMerge(dst) AS distinct_dst, sum(rejected) AS rejected, rejected / connections AS rejected_share
+        FROM {db}.tenant_minutes FINAL GROUP BY tenant ORDER BY tenant""")
 
 
 def tenants(store: Store) -> pd.DataFrame:
     """One row per tenant: sources, connections, fan-out, rejected share, raised alerts and the worst severity."""
-    traffic = frame(store, f"""
-        SELECT tenant, uniqExact(src_ip) AS sources, sum({CONNS}) AS connections, uniqExact(dst_ip) AS distinct_dst,
-               sumIf({CONNS}, action = 'reject') AS rejected, rejected / connections AS rejected_share
-        FROM {{db}}.flows FINAL GROUP BY tenant""")
+    traffic = tenant_traffic(store)
     alerts = frame(store, "SELECT tenant, count() AS alerts, max(severity_rank) AS worst FROM {db}.alerts FINAL "
                           "WHERE suppressed = '' GROUP BY tenant")
     alerts["worst_severity"] = [SEVERITIES[int(r)] for r in alerts.pop("worst")]
