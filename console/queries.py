@@ -6,6 +6,7 @@ The current status of an alert joins ``alert_actions`` (see :mod:`smtpguard.cons
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from smtpguard.core.exemptions import parse_time
 from smtpguard.response.lookups import DNSBL_ANSWER
 from smtpguard.response.webhook import DEAD_LETTER_TABLE
 from smtpguard.core.alert import ALERT
-from smtpguard.core.store import Store
+from smtpguard.core.store import Store, addr_text
 
 from . import schema
 from .schema import utc
@@ -279,9 +280,17 @@ def detectors_seen(store: Store) -> list[str]:
 
 # -- the evidence of one alert ------------------------------------------------------------------------
 def _scope(alert: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Which flows belong to the alert: its source IP, or its tenant for tenant-level alerts."""
-    if alert["src_ip"]:
-        return "src_ip = {scope:String}", {"scope": alert["src_ip"]}
+    """Which flows belong to the alert: its source IP, the addresses of its source prefix (an IPv6 /64 or an
+    inventory prefix: a range of the typed ``src_ip``), or its tenant for tenant-level alerts."""
+    src = alert["src_ip"]
+    if src and "/" in src:
+        net = ipaddress.ip_network(src, strict=False)
+        lo, hi = net[0], net[-1]
+        if net.version == 4:  # stored IPv4-mapped
+            lo, hi = ipaddress.IPv6Address(f"::ffff:{lo}"), ipaddress.IPv6Address(f"::ffff:{hi}")
+        return "src_ip BETWEEN toIPv6({lo:String}) AND toIPv6({hi:String})", {"lo": str(lo), "hi": str(hi)}
+    if src:
+        return "src_ip = {scope:String}", {"scope": src}
     return "tenant = {scope:String}", {"scope": alert["tenant"]}
 
 
@@ -327,7 +336,7 @@ def top_destinations(store: Store, alert: dict[str, Any], limit: int = 10) -> li
     """The destinations the alert's source connected to most within the alert window."""
     cond, params = _scope(alert)
     rows = store.query(
-        "SELECT dst_ip, groupUniqArray(dst_port), sum(greatest(sampling_rate, 1)) AS n, "
+        f"SELECT {addr_text('dst_ip')} AS dst_ip, groupUniqArray(dst_port), sum(greatest(sampling_rate, 1)) AS n, "
         "sumIf(greatest(sampling_rate, 1), action = 'reject'), sum(bytes * greatest(sampling_rate, 1)) "
         f"FROM {store.database}.flows FINAL WHERE {cond} "
         "AND `start` >= {lo:DateTime64(3, 'UTC')} AND `start` < {hi:DateTime64(3, 'UTC')} "

@@ -20,7 +20,7 @@ from smtpguard.core import record, wire
 from smtpguard.core.exemptions import Exemptions
 from smtpguard.ingest.collector import Collector
 from smtpguard.core.kafka import consumer_settings, ensure_topics, producer_settings
-from smtpguard.core.store import Store
+from smtpguard.core.store import Store, addr_text
 
 JSON = [("content-type", b"application/json")]
 DAY_MS = 86_400_000
@@ -117,7 +117,7 @@ def test_poison_messages_are_dead_lettered_and_the_partition_keeps_moving(cfg):
         assert runner.stats.records == len(good_rows)
         assert runner.stats.bad_records == 10  # the JSON records, and the bad ones of the mixed list and batch
         assert store.count("flows") == len(good_rows)
-        stored = {r[0] for r in store.query(f"SELECT src_ip FROM {cfg.store.database}.flows")}
+        stored = {r[0] for r in store.query(f"SELECT {addr_text('src_ip')} FROM {cfg.store.database}.flows")}
         assert stored == {r["src_ip"] for r in good_rows}
     dead = [json.loads(m.value()) for m in read_topic(cfg, cfg.kafka.topics.dlq, len(poison))]
     assert len(dead) == len(poison)

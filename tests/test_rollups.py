@@ -1,22 +1,30 @@
-"""Per-minute rollups of the flows (``source_minutes``, ``tenant_minutes``: smtpguard.core.store.ROLLUPS),
-kept by materialized views on the real ClickHouse engine: a store made before them is carried forward
-with every flow kept and its rollups filled, later writes (replays of a Kafka message included) keep
-them equal to the raw flows, and the notebooks' queries over them match the same queries over flows."""
+"""Typed flow addresses and per-minute rollups of the flows (``source_minutes``, ``tenant_minutes``:
+smtpguard.core.store.ROLLUPS) on the real ClickHouse engine: a store made by the schema before them
+(addresses as text, no rollups) is carried forward with every flow kept as it was and its rollups
+filled; later writes (replays of a Kafka message included) keep the rollups equal to the raw flows,
+and the notebooks' queries over them match the same queries over flows."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pyarrow as pa
 import pytest
 
+from smtpguard.core import record
 from smtpguard.core import store as store_mod
-from smtpguard.core.store import Store
+from smtpguard.core.store import Store, addr_text
+
+#: every flow as text, in a fixed order: what must survive a migration unchanged
+FLOW_TEXT = (f"SELECT {addr_text('src_ip')}, {addr_text('dst_ip')}, toUnixTimestamp64Milli(`start`), src_port, "
+             "bytes, tenant, kafka_partition, kafka_offset, kafka_row FROM smtpguard.flows FINAL ORDER BY 7, 8, 9")
 
 
 def _batches(tmp_path):
     from smtpguard.ingest.reader import read_batches
     from smtpguard.lab import scenario
 
-    scen = scenario.generate(11, instances=60, duration_s=30 * 60)
+    scen = scenario.generate(11, instances=60, duration_s=30 * 60, abuse=("spam_burst", "spam_ipv6_rotating"))
     paths = scenario.write(scen, tmp_path / "scenario")
     out = []
     for n, (_src, batch) in enumerate(read_batches([str(paths["flows"])], "aws-vpc", (25, 465, 587, 2525), 20_000)):
@@ -48,18 +56,28 @@ def test_an_older_store_is_carried_forward_and_the_rollups_match_raw_flows(tmp_p
     batches = _batches(tmp_path)
     dsn = f"chdb://{tmp_path / 'store'}"
     every = store_mod.all_migrations
-    # a store made by the schema before the rollups, holding flows (one message written twice: a replay)
-    monkeypatch.setattr(store_mod, "all_migrations", lambda db: [s for s in every(db) if s[0] != "core-5"])
+    # a store made by the schema before typed addresses and rollups, holding flows (one message written
+    # twice: a replay)
+    text_fields = tuple(dataclasses.replace(f, clickhouse="String") if f.name in ("src_ip", "dst_ip") else f
+                        for f in record.FIELDS)
+    monkeypatch.setattr(store_mod.record, "FIELDS", text_fields)
+    monkeypatch.setattr(store_mod, "all_migrations",
+                        lambda db: [s for s in every(db) if s[0] not in ("core-5", "core-6")])
     with Store(dsn) as old:
         for b in batches[:3] + batches[1:2]:
             old.insert_flows(b)
         assert "source_minutes" not in {r[0] for r in old.query("SHOW TABLES FROM smtpguard")}
-        flows_before = old.query("SELECT count() FROM smtpguard.flows FINAL")[0][0]
-    monkeypatch.setattr(store_mod, "all_migrations", every)
+        assert "`src_ip` String" in old.query("SHOW CREATE TABLE smtpguard.flows")[0][0]
+        flows_before = old.query(FLOW_TEXT.replace(addr_text("src_ip"), "src_ip").replace(addr_text("dst_ip"), "dst_ip"))
+    monkeypatch.undo()
     with Store(dsn) as s:
         versions = {r[0] for r in s.query("SELECT version FROM smtpguard.schema_migrations")}
-        assert "core-5" in versions
-        assert s.query("SELECT count() FROM smtpguard.flows FINAL")[0][0] == flows_before  # no flow lost
+        assert {"core-5", "core-6"} <= versions
+        ddl = s.query("SHOW CREATE TABLE smtpguard.flows")[0][0]
+        assert "`src_ip` IPv6" in ddl and "`dst_ip` IPv6" in ddl and "`tenant` LowCardinality(String)" in ddl
+        assert s.query(FLOW_TEXT) == flows_before  # no flow lost, every value as it was
+        assert len(flows_before) == sum(b.num_rows for b in batches[:3])
+        assert {":" in r[0] for r in flows_before} == {True, False}  # IPv6 sources and IPv4 ones
         _check(s)
         # later writes go through the views; a replayed message changes nothing
         for b in batches[3:] + batches[3:4] + batches[:1]:
@@ -76,7 +94,7 @@ def test_show_create_table_has_the_rollups_types_and_the_views(tmp_path):
     with Store(f"chdb://{tmp_path / 'store'}") as s:
         for name in store_mod.ROLLUPS:
             ddl = s.query(f"SHOW CREATE TABLE smtpguard.{name}")[0][0]
-            assert "ReplacingMergeTree" in ddl and "AggregateFunction(uniqExact, String)" in ddl
+            assert "ReplacingMergeTree" in ddl and "AggregateFunction(uniqExact, IPv6)" in ddl
             assert "`tenant` LowCardinality(String)" in ddl
             view = s.query(f"SHOW CREATE TABLE smtpguard.{name}_mv")[0][0]
             assert "MATERIALIZED VIEW" in view and f"TO smtpguard.{name}" in view

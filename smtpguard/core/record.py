@@ -50,8 +50,8 @@ _TS = pa.timestamp("ms", tz="UTC")
 FIELDS: tuple[Field, ...] = (
     Field("start", _TS, "DateTime64(3, 'UTC')", "flow start (first packet), UTC"),
     Field("end", _TS, "DateTime64(3, 'UTC')", "flow end (last packet), UTC"),
-    Field("src_ip", pa.string(), "String", "client (connecting) address"),
-    Field("dst_ip", pa.string(), "String", "server address"),
+    Field("src_ip", pa.string(), "IPv6", "client (connecting) address (stored as IPv6, IPv4 mapped)"),
+    Field("dst_ip", pa.string(), "IPv6", "server address (stored as IPv6, IPv4 mapped)"),
     Field("src_port", pa.uint16(), "UInt16", "client port"),
     Field("dst_port", pa.uint16(), "UInt16", "server port (25, 465, 587, 2525 by default)"),
     Field("protocol", pa.uint8(), "UInt8", "IANA protocol number (6 = TCP)"),

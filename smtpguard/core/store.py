@@ -78,6 +78,35 @@ def all_migrations(db: str) -> list[tuple[str, list[str]]]:
     return [step for mod in MIGRATION_PROVIDERS for step in importlib.import_module(mod).migrations(db)]
 
 
+def addr_text(column: str) -> str:
+    """SQL turning an ``IPv6`` address column back into the records' text: IPv4-mapped addresses as
+    IPv4 (``10.0.0.1``), others as ClickHouse formats IPv6 (RFC 5952, like Python's ``ipaddress``)."""
+    return f"replaceRegexpOne(toString({column}), '^::ffff:([0-9.]+)$', '\\\\1')"
+
+
+def _flows_ddl(db: str, table: str) -> str:
+    return f"""CREATE TABLE IF NOT EXISTS {db}.{table} (
+    {_columns([(f.name, f.clickhouse) for f in record.FIELDS] + list(FLOW_POSITION_COLUMNS))}
+) ENGINE = ReplacingMergeTree PARTITION BY toYYYYMMDD(`start`)
+ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)"""
+
+
+def _typed_flows_steps(db: str) -> list[str]:
+    """``flows`` rebuilt with the record's column types (addresses as ``IPv6``): copied into a new
+    table, which then takes its place. Safe to run again after a crash at any statement: the
+    leftover table is dropped first, and a copy of an already typed table is typed."""
+    cols = ", ".join(f"`{c}`" for c in [*record.FIELD_NAMES, *(n for n, _ in FLOW_POSITION_COLUMNS), STORED_AT[0]])
+    return [
+        f"DROP TABLE IF EXISTS {db}.flows_typed",
+        _flows_ddl(db, "flows_typed"),
+        f"ALTER TABLE {db}.flows_typed ADD COLUMN IF NOT EXISTS {STORED_AT_DDL}",
+        f"INSERT INTO {db}.flows_typed ({cols}) SELECT {cols} FROM {db}.flows "
+        "SETTINGS max_partitions_per_insert_block = 0",
+        f"EXCHANGE TABLES {db}.flows AND {db}.flows_typed",
+        f"DROP TABLE {db}.flows_typed",
+    ]
+
+
 #: Per-minute rollups of ``flows`` kept by materialized views, so months of traffic are read without
 #: scanning raw flows (and outlive their retention). One row per minute, key and Kafka message: a
 #: replayed message rewrites the same rows, which the table folds into one (read with FINAL, then sum
@@ -86,14 +115,14 @@ def all_migrations(db: str) -> list[tuple[str, list[str]]]:
 ROLLUPS: dict[str, dict[str, str]] = {
     "source_minutes": {
         "keys": "`src_ip`, `tenant`",
-        "key_columns": "`src_ip` String, `tenant` LowCardinality(String)",
-        "columns": "`dst` AggregateFunction(uniqExact, String)",
+        "key_columns": "`src_ip` IPv6, `tenant` LowCardinality(String)",
+        "columns": "`dst` AggregateFunction(uniqExact, IPv6)",
         "select": "uniqExactState(`dst_ip`) AS `dst`",
     },
     "tenant_minutes": {
         "keys": "`tenant`",
         "key_columns": "`tenant` LowCardinality(String)",
-        "columns": "`sources` AggregateFunction(uniqExact, String), `dst` AggregateFunction(uniqExact, String)",
+        "columns": "`sources` AggregateFunction(uniqExact, IPv6), `dst` AggregateFunction(uniqExact, IPv6)",
         "select": "uniqExactState(`src_ip`) AS `sources`, uniqExactState(`dst_ip`) AS `dst`",
     },
 }
@@ -129,10 +158,7 @@ def migrations(db: str) -> list[tuple[str, list[str]]]:
     """The core tables' schema steps. Append a step; never edit a released one."""
     return [
         ("core-1", [
-            f"""CREATE TABLE IF NOT EXISTS {db}.flows (
-    {_columns([(f.name, f.clickhouse) for f in record.FIELDS] + list(FLOW_POSITION_COLUMNS))}
-) ENGINE = ReplacingMergeTree PARTITION BY toYYYYMMDD(`start`)
-ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)""",
+            _flows_ddl(db, "flows"),
             f"""CREATE TABLE IF NOT EXISTS {db}.alerts (
     {_columns(_ALERT_COLUMNS_1)}
 ) ENGINE = ReplacingMergeTree(`created_at`) ORDER BY (`alert_id`)""",
@@ -148,8 +174,10 @@ ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)""",
         ("core-3", [f"ALTER TABLE {db}.alerts ADD COLUMN IF NOT EXISTS `next_step` String"]),
         # when a flow was written: retention counts from it, so a replay of old logs is kept as long as new ones
         ("core-4", [f"ALTER TABLE {db}.flows ADD COLUMN IF NOT EXISTS {STORED_AT_DDL}"]),
+        # addresses as IPv6 (IPv4 mapped): 16 bytes, compared and ranged as addresses
+        ("core-5", _typed_flows_steps(db)),
         # per-minute rollups per source and per tenant (ROLLUPS), filled from the flows already stored
-        ("core-5", _rollup_steps(db)),
+        ("core-6", _rollup_steps(db)),
     ]
 
 

@@ -28,7 +28,7 @@ from smtpguard.console import queries, schema
 from smtpguard.core.errors import StoreError
 from smtpguard.core import registry
 from smtpguard.response import policy
-from smtpguard.core.store import SEVERITIES, Store
+from smtpguard.core.store import SEVERITIES, Store, addr_text
 
 #: Connections counted the way the window features count them: a sampled flow stands for N.
 CONNS = "greatest(sampling_rate, 1)"
@@ -80,7 +80,7 @@ def sources(store: Store) -> pd.DataFrame:
     """One row per source IP, busiest first: tenant, connections, distinct destinations (fan-out),
     rejected connections and their share, active minutes, first and last flow."""
     return frame(store, f"""
-        SELECT src_ip, any(tenant) AS tenant, sum({CONNS}) AS connections, uniqExact(dst_ip) AS distinct_dst,
+        SELECT {addr_text("src_ip")} AS src_ip, any(tenant) AS tenant, sum({CONNS}) AS connections, uniqExact(dst_ip) AS distinct_dst,
                sumIf({CONNS}, action = 'reject') AS rejected, rejected / connections AS rejected_share,
                uniqExact(toStartOfMinute(`start`)) AS active_minutes, min(`start`) AS first_flow, max(`start`) AS last_flow
         FROM {{db}}.flows FINAL GROUP BY src_ip ORDER BY connections DESC, src_ip""")
@@ -92,14 +92,14 @@ def per_minute(store: Store, src_ips: list[str], *, raw: bool = False) -> pd.Dat
     retention); ``raw=True`` computes the same from ``flows``."""
     if raw:
         return frame(store, f"""
-        SELECT toStartOfMinute(`start`) AS minute, src_ip, sum({CONNS}) AS connections,
+        SELECT toStartOfMinute(`start`) AS minute, {addr_text("src_ip")} AS src_ip, sum({CONNS}) AS connections,
                uniqExact(dst_ip) AS distinct_dst, sumIf({CONNS}, action = 'reject') AS rejected
         FROM {{db}}.flows FINAL WHERE src_ip IN {{ips:Array(String)}} GROUP BY minute, src_ip ORDER BY minute, src_ip""",
                      {"ips": list(src_ips)})
-    return frame(store, """
-        SELECT minute, src_ip, sum(connections) AS connections, uniqExactMerge(dst) AS distinct_dst,
-               sum(rejected) AS rejected
-        FROM {db}.source_minutes FINAL WHERE src_ip IN {ips:Array(String)} GROUP BY minute, src_ip
+    return frame(store, f"""
+        SELECT minute, {addr_text("src_ip")} AS src_ip, sum(connections) AS connections,
+               uniqExactMerge(dst) AS distinct_dst, sum(rejected) AS rejected
+        FROM {{db}}.source_minutes FINAL WHERE src_ip IN {{ips:Array(String)}} GROUP BY minute, src_ip
         ORDER BY minute, src_ip""", {"ips": list(src_ips)})
 
 
