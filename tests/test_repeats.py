@@ -5,6 +5,7 @@ reversibly; every other alert, the abusers' that nobody reviewed among them, kee
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -111,6 +112,31 @@ def test_every_other_alert_keeps_its_rule_severity(world):
     fresh = [a for a in world["again"].raised() if a.src_ip in world["abusers"] and a.window_start >= REVIEWED_UNTIL
              and not any(b.src_ip == a.src_ip and b.window_start < REVIEWED_UNTIL for b in world["first"].raised())]
     assert fresh and all(a.severity in ("medium", "high", "critical") and "held" not in a.evidence for a in fresh)
+
+
+def test_the_queue_ordered_by_likelihood_puts_the_abusers_above_the_newsletter(world):
+    """The later alerts at medium or higher, most likely confirmed first: every abuser's alert comes before
+    every one of the newsletter's; the default order is newest first, as before."""
+    from smtpguard.console import queries
+    from smtpguard.models import verdicts
+
+    store = world["store"]
+    ranker = queries.VerdictRanker(verdicts.models_folder(world["cfg"].data_dir))
+    f = queries.AlertFilter(severity="medium", since=queries.from_ms(_ms(REVIEWED_UNTIL)), per_page=500)
+    page = queries.alert_queue(store, dataclasses.replace(f, order="likely"), ranker)
+    ips = [a["src_ip"] for a in page.alerts]
+    assert NEWSLETTER in ips and any(ip in world["abusers"] for ip in ips)
+    last_abuser = max(i for i, ip in enumerate(ips) if ip in world["abusers"])
+    first_news = min(i for i, ip in enumerate(ips) if ip == NEWSLETTER)
+    assert last_abuser < first_news, [(a["src_ip"], a["confirm_probability"]) for a in page.alerts]
+    newest = queries.alert_queue(store, f, ranker).alerts
+    assert [a["window_start"] for a in newest] == sorted((a["window_start"] for a in newest), reverse=True)
+
+
+def _ms(iso: str) -> int:
+    import datetime as dt
+
+    return int(dt.datetime.fromisoformat(iso).replace(tzinfo=dt.timezone.utc).timestamp() * 1000)
 
 
 def test_the_hold_needs_weaker_evidence_a_known_kind_and_a_model(world, tmp_path):

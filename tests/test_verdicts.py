@@ -269,3 +269,25 @@ def test_too_few_verdicts_is_one_clear_error(tmp_path):
     r = run(cfg, "model", "train", "--supervised")
     assert r.returncode == 1 and "too few verdicts" in r.stderr and "confirm and dismiss" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_notebook_03_trains_and_judges_the_verdicts_model(reviewed, tmp_path):
+    """The analysts' notebook trains the verdicts model on the labels made in the console, with the same
+    hold-out numbers as `model train --supervised`, and plots precision/recall by threshold and the weights."""
+    from test_notebooks import NOTEBOOK_DIR, execute, found, images, text
+
+    from smtpguard.models import verdicts
+
+    cfg, _ = reviewed
+    feats, y = _labelled(cfg)
+    model, _hold = verdicts.train(feats, y)
+    h = model.card.metrics["holdout"]
+    nb = execute(NOTEBOOK_DIR / "03-tune-and-train.ipynb", cfg.store_dsn, MODEL_DIR=str(tmp_path / "model"),
+                 DATABASE=cfg.store.database)
+    out = text(nb)
+    assert f"{len(y)} reviewed windows: {int(y.sum())} confirmed" in out
+    assert (f"Verdicts model: trained on {model.card.rows} reviewed windows, judged on the {h['windows']} most recent: "
+            f"average precision {h['average_precision']:.2f} against the rules' {h['rules']['precision']:.2f}") in out
+    assert int(found(r"PR curve over (\d+) thresholds", out)) >= 2
+    assert found(r"Towards confirm: (\w+);", out) in verdicts.INPUTS
+    assert images(nb) >= 4  # the sweep, the anomaly scores, precision/recall by threshold, the weights
