@@ -50,6 +50,7 @@ from smtpguard.response.lookups import store_results
 from smtpguard.response.policy import Decision, DecisionLog, Executor
 from smtpguard.core.registry import ExemptionEvent, Registry, parse_key
 from smtpguard.core.records import iso_of, ms_of
+from smtpguard.models.verdicts import CONFIRMED, DISMISSED
 from smtpguard.core.store import Store
 
 from . import queries, schema
@@ -236,7 +237,7 @@ def confirm(c: Console, alert_id: str, actor: str, note: str = "") -> ActionResu
                 detail["published"] = _publish_report(published, publish_error)
         message = f"confirmed by {actor}; {words}{_published_words(detail.get('published', {}))}"
         result = _record(c, alert, "confirm", actor, "confirmed", note, message, detail)
-        _label(c, alert, "confirmed", actor)
+        _label(c, alert, CONFIRMED, actor)
         return result
 
 
@@ -252,7 +253,7 @@ def dismiss(c: Console, alert_id: str, actor: str, note: str = "") -> ActionResu
             message += (f"; the exemption of {alert['src_ip']} was revoked for this alert: "
                         "an admin can restore it on the alert page")
         result = _record(c, alert, "dismiss", actor, "dismissed", note, message, {})
-        _label(c, alert, "false_positive", actor)
+        _label(c, alert, DISMISSED, actor)
         return result
 
 
@@ -277,10 +278,15 @@ def restore(c: Console, alert_id: str, actor: str, note: str = "") -> ActionResu
             reasons=[*a.reasons, f"severity restored to {rule} by {actor} ({_iso(at)})"],
             # the alerts table keeps the row with the latest created_at: the restored one
             created_at=iso_of(ms_of(a.created_at) + 1))
+        then = ("it was already confirmed while held: the policy decided at low (the decision log); act on the "
+                "exemption from the exemptions page if it should" if alert["status"] == "confirmed"
+                else "confirm it to apply the revocation policy")
+        # the action first: if writing the alert fails, the restore can be retried (it is not yet restored)
+        result = _record(c, alert, "restore", actor, "", note,
+                         f"severity restored from {a.severity} to {rule} by {actor}; {then} (the alerts topic keeps "
+                         "the alert as it was published)", {"from": a.severity, "to": rule})
         c.store.insert_alerts([restored])
-        return _record(c, alert, "restore", actor, "", note,
-                       f"severity restored from {a.severity} to {rule} by {actor}; confirm it to apply the "
-                       "revocation policy", {"from": a.severity, "to": rule})
+        return result
 
 
 def recheck_dnsbl(c: Console, alert_id: str, actor: str) -> ActionResult:

@@ -6,7 +6,6 @@ The current status of an alert joins ``alert_actions`` (see :mod:`smtpguard.cons
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from smtpguard.core.record import SEVERITIES
 from smtpguard.core.alert import Alert, iso
 from smtpguard.core.errors import InputError
 from smtpguard.core.exemptions import parse_time
+from smtpguard.core.inventory import key_network
 from smtpguard.response.lookups import DNSBL_ANSWER
 from smtpguard.response.webhook import DEAD_LETTER_TABLE
 from smtpguard.core.alert import ALERT
@@ -281,14 +281,11 @@ def detectors_seen(store: Store) -> list[str]:
 # -- the evidence of one alert ------------------------------------------------------------------------
 def _scope(alert: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Which flows belong to the alert: its source IP, the addresses of its source prefix (an IPv6 /64 or an
-    inventory prefix: a range of the typed ``src_ip``), or its tenant for tenant-level alerts."""
+    inventory prefix: one range of the typed ``src_ip``), or its tenant for tenant-level alerts."""
     src = alert["src_ip"]
-    if src and "/" in src:
-        net = ipaddress.ip_network(src, strict=False)
-        lo, hi = net[0], net[-1]
-        if net.version == 4:  # stored IPv4-mapped
-            lo, hi = ipaddress.IPv6Address(f"::ffff:{lo}"), ipaddress.IPv6Address(f"::ffff:{hi}")
-        return "src_ip BETWEEN toIPv6({lo:String}) AND toIPv6({hi:String})", {"lo": str(lo), "hi": str(hi)}
+    net = key_network(src) if src and "/" in src else None
+    if net is not None:
+        return "src_ip BETWEEN toIPv6({lo:String}) AND toIPv6({hi:String})", {"lo": str(net[0]), "hi": str(net[-1])}
     if src:
         return "src_ip = {scope:String}", {"scope": src}
     return "tenant = {scope:String}", {"scope": alert["tenant"]}

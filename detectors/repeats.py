@@ -2,14 +2,14 @@
 dismissed for that source is held at ``low`` when every one of these holds:
 
 - the team dismissed at least one of the source's earlier alerts of this detector (windows before this
-  one) and confirmed none of them;
+  one) and confirmed none of those;
 - the rule evidence is no stronger: the finding's score is at most the highest score among those
   dismissed alerts (so its severity is at most theirs);
 - the promoted verdicts model (:mod:`smtpguard.models.verdicts`) learned this kind of alert
   (:func:`~smtpguard.models.verdicts.knows_kind`) and gives this window a probability of being
   confirmed at or below ``detect.hold_repeats_below``.
 
-Anything else is untouched: a fresh source, a source the team ever confirmed for this detector, a
+Anything else is untouched: a fresh source, a source the team confirmed earlier for this detector, a
 stronger repeat, a kind the model has too few labels for, and every alert when no model is promoted.
 A held alert says so in its reasons and in ``evidence.held`` (the rule severity, the verdicts, the
 probability, the model); a person restores its rule severity on the alert page
@@ -50,39 +50,54 @@ class RepeatHold:
         self.history: verdicts.History = {}
         self.held = 0
         """findings held at low since this process started"""
+        self.failures = 0
+        """times holding failed (and held nothing) since this process started"""
 
     def refresh(self, store: Any) -> None:
         self.history = verdicts.load_history(store)
 
     def hold(self, findings: Sequence[Finding], feats: pl.DataFrame) -> int:
         """Mark the findings that repeat a dismissed pattern (``severity`` low, reasons, ``evidence.held``);
-        ``feats`` are the windows' features as stored (the model's input). Returns how many."""
+        ``feats`` are the windows' features as stored (the model's input). Returns how many. Never
+        raises: a failure (the model, its input) is logged and counted, and the findings stay as the rules
+        made them."""
         if not self.history or self.below <= 0:
             return 0
+        try:
+            return self._hold(findings, feats)
+        except Exception as e:  # noqa: BLE001 - holding is a courtesy; detection must go on
+            self.failures += 1
+            for f in findings:  # nothing half-done: every finding as the rules made it
+                if isinstance(f.evidence.get("held"), dict) and f.severity == HELD_SEVERITY:
+                    f.severity = None
+                    del f.evidence["held"]
+                    f.reasons[:] = [r for r in f.reasons if not r.startswith(f"held at {HELD_SEVERITY} ")]
+            if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+                log.warning("repeat hold failed (%d times so far); alerts keep the rules' severity: %s",
+                            self.failures, e)
+            return 0
+
+    def _hold(self, findings: Sequence[Finding], feats: pl.DataFrame) -> int:
         cands = []
         for f in findings:
             v = self.history.get((f.src_ip, f.detector)) if f.src_ip is not None else None
             if v is None or f.severity is not None or rank(severity_of(f.score)) < MEDIUM:
                 continue
             dismissed, confirmed, top = v.before(f.window_start_ms)
-            if dismissed and not confirmed and f.score <= top:
+            # scores are stored rounded as the alert carries them: compare like with like
+            if dismissed and not confirmed and round(f.score, 3) <= top:
                 cands.append((f, dismissed, top))
         if not cands:
             return 0
-        try:
-            model = self.current.get()
-        except Exception as e:  # noqa: BLE001 - a broken artifact must never stop detection
-            log.warning("the promoted verdicts model cannot be loaded; no repeat is held: %s", e)
-            return 0
+        model = self.current.get()
         if model is None:
             return 0
         cands = [c for c in cands if verdicts.knows_kind(model.card, c[0].detector)]
         if not cands:
             return 0
-        ws = pl.col("window_start")
-        ms = ws.dt.epoch("ms") if feats.schema["window_start"].is_temporal() else ws.cast(pl.Int64)
         keys = pl.DataFrame({"src_ip": [f.src_ip for f, _, _ in cands], "_ms": [f.window_start_ms for f, _, _ in cands]})
-        rows = keys.join(feats.with_columns(_ms=ms), on=["src_ip", "_ms"], how="inner", maintain_order="left")
+        rows = keys.join(feats.with_columns(pl.Series("_ms", verdicts.window_ms(feats), pl.Int64)),
+                         on=["src_ip", "_ms"], how="inner", maintain_order="left")
         if rows.height != len(cands):  # every finding comes from a window of these features
             log.warning("repeat hold: %d of %d findings have no window features; none is held",
                         len(cands) - rows.height, len(cands))

@@ -90,6 +90,7 @@ class DetectorRunner:
         self._exemptions_checked = time.monotonic()
         self.pipeline = Pipeline(cfg, exemptions if exemptions is not None else self.registry.current())
         self._verdicts_version: tuple | None = None
+        self._verdicts_checked = float("-inf")
         self._refresh_verdicts()
         self.poll_batch = poll_batch or cfg.detect.poll_messages
         self.topics = cfg.kafka.topics
@@ -177,6 +178,7 @@ class DetectorRunner:
 
     def step(self, timeout_s: float = 0.5) -> None:
         self._refresh_exemptions()
+        self._refresh_verdicts()
         msgs = self.consumer.consume(self.poll_batch, timeout_s)
         out = Output()
         flows: list[pa.Table] = []
@@ -543,7 +545,6 @@ class DetectorRunner:
         if now - self._exemptions_checked < self.cfg.detect.exemptions_refresh_ms / 1000:
             return
         self._exemptions_checked = now
-        self._refresh_verdicts()
         try:
             version = self.registry.version()
             if version != self._exemptions_version:
@@ -554,12 +555,16 @@ class DetectorRunner:
             log.warning("could not read the exemption registry: %s", e)
 
     def _refresh_verdicts(self) -> None:
-        """Read the team's verdicts again when they changed (with the exemptions, at most every
+        """Read the team's verdicts again when they changed (checked at most every
         ``detect.exemptions_refresh_ms``): repeats of alerts dismissed since are held (detectors/repeats.py)."""
         from smtpguard.models.verdicts import history_version
 
         if self.pipeline.repeats is None:
             return
+        now = time.monotonic()
+        if now - self._verdicts_checked < self.cfg.detect.exemptions_refresh_ms / 1000:
+            return
+        self._verdicts_checked = now
         try:
             version = history_version(self.store)
             if version != self._verdicts_version:

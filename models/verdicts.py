@@ -33,6 +33,7 @@ trusted types, ``card.json`` with the SHA-256): :func:`smtpguard.models.anomaly.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import platform
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -42,9 +43,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from smtpguard.core.errors import SmtpguardError
+from smtpguard.core.errors import ConfigError, SmtpguardError
 
 from .anomaly import FEATURES, Card, load_artifact, matrix, save_artifact
+
+log = logging.getLogger(__name__)
 
 MODEL_KIND = "verdicts-logistic-v2"
 #: the most recent share of labelled windows held out to judge a model
@@ -56,8 +59,10 @@ MIN_PER_CLASS = 5
 MIN_PER_KIND = 5
 #: the table of the team's verdicts (written by the console's confirm and dismiss)
 REVIEW_LABELS = "review_labels"
+#: the labels the console stores for a confirmed and for a dismissed alert
+CONFIRMED, DISMISSED = "confirmed", "false_positive"
 #: labels as the console stores them -> class
-LABELS = {"confirmed": 1, "false_positive": 0}
+LABELS = {CONFIRMED: 1, DISMISSED: 0}
 TRUSTED_TYPES = [
     "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
     "sklearn.calibration.CalibratedClassifierCV", "sklearn.linear_model._logistic.LogisticRegression",
@@ -101,14 +106,14 @@ def load_history(store: Any) -> History:
     """Every source alert the team confirmed or dismissed (its latest verdict), keyed by (source, detector)."""
     db = store.database
     rows = store.query(f"""
-SELECT assumeNotNull(l.src_ip), l.detector, toUnixTimestamp64Milli(l.window_start), l.label = 'false_positive',
+SELECT assumeNotNull(l.src_ip), l.detector, toUnixTimestamp64Milli(l.window_start), l.label = {{dismissed:String}},
        a.score
 FROM (SELECT * FROM {db}.{REVIEW_LABELS} FINAL) AS l
 INNER JOIN (SELECT alert_id, argMax(score, created_at) AS score FROM {db}.alerts
             WHERE alert_id IN (SELECT alert_id FROM {db}.{REVIEW_LABELS}) GROUP BY alert_id) AS a
     ON a.alert_id = l.alert_id
 WHERE l.src_ip IS NOT NULL AND l.label IN {{labels:Array(String)}}
-ORDER BY 1, 2, 3""", {"labels": list(LABELS)})
+ORDER BY 1, 2, 3""", {"labels": list(LABELS), "dismissed": DISMISSED})
     out: History = {}
     for ip, det, ms, dismissed, score in rows:
         v = out.setdefault((ip, det), Earlier())
@@ -118,7 +123,8 @@ ORDER BY 1, 2, 3""", {"labels": list(LABELS)})
     return out
 
 
-def _window_ms(feats: pl.DataFrame) -> list[int]:
+def window_ms(feats: pl.DataFrame) -> list[int]:
+    """Each row's window start in epoch milliseconds (a time column or already milliseconds)."""
     ws = pl.col("window_start")
     return feats.select(ws.dt.epoch("ms") if feats.schema["window_start"].is_temporal() else ws.cast(pl.Int64)
                         ).to_series().to_list()
@@ -128,7 +134,7 @@ def with_earlier(feats: pl.DataFrame, history: History, detectors: list[str]) ->
     """``feats`` (one row per source and window) with the :data:`EARLIER` columns: the verdicts on the
     source's alerts of ``detectors[i]`` in windows before row i's."""
     counts = [history[(ip, det)].before(ms)[:2] if (ip, det) in history else (0, 0)
-              for ip, det, ms in zip(feats["src_ip"].to_list(), detectors, _window_ms(feats))]
+              for ip, det, ms in zip(feats["src_ip"].to_list(), detectors, window_ms(feats))]
     return feats.with_columns(pl.Series(EARLIER[0], [c[0] for c in counts], pl.Int64),
                               pl.Series(EARLIER[1], [c[1] for c in counts], pl.Int64))
 
@@ -317,20 +323,31 @@ def models_folder(data_dir: str | Path) -> Path:
     return Path(data_dir) / "models"
 
 
+def load_usable(directory: str | Path) -> Model | None:
+    """The artifact, or None (with a warning) when this version cannot use it: another kind or feature
+    list (made by an earlier release: retrain), or a file changed since it was written."""
+    try:
+        return load(directory)
+    except (ConfigError, OSError, ValueError) as e:
+        log.warning("the verdicts model %s is not used: %s", directory, e)
+        return None
+
+
 class Current:
     """The promoted verdicts model of a models folder, loaded once and again whenever another one is
-    promoted (the console's ranking and the detectors' repeat hold read it through this)."""
+    promoted (the console's ranking and the detectors' repeat hold read it through this). A promoted
+    artifact this version cannot use counts as none (:func:`load_usable`)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self._loaded: tuple[str, Model] | None = None
+        self._loaded: tuple[str, Model | None] | None = None
 
     def get(self) -> Model | None:
         d = current_dir(self.directory)
         if d is None:
             return None
         if self._loaded is None or self._loaded[0] != d.name:
-            self._loaded = (d.name, load(d))
+            self._loaded = (d.name, load_usable(d))
         return self._loaded[1]
 
     @property

@@ -139,25 +139,33 @@ def _ms(iso: str) -> int:
     return int(dt.datetime.fromisoformat(iso).replace(tzinfo=dt.timezone.utc).timestamp() * 1000)
 
 
-def test_the_hold_needs_weaker_evidence_a_known_kind_and_a_model(world, tmp_path):
-    """A stronger repeat, a kind of alert the model has too few labels for, and no promoted model:
-    nothing is held."""
+def _newsletter(world):
+    """The newsletter's stored window features, one of its held alerts, and a maker of findings on that
+    alert's window."""
     import polars as pl
 
-    from smtpguard.detectors.repeats import RepeatHold
     from smtpguard.detectors.rules import Finding
-    from smtpguard.models import verdicts
 
-    cfg, store = world["cfg"], world["store"]
+    store = world["store"]
     held = next(a for a in world["again"].alerts if a.src_ip == NEWSLETTER and "held" in a.evidence)
-    rows = store.query_df(f"SELECT * FROM {store.database}.window_features FINAL WHERE src_ip = {{ip:String}}",
-                          {"ip": NEWSLETTER})
-    feats = pl.from_pandas(rows)
+    feats = pl.from_pandas(store.query_df(
+        f"SELECT * FROM {store.database}.window_features FINAL WHERE src_ip = {{ip:String}}", {"ip": NEWSLETTER}))
 
     def finding(score: float, detector: str = "spam_fanout") -> Finding:
         return Finding(detector, NEWSLETTER, held.tenant, held.window_start_ms, held.window_start_ms + 60_000,
                        score, ["x"])
 
+    return feats, held, finding
+
+
+def test_the_hold_needs_weaker_evidence_a_known_kind_and_a_model(world, tmp_path):
+    """A stronger repeat, a kind of alert the model has too few labels for, and no promoted model:
+    nothing is held."""
+    from smtpguard.detectors.repeats import RepeatHold
+    from smtpguard.models import verdicts
+
+    cfg, store = world["cfg"], world["store"]
+    feats, held, finding = _newsletter(world)
     hold = RepeatHold(verdicts.models_folder(cfg.data_dir), cfg.detect.hold_repeats_below)
     hold.refresh(store)
     top = held.evidence["held"]["dismissed_top_score"]
@@ -198,3 +206,55 @@ def test_a_person_restores_a_held_alert(world):
     plain = next(a for a in world["first"].raised() if a.src_ip in world["abusers"])
     with pytest.raises(actions.Refused, match="was not held"):
         actions.restore(console, plain.alert_id, "lead")
+
+
+def test_a_failing_model_holds_nothing_and_detection_goes_on(world, monkeypatch):
+    from smtpguard.detectors.repeats import RepeatHold
+    from smtpguard.models import verdicts
+
+    cfg = world["cfg"]
+    feats, held, finding = _newsletter(world)
+    hold = RepeatHold(verdicts.models_folder(cfg.data_dir), cfg.detect.hold_repeats_below)
+    hold.refresh(world["store"])
+
+    def broken(self, feats):
+        raise ValueError("input has NaN")
+
+    monkeypatch.setattr(verdicts.Model, "probability", broken)
+    f = finding(held.evidence["held"]["dismissed_top_score"])
+    assert hold.hold([f], feats) == 0 and hold.failures == 1
+    assert f.severity is None and "held" not in f.evidence and f.reasons == ["x"]
+
+
+def test_a_model_an_earlier_release_made_is_not_used_and_retraining_replaces_it(world, capsys):
+    """A promoted artifact of another kind: the queue still works (without likelihoods), nothing is held,
+    and `model train --supervised` promotes a new model, saying why."""
+    import json
+    import shutil
+
+    from smtpguard.cli.model import _train_supervised
+    from smtpguard.console import queries
+    from smtpguard.detectors.repeats import RepeatHold
+    from smtpguard.models import verdicts
+
+    cfg, store = world["cfg"], world["store"]
+    models = verdicts.models_folder(cfg.data_dir)
+    old = models / "verdicts-0-earlier"
+    shutil.copytree(models / "verdicts-1", old)
+    card = json.loads((old / "card.json").read_text())
+    card["kind"] = "verdicts-logistic-v1"
+    (old / "card.json").write_text(json.dumps(card))
+    verdicts.promote(models, old)
+    ranker = queries.VerdictRanker(models)
+    assert ranker.model() is None
+    page = queries.alert_queue(store, queries.AlertFilter(severity="medium"), ranker)
+    assert page.alerts and all(a.get("confirm_probability") is None for a in page.alerts)
+    feats, held, finding = _newsletter(world)
+    hold = RepeatHold(models, cfg.detect.hold_repeats_below)
+    hold.refresh(store)
+    f = finding(held.evidence["held"]["dismissed_top_score"])
+    assert hold.hold([f], feats) == 0 and f.severity is None and hold.failures == 0
+    _train_supervised(cfg, None, None, None, 0)
+    assert "the current model verdicts-0-earlier is one this version cannot use" in capsys.readouterr().err
+    assert verdicts.current_dir(models).name.startswith("verdicts-2")  # a new artifact, named by its time
+    assert ranker.model() is not None

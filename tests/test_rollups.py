@@ -64,6 +64,7 @@ def test_an_older_store_is_carried_forward_and_the_rollups_match_raw_flows(tmp_p
     monkeypatch.setattr(store_mod, "all_migrations",
                         lambda db: [s for s in every(db) if s[0] not in ("core-5", "core-6")])
     with Store(dsn) as old:
+        old.apply_retention({"flows": 3650})
         for b in batches[:3] + batches[1:2]:
             old.insert_flows(b)
         assert "source_minutes" not in {r[0] for r in old.query("SHOW TABLES FROM smtpguard")}
@@ -75,6 +76,10 @@ def test_an_older_store_is_carried_forward_and_the_rollups_match_raw_flows(tmp_p
         assert {"core-5", "core-6"} <= versions
         ddl = s.query("SHOW CREATE TABLE smtpguard.flows")[0][0]
         assert "`src_ip` IPv6" in ddl and "`dst_ip` IPv6" in ddl and "`tenant` LowCardinality(String)" in ddl
+        # the copy keeps the retention, and its rows expire by it (their parts carry the TTL)
+        assert "TTL toDateTime(stored_at) + toIntervalDay(3650)" in ddl
+        assert s.query("SELECT min(delete_ttl_info_min) > toDateTime('2000-01-01') FROM system.parts "
+                       "WHERE database = 'smtpguard' AND table = 'flows' AND active")[0][0]
         assert s.query(FLOW_TEXT) == flows_before  # no flow lost, every value as it was
         assert len(flows_before) == sum(b.num_rows for b in batches[:3])
         assert {":" in r[0] for r in flows_before} == {True, False}  # IPv6 sources and IPv4 ones
@@ -98,3 +103,47 @@ def test_show_create_table_has_the_rollups_types_and_the_views(tmp_path):
             assert "`tenant` LowCardinality(String)" in ddl
             view = s.query(f"SHOW CREATE TABLE smtpguard.{name}_mv")[0][0]
             assert "MATERIALIZED VIEW" in view and f"TO smtpguard.{name}" in view
+
+
+def _old_store(dsn: str, monkeypatch, rows: pa.Table) -> None:
+    """A store made by the schema before typed addresses, holding ``rows``."""
+    every = store_mod.all_migrations
+    text_fields = tuple(dataclasses.replace(f, clickhouse="String") if f.name in ("src_ip", "dst_ip") else f
+                        for f in record.FIELDS)
+    with monkeypatch.context() as m:
+        m.setattr(store_mod.record, "FIELDS", text_fields)
+        m.setattr(store_mod, "all_migrations", lambda db: [s for s in every(db) if s[0] not in ("core-5", "core-6")])
+        with Store(dsn) as old:
+            old.insert_flows(rows)
+
+
+def test_a_server_store_is_copied_only_by_store_migrate(tmp_path, monkeypatch):
+    """On a server, other writers may run during the copy: only `store migrate` copies, every other
+    process refuses to start with that instruction (the embedded store is emulated as a server)."""
+    from smtpguard.core.errors import StoreError
+
+    batch = _batches(tmp_path)[0]
+    dsn = f"chdb://{tmp_path / 'store'}"
+    _old_store(dsn, monkeypatch, batch)
+    with Store(dsn, create=False) as s:
+        s.embedded = False
+        with pytest.raises(StoreError, match="run `smtpguard store migrate` once"):
+            s.migrate()
+        assert "`src_ip` String" in s.query("SHOW CREATE TABLE smtpguard.flows")[0][0]
+        assert s.migrate(rebuild=True) >= 2
+        assert "`src_ip` IPv6" in s.query("SHOW CREATE TABLE smtpguard.flows")[0][0]
+        assert s.count("flows") == batch.num_rows
+
+
+def test_a_flow_whose_address_is_not_an_address_stops_the_copy_and_says_how_to_mend_it(tmp_path, monkeypatch):
+    from smtpguard.core.errors import StoreError
+
+    batch = _batches(tmp_path)[0].slice(0, 3)
+    bad = batch.set_column(batch.schema.get_field_index("src_ip"), "src_ip", pa.array(["10.0.0.1", "garbage", "10.0.0.3"]))
+    dsn = f"chdb://{tmp_path / 'store'}"
+    _old_store(dsn, monkeypatch, bad)
+    with pytest.raises(StoreError, match=r"1 rows of smtpguard.flows have an address that is not an IP address "
+                                         r"\(e.g. src_ip 'garbage'.*ALTER TABLE smtpguard.flows DELETE WHERE"):
+        Store(dsn)
+    with Store(dsn, create=False) as s:  # nothing lost meanwhile
+        assert s.count("flows") == 3 and "`src_ip` String" in s.query("SHOW CREATE TABLE smtpguard.flows")[0][0]

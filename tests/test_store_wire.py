@@ -10,7 +10,7 @@ import pytest
 from smtpguard.core import record, wire
 from smtpguard.detectors.features import FEATURES
 from smtpguard.core.alert import ALERT
-from smtpguard.core.store import Store
+from smtpguard.core.store import Store, addr_text
 
 T = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -57,7 +57,8 @@ def test_migration_is_idempotent_and_records_round_trip(store):
     store.insert_flows(t.append_column("kafka_partition", pa.array([0, 0, 0], pa.uint32()))
                        .append_column("kafka_offset", pa.array([7, 7, 7], pa.int64()))
                        .append_column("kafka_row", pa.array([0, 1, 2], pa.uint32())))
-    rows = store.query(f"SELECT src_ip, action, tcp_flags, start FROM {store.database}.flows ORDER BY src_ip")
+    rows = store.query(f"SELECT {addr_text('src_ip')} AS ip, action, tcp_flags, start FROM {store.database}.flows "
+                       "ORDER BY ip")
     assert [r[0] for r in rows] == ["10.0.0.0", "10.0.0.1", "10.0.0.2"]
     assert rows[0][1] == "reject" and rows[0][2] == 2
     assert rows[0][3].replace(tzinfo=dt.timezone.utc) == T

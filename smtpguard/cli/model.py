@@ -189,8 +189,11 @@ def _train_supervised(cfg, since, until, out_dir: str | None, seed: int) -> None
         bar.update(1)
         bar.set_postfix_str("comparing with the current model", refresh=True)
         cur_dir = verdicts.current_dir(models_dir)
-        current = verdicts.load(cur_dir) if cur_dir is not None else None
+        current = verdicts.load_usable(cur_dir) if cur_dir is not None else None
         verdict = verdicts.compare(model, current, feats[hold], y[hold])
+        if cur_dir is not None and current is None:
+            verdict.message = verdict.message.replace(
+                "no current model", f"the current model {cur_dir.name} is one this version cannot use")
         model.card.metrics["promotion"] = {"promoted": verdict.promoted, "current": cur_dir.name if cur_dir else None,
                                            "current_average_precision": verdict.current_ap}
         bar.update(1)

@@ -28,7 +28,7 @@ def store_migrate(c) -> None:
 
     try:
         with Store(c.cfg.store_dsn, c.cfg.store.database, create=False) as st:
-            n = st.migrate()
+            n = st.migrate(rebuild=True)
             total = st.count("schema_migrations")
             retention = st.apply_retention(c.cfg.store.retention_days)
     except SmtpguardError:

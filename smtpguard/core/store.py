@@ -80,7 +80,8 @@ def all_migrations(db: str) -> list[tuple[str, list[str]]]:
 
 def addr_text(column: str) -> str:
     """SQL turning an ``IPv6`` address column back into the records' text: IPv4-mapped addresses as
-    IPv4 (``10.0.0.1``), others as ClickHouse formats IPv6 (RFC 5952, like Python's ``ipaddress``)."""
+    IPv4 (``10.0.0.1``), others as ClickHouse formats IPv6 (RFC 5952 compression; unlike Python's
+    ``ipaddress``, an IPv4-compatible ``::1:2`` reads ``::0.1.0.2``, see ``smtpguard.core.iputil``)."""
     return f"replaceRegexpOne(toString({column}), '^::ffff:([0-9.]+)$', '\\\\1')"
 
 
@@ -91,20 +92,51 @@ def _flows_ddl(db: str, table: str) -> str:
 ORDER BY (`src_ip`, `start`, `kafka_partition`, `kafka_offset`, `kafka_row`)"""
 
 
-def _typed_flows_steps(db: str) -> list[str]:
-    """``flows`` rebuilt with the record's column types (addresses as ``IPv6``): copied into a new
-    table, which then takes its place. Safe to run again after a crash at any statement: the
-    leftover table is dropped first, and a copy of an already typed table is typed."""
-    cols = ", ".join(f"`{c}`" for c in [*record.FIELD_NAMES, *(n for n, _ in FLOW_POSITION_COLUMNS), STORED_AT[0]])
-    return [
-        f"DROP TABLE IF EXISTS {db}.flows_typed",
-        _flows_ddl(db, "flows_typed"),
-        f"ALTER TABLE {db}.flows_typed ADD COLUMN IF NOT EXISTS {STORED_AT_DDL}",
-        f"INSERT INTO {db}.flows_typed ({cols}) SELECT {cols} FROM {db}.flows "
-        "SETTINGS max_partitions_per_insert_block = 0",
-        f"EXCHANGE TABLES {db}.flows AND {db}.flows_typed",
-        f"DROP TABLE {db}.flows_typed",
-    ]
+#: The flow columns as step core-5 copies them (frozen: a later step adding a field adds it itself)
+_FLOW_COLUMNS_5: tuple[str, ...] = (
+    "start", "end", "src_ip", "dst_ip", "src_port", "dst_port", "protocol", "packets", "bytes", "rev_packets",
+    "rev_bytes", "action", "tcp_flags", "tenant", "interface_id", "instance_id", "source_format", "exporter",
+    "sampling_rate", "conn_state", "helo", "mail_from_domain", "rcpt_count", "reply_first", "reply_last",
+    "replies_4xx", "replies_5xx", "starttls", "auth", "kafka_partition", "kafka_offset", "kafka_row", "stored_at")
+
+
+class Rebuild:
+    """A schema step that copies a table into a new one with other column types and swaps the two
+    (ClickHouse cannot change the type of a sorting-key column in place). It runs only where the
+    table still has the old types (``needed_sql`` counts them): a store made since has them from its
+    first step. On a server it runs only from ``smtpguard store migrate`` with the writers stopped
+    (rows written during the copy would be lost); the embedded store is one process's alone.
+    Safe to run again after a crash at any statement: the leftover copy is dropped first."""
+
+    def __init__(self, table: str, needed_sql: str, check_sql: str, steps: list[str], ddl_table: str):
+        self.table, self.needed_sql, self.check_sql, self.steps = table, needed_sql, check_sql, steps
+        self.ddl_table = ddl_table
+
+    def __iter__(self):
+        # `store schema` prints these for review, commented out: a new store never needs them
+        yield (f"-- only for a {self.table} table made before this step (its addresses still text), "
+               "run by `smtpguard store migrate` with the writers stopped:\n-- "
+               + ";\n-- ".join(s.replace("\n", " ") for s in self.steps))
+
+
+def _typed_flows_step(db: str) -> Rebuild:
+    cols = ", ".join(f"`{c}`" for c in _FLOW_COLUMNS_5)
+    return Rebuild(
+        "flows",
+        f"SELECT count() FROM system.columns WHERE database = '{db}' AND table = 'flows' "
+        "AND name IN ('src_ip', 'dst_ip') AND type != 'IPv6'",
+        f"SELECT count(), any(src_ip), any(dst_ip) FROM {db}.flows "
+        "WHERE isNull(toIPv6OrNull(src_ip)) OR isNull(toIPv6OrNull(dst_ip))",
+        [
+            f"DROP TABLE IF EXISTS {db}.flows_typed",
+            _flows_ddl(db, "flows_typed"),
+            f"ALTER TABLE {db}.flows_typed ADD COLUMN IF NOT EXISTS {STORED_AT_DDL}",
+            # (the flows' retention TTL is given to the copy here, so copied rows expire as before)
+            f"INSERT INTO {db}.flows_typed ({cols}) SELECT {cols} FROM {db}.flows "
+            "SETTINGS max_partitions_per_insert_block = 0",
+            f"EXCHANGE TABLES {db}.flows AND {db}.flows_typed",
+            f"DROP TABLE {db}.flows_typed",
+        ], "flows_typed")
 
 
 #: Per-minute rollups of ``flows`` kept by materialized views, so months of traffic are read without
@@ -149,7 +181,8 @@ def _rollup_steps(db: str) -> list[str]:
 ORDER BY ({r['keys']}, `minute`, `kafka_partition`, `kafka_offset`)""",
             f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name}_mv TO {db}.{name} AS {rollup_select(name, f'{db}.flows')}",
             # flows stored before the view existed (a replay racing this step writes the same keys: folded)
-            f"INSERT INTO {db}.{name} {rollup_select(name, f'{db}.flows FINAL')}",
+            f"INSERT INTO {db}.{name} {rollup_select(name, f'{db}.flows FINAL')} "
+            "SETTINGS max_partitions_per_insert_block = 0",
         ]
     return out
 
@@ -175,7 +208,7 @@ def migrations(db: str) -> list[tuple[str, list[str]]]:
         # when a flow was written: retention counts from it, so a replay of old logs is kept as long as new ones
         ("core-4", [f"ALTER TABLE {db}.flows ADD COLUMN IF NOT EXISTS {STORED_AT_DDL}"]),
         # addresses as IPv6 (IPv4 mapped): 16 bytes, compared and ranged as addresses
-        ("core-5", _typed_flows_steps(db)),
+        ("core-5", _typed_flows_step(db)),
         # per-minute rollups per source and per tenant (ROLLUPS), filled from the flows already stored
         ("core-6", _rollup_steps(db)),
     ]
@@ -270,7 +303,9 @@ class Store:
         self.close()
 
     # -- schema ---------------------------------------------------------------------------
-    def migrate(self) -> int:
+    def migrate(self, *, rebuild: bool = False) -> int:
+        """Apply the schema steps not run yet; returns how many. ``rebuild``: this is `store migrate`,
+        which may run a :class:`Rebuild` on a server (the embedded store always may)."""
         db = self.database
         with self._mutex:
             self.client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
@@ -283,13 +318,40 @@ class Store:
             for version, steps in all_migrations(db):
                 if version in done:
                     continue
-                for sql in steps:
-                    self.client.command(sql)
+                if isinstance(steps, Rebuild):
+                    self._rebuild(version, steps, rebuild or self.embedded)
+                else:
+                    for sql in steps:
+                        self.client.command(sql)
                 self.client.insert(f"{db}.schema_migrations", [[version, dt.datetime.now(dt.timezone.utc)]],
                                    column_names=["version", "applied_at"])
                 done.add(version)  # a step listed twice runs once
                 applied += 1
             return applied
+
+    def _rebuild(self, version: str, step: Rebuild, allowed: bool) -> None:
+        if not self.client.query(step.needed_sql).result_rows[0][0]:
+            return  # made with the new types
+        if not allowed:
+            raise StoreError(f"the store's {step.table} table must be copied with its new column types (schema step "
+                             f"{version}): stop the detectors and run `smtpguard store migrate` once "
+                             "(docs/DEPLOYMENT.md, upgrades)")
+        bad, src, dst = self.client.query(step.check_sql).result_rows[0]
+        if bad:
+            raise StoreError(f"{bad} rows of {self.database}.{step.table} have an address that is not an IP address "
+                             f"(e.g. src_ip {src!r}, dst_ip {dst!r}); schema step {version} cannot type them. Remove "
+                             f"them (ALTER TABLE {self.database}.{step.table} DELETE WHERE isNull(toIPv6OrNull(src_ip)) "
+                             "OR isNull(toIPv6OrNull(dst_ip))) and migrate again")
+        ttl = _TTL_RE.search(self.client.query(
+            "SELECT create_table_query FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": self.database, "t": step.table}).result_rows[0][0])
+        for sql in step.steps:
+            if sql.startswith("INSERT") and ttl:
+                # the copied rows keep the retention they had (a TTL added after the copy skips its parts)
+                self.client.command(f"ALTER TABLE {self.database}.{step.ddl_table} MODIFY TTL "
+                                    f"toDateTime(`{ttl.group(1)}`) + INTERVAL {ttl.group(2)} DAY")
+            self.client.command(sql)
+        log.warning("schema step %s: %s copied with its new column types", version, step.table)
 
     def apply_retention(self, days: dict[str, int]) -> dict[str, int]:
         """Give each table of :data:`RETENTION_COLUMNS` the TTL of ``days`` (0 or absent: none). Only

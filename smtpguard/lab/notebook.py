@@ -91,16 +91,18 @@ def per_minute(store: Store, src_ips: list[str], *, raw: bool = False) -> pd.Dat
     the per-minute rollup (``source_minutes``: months without scanning raw flows, and beyond their
     retention); ``raw=True`` computes the same from ``flows``."""
     if raw:
-        return frame(store, f"""
-        SELECT toStartOfMinute(`start`) AS minute, {addr_text("src_ip")} AS src_ip, sum({CONNS}) AS connections,
-               uniqExact(dst_ip) AS distinct_dst, sumIf({CONNS}, action = 'reject') AS rejected
-        FROM {{db}}.flows FINAL WHERE src_ip IN {{ips:Array(String)}} GROUP BY minute, src_ip ORDER BY minute, src_ip""",
-                     {"ips": list(src_ips)})
-    return frame(store, f"""
-        SELECT minute, {addr_text("src_ip")} AS src_ip, sum(connections) AS connections,
-               uniqExactMerge(dst) AS distinct_dst, sum(rejected) AS rejected
-        FROM {{db}}.source_minutes FINAL WHERE src_ip IN {{ips:Array(String)}} GROUP BY minute, src_ip
-        ORDER BY minute, src_ip""", {"ips": list(src_ips)})
+        inner = f"""
+            SELECT toStartOfMinute(`start`) AS minute, src_ip AS ip, sum({CONNS}) AS connections,
+                   uniqExact(dst_ip) AS distinct_dst, sumIf({CONNS}, action = 'reject') AS rejected
+            FROM {{db}}.flows FINAL WHERE src_ip IN {{ips:Array(String)}} GROUP BY minute, src_ip"""
+    else:
+        inner = """
+            SELECT minute, src_ip AS ip, sum(connections) AS connections, uniqExactMerge(dst) AS distinct_dst,
+                   sum(rejected) AS rejected
+            FROM {db}.source_minutes FINAL WHERE src_ip IN {ips:Array(String)} GROUP BY minute, src_ip"""
+    # filtered on the typed column (its index), then turned into text
+    return frame(store, f"""SELECT minute, {addr_text("ip")} AS src_ip, connections, distinct_dst, rejected
+        FROM ({inner}) ORDER BY minute, src_ip""", {"ips": list(src_ips)})
 
 
 def tenant_traffic(store: Store, *, raw: bool = False) -> pd.DataFrame:
