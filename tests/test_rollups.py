@@ -69,6 +69,11 @@ def test_an_older_store_is_carried_forward_and_the_rollups_match_raw_flows(tmp_p
             old.insert_flows(b)
         assert "source_minutes" not in {r[0] for r in old.query("SHOW TABLES FROM smtpguard")}
         assert "`src_ip` String" in old.query("SHOW CREATE TABLE smtpguard.flows")[0][0]
+        # a notebook on a store without the rollups yet reads the raw flows
+        from smtpguard.lab import notebook
+
+        busy = notebook.sources(old).src_ip.head(3).tolist()
+        assert set(notebook.per_minute(old, busy).src_ip) == set(busy) and len(notebook.tenant_traffic(old)) > 0
         flows_before = old.query(FLOW_TEXT.replace(addr_text("src_ip"), "src_ip").replace(addr_text("dst_ip"), "dst_ip"))
     monkeypatch.undo()
     with Store(dsn) as s:

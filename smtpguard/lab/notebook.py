@@ -89,8 +89,8 @@ def sources(store: Store) -> pd.DataFrame:
 def per_minute(store: Store, src_ips: list[str], *, raw: bool = False) -> pd.DataFrame:
     """Connections, distinct destinations and rejected connections per minute of the given sources, from
     the per-minute rollup (``source_minutes``: months without scanning raw flows, and beyond their
-    retention); ``raw=True`` computes the same from ``flows``."""
-    if raw:
+    retention); ``raw=True`` computes the same from ``flows`` (as on a store not migrated to the rollups yet)."""
+    if raw or "source_minutes" not in tables(store):
         inner = f"""
             SELECT toStartOfMinute(`start`) AS minute, src_ip AS ip, sum({CONNS}) AS connections,
                    uniqExact(dst_ip) AS distinct_dst, sumIf({CONNS}, action = 'reject') AS rejected
@@ -107,8 +107,9 @@ def per_minute(store: Store, src_ips: list[str], *, raw: bool = False) -> pd.Dat
 
 def tenant_traffic(store: Store, *, raw: bool = False) -> pd.DataFrame:
     """One row per tenant: sources, connections, fan-out and rejected share over everything stored, from the
-    per-minute rollup (``tenant_minutes``); ``raw=True`` computes the same from ``flows``."""
-    if raw:
+    per-minute rollup (``tenant_minutes``); ``raw=True`` computes the same from ``flows`` (as on a store not
+    migrated to the rollups yet)."""
+    if raw or "tenant_minutes" not in tables(store):
         return frame(store, f"""
         SELECT tenant, uniqExact(src_ip) AS sources, sum({CONNS}) AS connections, uniqExact(dst_ip) AS distinct_dst,
                sumIf({CONNS}, action = 'reject') AS rejected, rejected / connections AS rejected_share
