@@ -207,9 +207,19 @@ class VerdictRanker:
         from smtpguard.models import verdicts
 
         self.current = verdicts.Current(models_dir)
+        self._history: tuple[tuple, Any] | None = None
 
     def model(self):
         return self.current.get()
+
+    def history(self, store: Store):
+        """The team's verdicts (the model's earlier-verdict inputs), read again only when one was added."""
+        from smtpguard.models import verdicts
+
+        version = verdicts.history_version(store)
+        if self._history is None or self._history[0] != version:
+            self._history = (version, verdicts.load_history(store))
+        return self._history[1]
 
     def annotate(self, store: Store, alerts: list[dict[str, Any]]) -> None:
         """Set ``confirm_probability`` on each alert (None: a tenant alert, or no stored window)."""
@@ -240,7 +250,7 @@ class VerdictRanker:
             return
         # one row per alert (alerts of several detectors on one window each count their own earlier verdicts)
         rows_of = feats[[i for _, i in found]]
-        p = model.probability(verdicts.with_earlier(rows_of, verdicts.load_history(store),
+        p = model.probability(verdicts.with_earlier(rows_of, self.history(store),
                                                     [a["detector"] for a, _ in found]))
         for (a, _), x in zip(found, p.tolist()):
             a["confirm_probability"] = float(x)
