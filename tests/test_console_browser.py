@@ -184,3 +184,33 @@ def test_a_viewer_cannot_act_and_a_post_without_csrf_token_is_refused(browser, s
     expect(analyst.locator("#activity")).to_contain_text("Nobody has acted on this alert yet.")
     viewer.close()
     analyst.close()
+
+
+def test_a_held_repeat_says_why_and_an_analyst_restores_it(browser, site):
+    """An alert the detectors held at low as a repeat of dismissed alerts (detectors/repeats.py) shows why on
+    its page; "Restore to medium" gives it the rules' severity back."""
+    import msgspec
+
+    from smtpguard.core.records import iso_of, ms_of
+
+    rule = next(a for a in reversed(site.filled.alerts) if a.src_ip and a.severity == "medium")
+    held = msgspec.structs.replace(
+        rule, severity="low", created_at=iso_of(ms_of(rule.created_at) + 1),
+        evidence={**rule.evidence, "held": {"rule_severity": "medium", "dismissed": 4, "dismissed_top_score": rule.score,
+                                            "confirm_probability": 0.06, "model": "verdicts-test"}},
+        reasons=[*rule.reasons, "held at low (the rules say medium): the team dismissed this source's earlier alerts"])
+    site.store.insert_alerts([held])  # as the detector stores a held repeat
+    page = session(browser, site, "analyst")
+    page.goto(f"{site.url}/alerts/{rule.alert_id}")
+    expect(page.locator(".alert-head h1 .sev")).to_have_text("low")
+    expect(page.locator("#held")).to_contain_text("at low as a repeat of 4 dismissed alert(s); the rules say medium")
+    expect(page.locator("ul.reasons li").last).to_contain_text("held at low (the rules say medium)")
+    shot(page, "held")
+    page.get_by_label("Note").fill("new campaign, look again")
+    page.get_by_role("button", name="Restore to medium").click()
+    expect(page.locator(".flash-ok")).to_contain_text("severity restored from low to medium by analyst")
+    expect(page.locator(".alert-head h1 .sev")).to_have_text("medium")
+    expect(page.locator("#held")).to_contain_text("restored to medium by analyst")
+    expect(page.get_by_role("button", name="Restore to medium")).to_have_count(0)
+    expect(page.locator("#activity")).to_contain_text("new campaign, look again")
+    page.close()
