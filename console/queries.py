@@ -6,6 +6,7 @@ The current status of an alert joins ``alert_actions`` (see :mod:`smtpguard.cons
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -289,13 +290,20 @@ def detectors_seen(store: Store) -> list[str]:
 
 
 # -- the evidence of one alert ------------------------------------------------------------------------
+IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
 def _scope(alert: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Which flows belong to the alert: its source IP, the addresses of its source prefix (an IPv6 /64 or an
     inventory prefix: one range of the typed ``src_ip``), or its tenant for tenant-level alerts."""
     src = alert["src_ip"]
     net = key_network(src) if src and "/" in src else None
     if net is not None:
-        return "src_ip BETWEEN toIPv6({lo:String}) AND toIPv6({hi:String})", {"lo": str(net[0]), "hi": str(net[-1])}
+        cond = "src_ip BETWEEN toIPv6({lo:String}) AND toIPv6({hi:String})"
+        if net.version == 6 and net.overlaps(IPV4_MAPPED):
+            # IPv4 flows are stored IPv4-mapped: a prefix around ::ffff:0:0/96 does not take them in
+            cond += " AND NOT (src_ip BETWEEN toIPv6('::ffff:0.0.0.0') AND toIPv6('::ffff:255.255.255.255'))"
+        return cond, {"lo": str(net[0]), "hi": str(net[-1])}
     if src:
         return "src_ip = {scope:String}", {"scope": src}
     return "tenant = {scope:String}", {"scope": alert["tenant"]}

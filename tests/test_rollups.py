@@ -152,3 +152,32 @@ def test_a_flow_whose_address_is_not_an_address_stops_the_copy_and_says_how_to_m
         Store(dsn)
     with Store(dsn, create=False) as s:  # nothing lost meanwhile
         assert s.count("flows") == 3 and "`src_ip` String" in s.query("SHOW CREATE TABLE smtpguard.flows")[0][0]
+
+
+def test_an_alert_on_a_prefix_reads_the_flows_of_its_addresses_only(tmp_path):
+    """The console's evidence of an alert on an IPv6 /64 is one range of the typed addresses; a prefix
+    around the IPv4-mapped range does not take in the IPv4 flows."""
+    import datetime as dt
+
+    from smtpguard.console.queries import _scope
+
+    t = dt.datetime(2026, 1, 5, 12, tzinfo=dt.timezone.utc)
+    rows = record.from_dicts([
+        {"start": t, "end": t + dt.timedelta(seconds=1), "src_ip": ip, "dst_ip": "192.0.2.25",
+         "src_port": 40000, "dst_port": 25, "protocol": 6, "packets": 3, "bytes": 180, "source_format": "aws-vpc"}
+        for ip in ("2600:1f18:934:af1b::10", "2600:1f18:934:af1b:ffff::1", "2600:1f18:934:af1c::1", "10.0.0.1", "::5")])
+    n = rows.num_rows
+    rows = (rows.append_column("kafka_partition", pa.array([0] * n, pa.uint32()))
+            .append_column("kafka_offset", pa.array([0] * n, pa.int64()))
+            .append_column("kafka_row", pa.array(range(n), pa.uint32())))
+    with Store(f"chdb://{tmp_path / 'store'}") as s:
+        s.insert_flows(rows)
+
+        def sources(key: str) -> list[str]:
+            cond, params = _scope({"src_ip": key, "tenant": ""})
+            return [r[0] for r in s.query(f"SELECT {addr_text('src_ip')} AS ip FROM smtpguard.flows WHERE {cond} "
+                                          "ORDER BY ip", params)]
+
+        assert sources("2600:1f18:934:af1b::/64") == ["2600:1f18:934:af1b::10", "2600:1f18:934:af1b:ffff::1"]
+        assert sources("::/64") == ["::5"]
+        assert sources("10.0.0.1") == ["10.0.0.1"]
