@@ -37,7 +37,7 @@ import msgspec
 from smtpguard.core.alert import Alert
 from smtpguard.core.config import ResponseConfig
 from smtpguard.core.records import RecordType, TimeMs, ch
-from smtpguard.core.registry import KeyState, Registry, from_ms, iso_ms, parse_key, to_ms
+from smtpguard.core.registry import ExemptionEvent, KeyState, Registry, from_ms, iso_ms, parse_key, to_ms
 from smtpguard.core.store import Store
 
 from .enforce import Outputs, PublishReport, messages_for
@@ -69,7 +69,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """none, notify, warn, propose or revoke"""
     rule: LowCardinality
     """which rule chose the action: duplicate, suppressed, tenant-scope, no-exemption, configured,
-    first-offence, repeat-offence, after-restore, allowlist"""
+    first-offence, repeat-offence, after-restore, allowlist; recovered (a revocation written before its
+    process stopped, its decision recorded on the replay)"""
     reason: str
     """for people, with the numbers behind it"""
     event_id: str = ""
@@ -206,15 +207,32 @@ class Executor:
         return History(exemption=self.registry.exemption_of(alert.src_ip, now),
                        offences_ms=self.decisions.offences(alert.src_ip, at - self.policy.graduated_window_days * DAY_MS, at))
 
+    def _unrecorded_revocation(self, alert: Alert) -> ExemptionEvent | None:
+        """The revocation this alert made if its decision was never recorded, else None."""
+        if self.decisions.has(alert.alert_id):
+            return None
+        return next((e for e in self.registry.events(alert_id=alert.alert_id) if e.kind == "revoked"), None)
+
     def handle(self, alert: Alert, *, now_ms: int | None = None) -> Outcome:
         """Decide about one alert and act. Store writes come first; a failure to publish raises
         afterwards (the registry is right; ``smtpguard enforce publish`` sends the state again)."""
         now = now_ms if now_ms is not None else wall_clock_ms()
-        d = apply_policy(alert, self.history(alert, now), self.policy, now)
-        if d.action == "none":
-            return Outcome(d)
-        event = None
-        if d.action == "revoke":
+        event = self._unrecorded_revocation(alert)
+        if event is not None:
+            # the process stopped between the revocation and its decision: record the decision now (and
+            # publish, as the revocation would have), instead of taking the alert for one already handled
+            d = Decision(alert_id=alert.alert_id, ip=alert.src_ip or "", tenant=alert.tenant, detector=alert.detector,
+                         severity=alert.severity, alert_at=alert.window_start_ms,
+                         configured=self.policy.action_for(alert.detector, alert.severity), action="revoke",
+                         rule="recovered", reason=f"{alert.detector} {alert.severity} alert {alert.alert_id}: its "
+                         f"revocation {event.event_id} was written before the process stopped; its decision now",
+                         event_id=event.event_id)
+            log.warning("recovered the decision of alert %s (revocation %s)", alert.alert_id, event.event_id)
+        else:
+            d = apply_policy(alert, self.history(alert, now), self.policy, now)
+            if d.action == "none":
+                return Outcome(d)
+        if d.action == "revoke" and event is None:
             # the source itself (an address, or an IPv6 prefix cut out of a block), or the exempted key inside it
             ex = self.registry.exemption_of(alert.src_ip, now)
             target = alert.src_ip if ex is None or parse_key(alert.src_ip)[1].subnet_of(ex.network) else ex.key

@@ -493,3 +493,25 @@ def test_a_declared_volume_travels_from_csv_through_the_registry_to_the_detector
     bad.write_text("ip,tenant,granted_at,reason,declared_conns_per_min\n192.0.2.43,a,2026-01-01,x,-5\n")
     with pytest.raises(ConfigError, match="line 2.*positive"):
         Exemptions.from_csv(bad)
+
+
+def test_a_revocation_whose_decision_was_not_recorded_gets_it_on_the_replay(reg, cfg, store):
+    """The response stopped between revoking for an alert and recording its decision: the replay of the
+    alert records the decision (rule "recovered") and publishes the revocation, instead of taking the alert
+    for one already handled and leaving it undecided."""
+    from smtpguard.response.enforce import Outputs
+
+    p = ResponseConfig(actions={"critical": "revoke"})
+    t = now_ms()
+    reg.grant("198.51.100.9", "acct-9", "relay", "alice", now_ms=t - DAY_MS)
+    a = alert("198.51.100.9", severity="critical", start_ms=t - 60_000)
+    event = reg.revoke("198.51.100.9", "abuse", p.actor, [a.alert_id], now_ms=t)  # ... and the process died
+    assert not DecisionLog(store).has(a.alert_id)
+    out = Executor(reg, p, Outputs(cfg, p, store)).handle(a, now_ms=t + 1)
+    d = out.decision
+    assert (d.action, d.rule, d.event_id) == ("revoke", "recovered", event.event_id)
+    assert [x["rule"] for x in DecisionLog(store).list(ip="198.51.100.9")] == ["recovered"]
+    assert out.published.kafka == 1 and read_state(cfg)["198.51.100.9"].action == "deny"
+    assert len([e for e in reg.show("198.51.100.9").history if e.kind == "revoked"]) == 1  # not revoked twice
+    again = Executor(reg, p).handle(a, now_ms=t + 2).decision
+    assert (again.action, again.rule) == ("none", "duplicate")
