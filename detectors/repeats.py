@@ -66,12 +66,8 @@ class RepeatHold:
         try:
             return self._hold(findings, feats)
         except Exception as e:  # noqa: BLE001 - holding is a courtesy; detection must go on
+            # (every probability is computed before any finding is marked: a failure leaves them all as they were)
             self.failures += 1
-            for f in findings:  # nothing half-done: every finding as the rules made it
-                if isinstance(f.evidence.get("held"), dict) and f.severity == HELD_SEVERITY:
-                    f.severity = None
-                    del f.evidence["held"]
-                    f.reasons[:] = [r for r in f.reasons if not r.startswith(f"held at {HELD_SEVERITY} ")]
             if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
                 log.warning("repeat hold failed (%d times so far); alerts keep the rules' severity: %s",
                             self.failures, e)
