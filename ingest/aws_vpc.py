@@ -128,8 +128,6 @@ _NUM_TYPES: dict[str, pa.DataType] = {
     "start": pa.int64(), "end": pa.int64(), "packets": pa.uint64(), "bytes": pa.uint64(),
 }
 _ACTIONS = ("ACCEPT", "REJECT", "-")
-#: 10, 100, ... 10**19: how many of these a value reaches is its count of digits, less one
-_POW10 = np.array([10**k for k in range(1, 20)], dtype=np.uint64)
 #: Flow log lines as the multi-column reader sees them: fields split on single spaces, no quoting
 _CSV_PARSE = pa_csv.ParseOptions(delimiter=" ", quote_char=False, double_quote=False, escape_char=False,
                                  newlines_in_values=False, ignore_empty_lines=False)
@@ -278,6 +276,15 @@ def _row_problem(tokens: list[str], layout: Layout) -> str | None:
         if f in layout.pos and len(get(f)) > MAX_ID_CHARS:
             return f"{f} too long: {len(get(f))} chars (limit {MAX_ID_CHARS})"
     return None
+
+
+def _digits_total(v: np.ndarray) -> int:
+    """How many decimal digits the values of ``v`` (non-negative integers) have, all together."""
+    if not v.size:
+        return 0
+    lo, hi = len(str(int(v.min()))), len(str(int(v.max())))
+    # every value has at least lo digits; one more for each power of ten between lo and hi it reaches
+    return v.size * lo + sum(int(np.count_nonzero(v >= 10**k)) for k in range(lo, hi))
 
 
 _MAY_START_HEADER = np.zeros(256, dtype=bool)
@@ -438,8 +445,7 @@ class AwsVpcParser(ColumnParser):
         else:
             return None
         n = nl.size + 1
-        lens = np.diff(np.concatenate([[-1], nl, [buf.size]])) - 1
-        if lens.max() > MAX_LINE_CHARS:
+        if np.diff(np.concatenate([[-1], nl, [buf.size]])).max() - 1 > MAX_LINE_CHARS:
             return None
         numeric = {f: _NUM_TYPES.get(f, pa.int32()) for f in layout.fields if f in _UINT_RULES}
         try:
@@ -458,19 +464,20 @@ class AwsVpcParser(ColumnParser):
         if table.num_rows != n:
             return None
         cols = {f: table.column(f).combine_chunks() for f in layout.fields}
-        # every token as written is the canonical text of its value: line lengths add up
-        expect = np.full(n, len(layout.fields) - 1, dtype=np.int64)
+        # Every token as written is the canonical text of its value. A token the reader took is never
+        # shorter than that text (a sign or leading zeros only add characters; "-" is one, as is the
+        # "0" it stands for), so the block's length equals the sum of the canonical lengths exactly
+        # when every token is canonical: one sum per column instead of one per row.
+        expect = n * (len(layout.fields) - 1)
         for f, a in cols.items():
             if f in numeric:
                 v = _np(a.fill_null(0))
-                if v.dtype.kind == "i":
-                    if (v < 0).any():
-                        return None
-                    v = v.astype(np.uint64)
-                expect += np.searchsorted(_POW10, v, side="right") + 1  # digits; a "-" (null) is one
+                if v.dtype.kind == "i" and v.size and v.min() < 0:
+                    return None
+                expect += _digits_total(v)
             else:
-                expect += _np(pc.binary_length(a)).astype(np.int64)
-        if not np.array_equal(expect, lens):
+                expect += int(pc.sum(pc.binary_length(a)).as_py() or 0)
+        if expect != buf.size - nl.size:
             return None
         for f in ("packets", "bytes"):  # 20-digit counters fit a uint64 but not the line path's range
             if cols[f].null_count < len(cols[f]) and pc.max(cols[f]).as_py() > _UINT_RULES[f][1]:

@@ -552,7 +552,7 @@ def test_a_clean_block_takes_the_column_reader_and_matches_the_line_path() -> No
         same_batch(fast, parse(lines, smtp_ports=(25,)))
 
 
-@pytest.mark.parametrize("token", ["0025", "+25", "0x19", "-25", "25.0", "", "99999", "250000"])
+@pytest.mark.parametrize("token", ["0025", "+25", "0x19", "-25", "25.0", "", "99999", "250000", "-0", "+0"])
 def test_a_number_the_line_path_would_read_differently_sends_the_block_there(token: str) -> None:
     """Numbers are read by the column reader only when every token is the plain text of its
     value; anything else ("0x19", which the reader would take for 25) is judged line by line."""

@@ -64,32 +64,49 @@ def canonical_ip(text: str) -> str | None:
 def canonicalize_ips(col: pa.Array, check: np.ndarray | None = None) -> tuple[pa.Array, np.ndarray]:
     """Validate a string column of addresses; return ``(canonical column, ok mask)``.
 
-    Values matching :data:`IPV4_RE` are valid and unchanged (vectorised). Of the
-    others, only those at rows where ``check`` is true (all rows when None) and that
-    contain a ``:`` are parsed with :mod:`ipaddress`; valid IPv6 addresses are
-    replaced by their canonical text. Everything else is marked not ok and left as is.
+    Values matching :data:`IPV4_RE` are valid and unchanged. Of the others, only those at
+    rows where ``check`` is true (all rows when None) and that contain a ``:`` are parsed
+    with :mod:`ipaddress`; valid IPv6 addresses are replaced by their canonical text.
+    Everything else is marked not ok and left as is.
+
+    Work is per distinct value: a flow log names the same instances and mail servers over
+    and over, so the column is dictionary-encoded once (a hash pass, cheaper than the
+    regular expression over every row) and each distinct address is matched or parsed once.
     """
-    ok = pc.match_substring_regex(col, IPV4_RE).to_numpy(zero_copy_only=False)
-    if col.null_count:
-        ok &= col.is_valid().to_numpy(zero_copy_only=False)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    enc = pc.dictionary_encode(col)
+    words = enc.dictionary
+    idx = enc.indices
+    # a null row points one past the dictionary, at a value that is never ok
+    codes = (idx.fill_null(len(words)) if idx.null_count else idx).to_numpy(zero_copy_only=False)
+    word_v4 = np.append(pc.match_substring_regex(words, IPV4_RE).to_numpy(zero_copy_only=False), False)
+    ok = word_v4[codes]
     todo = ~ok if check is None else (~ok & check)
-    rows = np.flatnonzero(todo)
-    if rows.size == 0:
+    if not todo.any():
         return col, ok
-    repl_rows: list[int] = []
-    repl_vals: list[str] = []
-    for i, v in zip(rows.tolist(), col.take(rows).to_pylist()):
-        if v is None or ":" not in v:
+    wanted = np.zeros(len(words) + 1, dtype=bool)
+    wanted[codes[todo]] = True
+    word_v6 = np.zeros(len(words) + 1, dtype=bool)
+    changed: dict[int, str] = {}  # dictionary position -> canonical text, where it differs
+    for w in np.flatnonzero(wanted[:-1]).tolist():
+        v = words[w].as_py()
+        if ":" not in v:
             continue
         c = canonical_ip(v)
         if c is None:
             continue
-        ok[i] = True
+        word_v6[w] = True
         if c != v:
-            repl_rows.append(i)
-            repl_vals.append(c)
-    if repl_rows:
-        mask = np.zeros(len(col), dtype=bool)
-        mask[repl_rows] = True
-        col = pc.replace_with_mask(col, pa.array(mask), pa.array(repl_vals, col.type))
+            changed[w] = c
+    if not word_v6.any():
+        return col, ok
+    v6_rows = todo & word_v6[codes]
+    ok |= v6_rows
+    if changed:
+        differs = np.zeros(len(words) + 1, dtype=bool)
+        differs[list(changed)] = True
+        mask = v6_rows & differs[codes]
+        vals = [changed[w] for w in codes[mask].tolist()]
+        col = pc.replace_with_mask(col, pa.array(mask), pa.array(vals, col.type))
     return col, ok
