@@ -201,7 +201,7 @@ def test_familiar_tiers_answer_like_one_full_bitmap_per_source():
     # first-seen time or novelty baseline. Restored, its sources keep their width: a position is
     # familiar when it was modulo 4096, so nothing familiar becomes new.
     old_bits = 4096
-    live = np.array(sorted(h.index.values()))
+    live = np.sort(h.index.slot)
     small = np.full((len(live), 8), 0xFFFF, np.uint16)
     wide_at, wide = [], []
     for k, s_ in enumerate(live.tolist()):
@@ -215,7 +215,7 @@ def test_familiar_tiers_answer_like_one_full_bitmap_per_source():
             wide_at.append(k)
             wide.append(row)
     buf = io.BytesIO()
-    np.savez_compressed(buf, ips=np.array([h.ips[s_] for s_ in live]), ewma_conns=h.ewma_conns[live],
+    np.savez_compressed(buf, ips=h.index.by_slot()[1].astype(str), ewma_conns=h.ewma_conns[live],
                         ewma_distinct=h.ewma_distinct[live], peak_distinct=h.peak_distinct[live],
                         peak_conns=h.peak_conns[live], minutes=h.minutes[live], last_seen_ms=h.last_seen_ms[live],
                         small=small, wide_at=np.array(wide_at, np.int64),
