@@ -21,7 +21,7 @@ import atheris  # noqa: E402,F401 - required: the test extras install it (a miss
 HARNESS = Path(__file__).resolve().parent / "fuzz" / "atheris_decoders.py"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-#: runs per target: a few seconds each on one core (times SMTPGUARD_SOAK for the long variant)
+#: runs per target: a few seconds each on one core (times TEST_SOAK for the long variant)
 RUNS = {"netflow": 4000 * SOAK, "pcap": 1500 * SOAK, "vpc": 3000 * SOAK, "sflow": 3000 * SOAK}
 
 

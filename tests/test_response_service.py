@@ -158,8 +158,8 @@ def test_a_response_killed_at_random_points_acts_on_every_alert_once(cfg, hook, 
     conf = tmp_path / "respond.toml"
     conf.write_text(_toml(cfg))
     env = {**os.environ, "SMTPGUARD_CONFIG": str(conf)}
-    rng = random.Random(int(os.environ.get("SMTPGUARD_SEED", "7")))
-    soak = int(os.environ.get("SMTPGUARD_SOAK", "1"))
+    rng = random.Random(int(os.environ.get("TEST_SEED", "7")))
+    soak = int(os.environ.get("TEST_SOAK", "1"))
     ends = _ends(cfg, cfg.kafka.topics.alerts)
     assert sum(ends.values()) == raised
     kills = 0

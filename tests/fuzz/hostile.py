@@ -27,9 +27,11 @@ from smtpguard.ingest.base import MAX_RAW_CHARS, Batch
 DB = DirectoryBasedExampleDatabase(str(Path(__file__).resolve().parents[2] / ".hypothesis" / "examples"))
 
 
-#: The long ("soak") variants: ``SMTPGUARD_SOAK=N make test`` multiplies every bounded fault
+#: The long ("soak") variants: ``TEST_SOAK=N make test`` multiplies every bounded fault
 #: count by N (fuzz examples, atheris runs, detector kills); 1 (the default) = the quick run.
-SOAK = max(1, int(os.environ.get("SMTPGUARD_SOAK", "1") or 1))
+#: (Not SMTPGUARD_SOAK: every SMTPGUARD_* variable is a config override, which the processes under test
+#: would refuse as an unknown field.)
+SOAK = max(1, int(os.environ.get("TEST_SOAK", "1") or 1))
 
 
 def fuzz(n: int) -> settings:
