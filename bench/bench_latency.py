@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--abusers", type=int, default=40)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--drain", type=float, default=60.0, help="seconds to wait for alerts after the input ends")
+    ap.add_argument("--poll-messages", type=int, default=0,
+                    help="detect.poll_messages of the detector (0: the default)")
     args = ap.parse_args()
 
     import numpy as np
@@ -166,6 +168,7 @@ session_timeout_ms = 6000
 window_ms = {args.window_ms}
 allowed_lateness_ms = {args.lateness_ms}
 idle_flush_ms = 30000
+{f"poll_messages = {args.poll_messages}" if args.poll_messages else ""}
 [dnsbl]
 check_alerts_from = "off"
 [metrics]

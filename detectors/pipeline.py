@@ -41,11 +41,30 @@ log = logging.getLogger(__name__)
 class Output:
     features: pl.DataFrame = field(default_factory=empty_features)
     alerts: list[Alert] = field(default_factory=list)
+    rollups: pl.DataFrame | None = None
+    """the closed windows' records for the store's per-minute rollups (:func:`rollup_rows`), when asked for"""
 
     def extend(self, other: "Output") -> None:
         if other.features.height:
             self.features = pl.concat([self.features, other.features]) if self.features.height else other.features
         self.alerts.extend(other.alerts)
+        if other.rollups is not None:
+            self.rollups = other.rollups if self.rollups is None else pl.concat([self.rollups, other.rollups])
+
+
+def rollup_rows(rows: pl.DataFrame, partition: int) -> pl.DataFrame:
+    """The closing records of one stream reduced to one row per minute, source address, tenant and destination
+    (``rollup_input``, :data:`smtpguard.core.store.ROLLUP_INPUT_COLUMNS`), with the stream's partition and the
+    window's start in ``kafka_offset``. A sampled record counts ``sampling_rate`` connections."""
+    weight = pl.max_horizontal(pl.col("sampling_rate").fill_null(1).cast(pl.UInt64), pl.lit(1, pl.UInt64))
+    start = pl.col("start").cast(pl.Int64)
+    return (rows.group_by(
+        minute=(start // 60_000 * 60_000).cast(pl.Datetime("ms", "UTC")),
+        src_ip=pl.coalesce("src_addr", "src_ip"), tenant=pl.col("tenant").fill_null(""), dst_ip="dst_ip",
+        kafka_offset="window_start")
+        .agg(connections=weight.sum(), rejected=weight.filter(pl.col("action") == "reject").sum(),
+             bytes=pl.col("bytes").cast(pl.UInt64).sum(), packets=pl.col("packets").cast(pl.UInt64).sum())
+        .with_columns(kafka_partition=pl.lit(partition, pl.UInt32), kafka_offset=pl.col("kafka_offset").cast(pl.Int64)))
 
 
 @dataclass
@@ -60,8 +79,11 @@ class Stream:
 
 class Pipeline:
     def __init__(self, cfg: Config, exemptions: Exemptions | None = None, detectors: list[Detector] | None = None,
-                 inventory: Inventory | None = None):
+                 inventory: Inventory | None = None, rollups: bool = False):
+        """``rollups``: each close also gives its records for the store's per-minute rollups (the consumer
+        writes them; ``analyze`` has no store)."""
         self.cfg = cfg
+        self.rollups = rollups
         self.exemptions = exemptions or Exemptions()
         if inventory is None and cfg.detect.inventory_csv:
             inventory = Inventory.from_csv(cfg.detect.inventory_csv)
@@ -132,22 +154,23 @@ class Pipeline:
         if weights is not None:
             rows = rows.with_columns(weights)
         s.engine.add(self.keys.apply(rows) if rows.height else rows, offset=offset, offsets=offsets)
-        return self._close(s, force=False)
+        return self._close(s, force=False, key=key)
 
     def flush(self, key: int | None = None) -> Output:
         """Close every open window (end of input, or an idle stream)."""
         out = Output()
         for k in [key] if key is not None else sorted(self.streams):
             if k in self.streams:
-                out.extend(self._close(self.streams[k], force=True))
+                out.extend(self._close(self.streams[k], force=True, key=k))
         if key is None:
             out.alerts.extend(self._close_tenants(force=True))
         return out
 
-    def _close(self, s: Stream, force: bool) -> Output:
+    def _close(self, s: Stream, force: bool, key: int = 0) -> Output:
         rows = s.engine.close_ready(force=force)
         if rows is None or rows.height == 0:
             return Output()
+        rollups = rollup_rows(rows, key) if self.rollups else None
         closed = close_windows(rows, self.cfg.detect.window_ms)
         h, counted = s.history, (s.history.evicted, s.history.unremembered, s.history.saturated, s.panes.evicted)
         feats = h.observe(closed.features, closed.pairs)
@@ -175,7 +198,7 @@ class Pipeline:
         s.gate.prune(s.engine.closed_upto_ms)
         if not force:
             alerts.extend(self._close_tenants(force=False))
-        return Output(annotated, alerts)
+        return Output(annotated, alerts, rollups)
 
     def set_idle(self, key: int) -> list[Alert]:
         """A stream had no input for a while (the consumer's ``detect.idle_flush_ms``): until it has input

@@ -69,6 +69,11 @@ class RunnerStats:
 HAND_OFF_WINDOWS = 20_000
 
 
+def _rollup_table(out: Output) -> pa.Table | None:
+    """The closed windows' rollup rows of ``out`` as the store takes them (None when there are none)."""
+    return out.rollups.to_arrow() if out.rollups is not None and out.rollups.height else None
+
+
 class DetectorRunner:
     def __init__(self, cfg: Config, store: Store, exemptions: Exemptions | None = None,
                  stop: threading.Event | None = None, poll_batch: int | None = None):
@@ -88,7 +93,7 @@ class DetectorRunner:
         self._registry_exemptions = exemptions is None
         self._exemptions_version = self.registry.version() if exemptions is None else None
         self._exemptions_checked = time.monotonic()
-        self.pipeline = Pipeline(cfg, exemptions if exemptions is not None else self.registry.current())
+        self.pipeline = Pipeline(cfg, exemptions if exemptions is not None else self.registry.current(), rollups=True)
         self._verdicts_version: tuple | None = None
         self._verdicts_checked = float("-inf")
         self._refresh_verdicts()
@@ -349,10 +354,11 @@ class DetectorRunner:
             self._retrying(lambda: self._publish_alerts(out.alerts))
         n = out.features.height
         features = to_store(out.features)
-        out.features = empty_features()
+        rollups = _rollup_table(out)
+        out.features, out.rollups = empty_features(), None
         with self._pending_lock:
             self._pending_windows += n
-        self._writes.put((None, features, 0, n))
+        self._writes.put((None, features, rollups, 0, n))
         return n
 
     def _write(self, flows: list[pa.Table], out: Output, consumed: int) -> None:
@@ -362,7 +368,7 @@ class DetectorRunner:
         when their flows are written."""
         self._retrying(lambda: self._publish_alerts(out.alerts) if out.alerts else None)
         features = to_store(out.features) if out.features.height else None
-        job = (pa.concat_tables(flows) if flows else None, features, consumed, out.features.height)
+        job = (pa.concat_tables(flows) if flows else None, features, _rollup_table(out), consumed, out.features.height)
         with self._pending_lock:
             self._pending_windows += out.features.height
         self._writes.put(job)  # blocks while a write is behind: back-pressure on the consumer
@@ -390,13 +396,15 @@ class DetectorRunner:
             try:
                 if job is None:
                     return
-                flows_table, features, consumed, windows = job
+                flows_table, features, rollups, consumed, windows = job
                 if self._write_error is None:
                     try:
                         if flows_table is not None:
                             self._retrying(lambda: self.store.insert_flows(flows_table))
                         if features is not None:
                             self._retrying(lambda: storage.insert_features(self.store, features))
+                        if rollups is not None:
+                            self._retrying(lambda: self.store.insert_rollups(rollups))
                     except BaseException as e:  # noqa: BLE001 - re-raised by the consumer thread (_drain)
                         self._write_error = e
                         continue

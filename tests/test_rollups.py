@@ -1,7 +1,7 @@
 """Typed flow addresses and per-minute rollups of the flows (``source_minutes``, ``tenant_minutes``:
 smtpguard.core.store.ROLLUPS) on the real ClickHouse engine: a store made by the schema before them
 (addresses as text, no rollups) is carried forward with every flow kept as it was and its rollups
-filled; later writes (replays of a Kafka message included) keep the rollups equal to the raw flows,
+filled; the detector's window closes (replays included) keep the rollups equal to the raw flows,
 and the notebooks' queries over them match the same queries over flows."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_an_older_store_is_carried_forward_and_the_rollups_match_raw_flows(tmp_p
                         for f in record.FIELDS)
     monkeypatch.setattr(store_mod.record, "FIELDS", text_fields)
     monkeypatch.setattr(store_mod, "all_migrations",
-                        lambda db: [s for s in every(db) if s[0] not in ("core-5", "core-6")])
+                        lambda db: [s for s in every(db) if s[0] not in ("core-5", "core-6", "core-7")])
     with Store(dsn) as old:
         old.apply_retention({"flows": 3650})
         for b in batches[:3] + batches[1:2]:
@@ -78,7 +78,7 @@ def test_an_older_store_is_carried_forward_and_the_rollups_match_raw_flows(tmp_p
     monkeypatch.undo()
     with Store(dsn) as s:
         versions = {r[0] for r in s.query("SELECT version FROM smtpguard.schema_migrations")}
-        assert {"core-5", "core-6"} <= versions
+        assert {"core-5", "core-6", "core-7"} <= versions
         ddl = s.query("SHOW CREATE TABLE smtpguard.flows")[0][0]
         assert "`src_ip` IPv6" in ddl and "`dst_ip` IPv6" in ddl and "`tenant` LowCardinality(String)" in ddl
         # the copy keeps the retention, and its rows expire by it (their parts carry the TTL)
@@ -89,15 +89,50 @@ def test_an_older_store_is_carried_forward_and_the_rollups_match_raw_flows(tmp_p
         assert len(flows_before) == sum(b.num_rows for b in batches[:3])
         assert {":" in r[0] for r in flows_before} == {True, False}  # IPv6 sources and IPv4 ones
         _check(s)
-        # later writes go through the views; a replayed message changes nothing
-        for b in batches[3:] + batches[3:4] + batches[:1]:
-            s.insert_flows(b)
-        _check(s)
+        # from here the detector keeps the rollups as it closes windows. After the upgrade it replays what
+        # its windows had open (here: everything, a detector that lost its checkpoint) and reads on; its
+        # one-minute windows rewrite the rows folded from before with the same keys. A second replay of
+        # everything changes nothing either.
+        for replay in range(2):
+            detect_and_write(s, batches)
+            _check(s)
         raw = s.query("SELECT sum(greatest(sampling_rate, 1)) FROM smtpguard.flows FINAL")[0][0]
+        assert raw > 0
         assert s.query("SELECT sum(connections) FROM smtpguard.source_minutes FINAL")[0][0] == raw
         assert s.query("SELECT sum(connections) FROM smtpguard.tenant_minutes FINAL")[0][0] == raw
         # the rollups hold fewer rows than the raw flows they stand for
         assert s.query("SELECT count() FROM smtpguard.source_minutes FINAL")[0][0] < s.count("flows")
+
+
+def detect_and_write(store: Store, batches: list[pa.Table]) -> None:
+    """What the detector consumer writes for ``batches`` (each one Kafka message on its partition): the
+    flows as consumed, and at each window close the closing records for the rollups."""
+    from smtpguard.core.config import Config
+    from smtpguard.detectors.pipeline import Pipeline
+
+    pipe = Pipeline(Config(), rollups=True)
+    for b in batches:
+        store.insert_flows(b)
+        out = pipe.process(b.drop_columns(["kafka_partition", "kafka_offset", "kafka_row"]),
+                           key=b["kafka_partition"][0].as_py())
+        if out.rollups is not None:
+            store.insert_rollups(out.rollups.to_arrow())
+    out = pipe.flush()
+    if out.rollups is not None:
+        store.insert_rollups(out.rollups.to_arrow())
+
+
+def test_a_replayed_window_close_rewrites_the_rollups_instead_of_adding_to_them(tmp_path):
+    batches = _batches(tmp_path)
+    with Store(f"chdb://{tmp_path / 'store'}") as s:
+        detect_and_write(s, batches[:2])
+        before = s.query("SELECT sum(connections), count() FROM smtpguard.source_minutes FINAL")[0]
+        detect_and_write(s, batches[:2])  # a detector that replays the same messages
+        assert s.query("SELECT sum(connections), count() FROM smtpguard.source_minutes FINAL")[0] == before
+        detect_and_write(s, batches)
+        _check(s)
+        # the Null table that takes the detector's rows keeps none of them
+        assert s.query("SELECT count() FROM smtpguard.rollup_input")[0][0] == 0
 
 
 def test_show_create_table_has_the_rollups_types_and_the_views(tmp_path):
@@ -108,6 +143,9 @@ def test_show_create_table_has_the_rollups_types_and_the_views(tmp_path):
             assert "`tenant` LowCardinality(String)" in ddl
             view = s.query(f"SHOW CREATE TABLE smtpguard.{name}_mv")[0][0]
             assert "MATERIALIZED VIEW" in view and f"TO smtpguard.{name}" in view
+            # filled at window close, not on every flows write
+            assert "FROM smtpguard.rollup_input" in view and "smtpguard.flows" not in view
+        assert "ENGINE = `Null`" in s.query("SHOW CREATE TABLE smtpguard.rollup_input")[0][0]
 
 
 def _old_store(dsn: str, monkeypatch, rows: pa.Table) -> None:
@@ -117,7 +155,7 @@ def _old_store(dsn: str, monkeypatch, rows: pa.Table) -> None:
                         for f in record.FIELDS)
     with monkeypatch.context() as m:
         m.setattr(store_mod.record, "FIELDS", text_fields)
-        m.setattr(store_mod, "all_migrations", lambda db: [s for s in every(db) if s[0] not in ("core-5", "core-6")])
+        m.setattr(store_mod, "all_migrations", lambda db: [s for s in every(db) if s[0] not in ("core-5", "core-6", "core-7")])
         with Store(dsn) as old:
             old.insert_flows(rows)
 

@@ -139,11 +139,17 @@ def _typed_flows_step(db: str) -> Rebuild:
         ], "flows_typed")
 
 
-#: Per-minute rollups of ``flows`` kept by materialized views, so months of traffic are read without
-#: scanning raw flows (and outlive their retention). One row per minute, key and Kafka message: a
-#: replayed message rewrites the same rows, which the table folds into one (read with FINAL, then sum
-#: and merge the ``uniqExact`` states over messages). ``connections`` count as the window features do
-#: (a sampled record stands for ``sampling_rate`` connections).
+#: Per-minute rollups of ``flows``, so months of traffic are read without scanning raw flows (and outlive
+#: their retention). Since step core-7 the detector fills them when it closes a window: it writes the
+#: closing records reduced to one row per minute, source address, tenant and destination into
+#: ``rollup_input`` (a Null table: nothing is stored), and materialized views fold those into one row
+#: per minute, key, partition and window, with the window's start (ms) in ``kafka_offset``. A window is
+#: closed once per partition and a replay closes it with the same records, so a replay rewrites the
+#: same rows, which the table folds (read with FINAL, then sum and merge the ``uniqExact`` states).
+#: ``connections`` count a sampled record as ``sampling_rate`` connections, as the notebooks' queries
+#: over raw flows do. Records later than the allowed lateness are stored in ``flows`` but, like the
+#: detector, the rollups leave them out. (Step core-6 kept the rollups by views on ``flows``, one row
+#: per Kafka message; with many sources per message that doubled the cost of every flows write.)
 ROLLUPS: dict[str, dict[str, str]] = {
     "source_minutes": {
         "keys": "`src_ip`, `tenant`",
@@ -168,6 +174,42 @@ def rollup_select(name: str, source: str) -> str:
             "sumIf(greatest(`sampling_rate`, 1), `action` = 'reject') AS `rejected`, "
             f"sum(`bytes`) AS `bytes`, sum(`packets`) AS `packets`, {r['select']} "
             f"FROM {source} GROUP BY `minute`, {r['keys']}, `kafka_partition`, `kafka_offset`")
+
+
+#: ``rollup_input``: what the detector writes at a window close (:meth:`Store.insert_rollups`)
+ROLLUP_INPUT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("minute", "DateTime('UTC')"), ("src_ip", "IPv6"), ("tenant", "LowCardinality(String)"), ("dst_ip", "IPv6"),
+    ("kafka_partition", "UInt32"), ("kafka_offset", "Int64"), ("connections", "UInt64"), ("rejected", "UInt64"),
+    ("bytes", "UInt64"), ("packets", "UInt64"))
+#: rows written by step core-6's views hold a Kafka offset in ``kafka_offset``; the detector's, a window start
+#: in ms (every one of which is above this)
+_WINDOW_MS_FROM = 1_000_000_000_000
+
+
+def _rollup_at_close_steps(db: str) -> list[str]:
+    """Step core-7: the rollups are filled at window close (ROLLUPS) instead of by views on ``flows``. Rows
+    the old views wrote (one per Kafka message) are folded into one per minute, key and partition, keyed
+    as a one-minute window starting at that minute, so the windows a detector replays after the upgrade
+    (default one-minute windows) replace them instead of adding to them. Safe to run again: the folded
+    rows are rewritten with the same keys."""
+    out = [f"CREATE TABLE IF NOT EXISTS {db}.rollup_input ({_columns(ROLLUP_INPUT_COLUMNS)}) ENGINE = Null"]
+    for name, r in ROLLUPS.items():
+        merged = "uniqExactMergeState(`dst`) AS `dst`" if name == "source_minutes" else \
+            "uniqExactMergeState(`sources`) AS `sources`, uniqExactMergeState(`dst`) AS `dst`"
+        out += [
+            f"DROP VIEW IF EXISTS {db}.{name}_mv",
+            f"INSERT INTO {db}.{name} SELECT `minute`, {r['keys']}, `kafka_partition`, "
+            "toInt64(toUnixTimestamp(`minute`)) * 1000 AS `window_start_ms`, sum(`connections`) AS `connections`, "
+            f"sum(`rejected`) AS `rejected`, sum(`bytes`) AS `bytes`, sum(`packets`) AS `packets`, {merged} "
+            f"FROM {db}.{name} FINAL WHERE `kafka_offset` < {_WINDOW_MS_FROM} "
+            f"GROUP BY `minute`, {r['keys']}, `kafka_partition` SETTINGS max_partitions_per_insert_block = 0",
+            f"ALTER TABLE {db}.{name} DELETE WHERE `kafka_offset` < {_WINDOW_MS_FROM} SETTINGS mutations_sync = 2",
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name}_mv TO {db}.{name} AS "
+            f"SELECT `minute`, {r['keys']}, `kafka_partition`, `kafka_offset`, sum(`connections`) AS `connections`, "
+            f"sum(`rejected`) AS `rejected`, sum(`bytes`) AS `bytes`, sum(`packets`) AS `packets`, {r['select']} "
+            f"FROM {db}.rollup_input GROUP BY `minute`, {r['keys']}, `kafka_partition`, `kafka_offset`",
+        ]
+    return out
 
 
 def _rollup_steps(db: str) -> list[str]:
@@ -211,6 +253,8 @@ def migrations(db: str) -> list[tuple[str, list[str]]]:
         ("core-5", _typed_flows_step(db)),
         # per-minute rollups per source and per tenant (ROLLUPS), filled from the flows already stored
         ("core-6", _rollup_steps(db)),
+        # the rollups filled at window close, no longer by views on every flows write
+        ("core-7", _rollup_at_close_steps(db)),
     ]
 
 
@@ -399,6 +443,13 @@ class Store:
         (a backlog, or old records): ClickHouse's default of at most 100 partitions per
         insert would refuse such a write for ever and stop the consumer."""
         self.insert_arrow("flows", flows, settings={"max_partitions_per_insert_block": 0})
+
+    def insert_rollups(self, rows: pa.Table) -> None:
+        """Closed windows' records reduced per minute, source address, tenant and destination
+        (:data:`ROLLUP_INPUT_COLUMNS`); the rollup views fold them into ``source_minutes`` and
+        ``tenant_minutes``."""
+        if rows.num_rows:
+            self.insert_arrow("rollup_input", rows, settings={"max_partitions_per_insert_block": 0})
 
     def insert_alerts(self, alerts: Sequence[Any]) -> None:
         if alerts:
