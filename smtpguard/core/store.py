@@ -441,8 +441,13 @@ class Store:
 
         The table is partitioned by day, and one poll may hold flows of any number of days
         (a backlog, or old records): ClickHouse's default of at most 100 partitions per
-        insert would refuse such a write for ever and stop the consumer."""
-        self.insert_arrow("flows", flows, settings={"max_partitions_per_insert_block": 0})
+        insert would refuse such a write for ever and stop the consumer.
+
+        The insert does not fold duplicate keys within itself (``optimize_on_insert = 0``): one
+        write's flows have distinct topic positions, replays arrive in later writes and are folded
+        by merges and read with ``FINAL`` either way, and skipping that pass halves the insert's
+        cost (5.9 -> 2.8 µs a row for 25,000-row writes of 20,000 sources)."""
+        self.insert_arrow("flows", flows, settings={"max_partitions_per_insert_block": 0, "optimize_on_insert": 0})
 
     def insert_rollups(self, rows: pa.Table) -> None:
         """Closed windows' records reduced per minute, source address, tenant and destination

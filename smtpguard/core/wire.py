@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from smtpguard.core import record
-from smtpguard.core.iputil import IPV4_RE, canonical_ip
+from smtpguard.core.iputil import canonical_ip, canonicalize_ips
 
 ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 JSON_CONTENT_TYPE = "application/json"
@@ -202,6 +202,9 @@ def _rows_json(table: pa.Table) -> list[bytes]:
     return [encode_json(r) for r in pa.Table.from_arrays(cols, names=table.column_names).to_pylist()]
 
 
+_TEXT_FIELDS = tuple(f.name for f in record.FIELDS if f.arrow == pa.string())
+
+
 def check_records(table: pa.Table, produced_ms: int | None = None) -> list[tuple[int, str]]:
     """(row, reason) for every record that breaks the record's rules, first rule broken:
     a null where the field is not nullable; start or end outside 1970..9999, or more than
@@ -238,15 +241,16 @@ def check_records(table: pa.Table, produced_ms: int | None = None) -> list[tuple
     if back.any():
         flag(back, lambda i: f"end {_iso(int(end[i]))} before start {_iso(int(start[i]))}")
     for name in ("src_ip", "dst_ip"):
-        col = table.column(name)
-        v4 = _np(pc.fill_null(pc.match_substring_regex(col, IPV4_RE), True))
-        if not v4.all():
-            others = pc.unique(col.filter(pa.array(~v4)))
-            wrong = [v for v in others.to_pylist() if v is not None and canonical_ip(v) != v]
-            if wrong:
-                vals = _np(pc.is_in(col, value_set=pa.array(wrong, pa.string())))
-                flag(vals, lambda i, col=col, name=name: (
-                    f"{name} {col[i].as_py()[:60]!r} is not an IP address in canonical form"))
+        col = table.column(name).combine_chunks()
+        canon, ok = canonicalize_ips(col)  # per distinct value: a message repeats its sources and servers
+        wrong = ~ok
+        if canon is not col:  # IPv6 text in another spelling than the canonical one
+            wrong |= ~_np(pc.fill_null(pc.equal(canon, col), True))
+        if col.null_count:
+            wrong &= _np(col.is_valid())  # a missing address is flagged above
+        if wrong.any():
+            flag(wrong, lambda i, col=col, name=name: (
+                f"{name} {col[i].as_py()[:60]!r} is not an IP address in canonical form"))
     for name, allowed in (("action", record.ACTIONS), ("conn_state", CONN_STATES)):
         col = table.column(name)
         unknown = ~_np(pc.fill_null(pc.is_in(col, value_set=pa.array(allowed, pa.string())), True))
@@ -255,15 +259,16 @@ def check_records(table: pa.Table, produced_ms: int | None = None) -> list[tuple
     rate = table.column("sampling_rate")
     if pc.min(rate).as_py() == 0:
         flag(_np(pc.fill_null(pc.equal(rate, 0), False)), "sampling_rate 0 (1 in N, N >= 1)")
-    for f in record.FIELDS:
-        if f.arrow != pa.string():
-            continue
-        col = table.column(f.name)
+    for name in _TEXT_FIELDS:
+        col = table.column(name)
         if sum(c.buffers()[2].size for c in col.chunks if c.buffers()[2] is not None) <= MAX_TEXT_CHARS:
             continue  # no value can be longer than all of them together
+        if all(np.diff(np.frombuffer(c.buffers()[1], np.int32, len(c) + 1, c.offset * 4)).max(initial=0)
+               <= MAX_TEXT_CHARS for c in col.chunks):
+            continue  # no value has more bytes, so more characters, than the limit
         lengths = pc.fill_null(pc.utf8_length(col), 0)
         if pc.max(lengths).as_py() > MAX_TEXT_CHARS:
-            flag(_np(pc.greater(lengths, MAX_TEXT_CHARS)), lambda i, lengths=lengths, name=f.name: (
+            flag(_np(pc.greater(lengths, MAX_TEXT_CHARS)), lambda i, lengths=lengths, name=name: (
                 f"{name} of {lengths[i].as_py()} chars is longer than {MAX_TEXT_CHARS}"))
     return sorted(why.items())
 
