@@ -552,7 +552,7 @@ def test_a_clean_block_takes_the_column_reader_and_matches_the_line_path() -> No
         same_batch(fast, parse(lines, smtp_ports=(25,)))
 
 
-@pytest.mark.parametrize("token", ["0025", "+25", "0x19", "-25", "25.0", "", "99999", "250000", "-0", "+0"])
+@pytest.mark.parametrize("token", ["0025", "+25", "0x19", "-25", "25.0", "", "99999", "250000", "-0", "+0", "0X19"])
 def test_a_number_the_line_path_would_read_differently_sends_the_block_there(token: str) -> None:
     """Numbers are read by the column reader only when every token is the plain text of its
     value; anything else ("0x19", which the reader would take for 25) is judged line by line."""
@@ -577,6 +577,17 @@ def test_the_reader_hands_blocks_with_the_lines_of_chunks(tmp_path: Path) -> Non
     p1, p2 = AwsVpcParser("test.log", (25,)), AwsVpcParser("test.log", (25,))
     for (ls, first), (data, _, crlf) in zip(by_lines, blocks):
         same_batch(p2.parse_block(data, first, crlf), p1.parse_lines(ls, first))
+
+
+def test_hexadecimal_counters_take_the_line_path_even_where_lengths_would_add_up() -> None:
+    """The reader takes hexadecimal: "0x2540BE400" has as many characters as 10000000000 has digits, and
+    "0xFFFFFFFFFF" (one fewer than its value's) beside a "025" would make the block's lengths add up."""
+    for changes in ({10: {"bytes": "0x2540BE400"}}, {10: {"bytes": "0xFFFFFFFFFF"}, 20: {"dstport": "025"}}):
+        lines = clean_lines(50, 9)
+        for i, fields in changes.items():
+            lines[i] = v2(**fields)
+        assert AwsVpcParser("test.log", (25,))._parse_clean("\n".join(lines).encode(), 1) is None
+        assert 11 in [int(r.location) for r in parse(lines, smtp_ports=(25,)).rejects]
 
 
 def test_a_twenty_digit_counter_takes_the_line_path() -> None:
