@@ -122,6 +122,25 @@ def detect_and_write(store: Store, batches: list[pa.Table]) -> None:
         store.insert_rollups(out.rollups.to_arrow())
 
 
+def test_a_large_close_reaches_the_rollup_views_as_one_block(tmp_path, monkeypatch):
+    """A view folds one block at a time: a write split into blocks (many Arrow batches, a server with small
+    ``max_insert_block_size``) would leave partial rows under one key, of which FINAL keeps one."""
+    batches = _batches(tmp_path)
+    with Store(f"chdb://{tmp_path / 'store'}") as s:
+        write = s.insert_arrow
+
+        def small_blocks(table, data, settings=None):  # a server that cuts inserts into blocks of 50 rows
+            settings = {"max_insert_block_size": 50, "min_insert_block_size_rows": 50, **(settings or {})}
+            return write(table, pa.Table.from_batches(data.to_batches(max_chunksize=50)), settings)
+
+        monkeypatch.setattr(s, "insert_arrow", small_blocks)
+        detect_and_write(s, batches)
+        assert s.query("SELECT count() FROM smtpguard.source_minutes")[0][0] < s.count("flows")
+        _check(s)
+        raw = s.query("SELECT sum(greatest(sampling_rate, 1)) FROM smtpguard.flows FINAL")[0][0]
+        assert s.query("SELECT sum(connections) FROM smtpguard.tenant_minutes FINAL")[0][0] == raw
+
+
 def test_a_replayed_window_close_rewrites_the_rollups_instead_of_adding_to_them(tmp_path):
     batches = _batches(tmp_path)
     with Store(f"chdb://{tmp_path / 'store'}") as s:

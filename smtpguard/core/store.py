@@ -181,6 +181,8 @@ ROLLUP_INPUT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("minute", "DateTime('UTC')"), ("src_ip", "IPv6"), ("tenant", "LowCardinality(String)"), ("dst_ip", "IPv6"),
     ("kafka_partition", "UInt32"), ("kafka_offset", "Int64"), ("connections", "UInt64"), ("rejected", "UInt64"),
     ("bytes", "UInt64"), ("packets", "UInt64"))
+#: squashing thresholds no write reaches: one insert, one block
+_ONE_BLOCK = 1 << 62
 #: rows written by step core-6's views hold a Kafka offset in ``kafka_offset``; the detector's, a window start
 #: in ms (every one of which is above this)
 _WINDOW_MS_FROM = 1_000_000_000_000
@@ -452,9 +454,16 @@ class Store:
     def insert_rollups(self, rows: pa.Table) -> None:
         """Closed windows' records reduced per minute, source address, tenant and destination
         (:data:`ROLLUP_INPUT_COLUMNS`); the rollup views fold them into ``source_minutes`` and
-        ``tenant_minutes``."""
+        ``tenant_minutes``.
+
+        A view folds the block it is given, so the whole write must reach it as one block: a window's rows
+        split over two blocks would leave two partial rows under one key, of which the table keeps one.
+        The insert squashes everything it reads into one block (Arrow batches, and the server's
+        ``max_insert_block_size`` splits, included)."""
         if rows.num_rows:
-            self.insert_arrow("rollup_input", rows, settings={"max_partitions_per_insert_block": 0})
+            self.insert_arrow("rollup_input", rows, settings={
+                "max_partitions_per_insert_block": 0, "min_insert_block_size_rows": _ONE_BLOCK,
+                "min_insert_block_size_bytes": _ONE_BLOCK})
 
     def insert_alerts(self, alerts: Sequence[Any]) -> None:
         if alerts:
