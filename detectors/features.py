@@ -102,9 +102,11 @@ FEATURE_NAMES = tuple(f.name for f in FEATURES)
 RECORD_COLUMNS = ("start", "end", "src_ip", "dst_ip", "dst_port", "action", "packets", "bytes", "rev_packets",
                   "rev_bytes", "tenant", "instance_id", "sampling_rate", "reply_first", "replies_5xx", "rcpt_count")
 #: What the window engine keeps per row: the record columns, ``src_addr`` (the address where the key
-#: is a prefix: :meth:`smtpguard.core.inventory.SourceKeys.apply`) and ``conn_weight`` (for packet
-#: samples, the connections a row stands for: :func:`connection_weights`; null for flow records).
-NEEDED_COLUMNS = RECORD_COLUMNS + ("src_addr", "conn_weight")
+#: is a prefix: :meth:`smtpguard.core.inventory.SourceKeys.apply`), ``conn_weight`` (for packet
+#: samples, the connections a row stands for: :func:`connection_weights`; null for flow records) and
+#: ``tenant_filled`` (the record had no tenant and the inventory's is used: the store's rollups keep
+#: the record's own, as ``flows`` does).
+NEEDED_COLUMNS = RECORD_COLUMNS + ("src_addr", "conn_weight", "tenant_filled")
 
 
 def connection_weights(records: pa.Table) -> pl.Series | None:

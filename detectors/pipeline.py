@@ -55,12 +55,15 @@ class Output:
 def rollup_rows(rows: pl.DataFrame, partition: int) -> pl.DataFrame:
     """The closing records of one stream reduced to one row per minute, source address, tenant and destination
     (``rollup_input``, :data:`smtpguard.core.store.ROLLUP_INPUT_COLUMNS`), with the stream's partition and the
-    window's start in ``kafka_offset``. A sampled record counts ``sampling_rate`` connections."""
+    window's start in ``kafka_offset``. A sampled record counts ``sampling_rate`` connections; the tenant is
+    the record's own (``flows``'), not one the inventory filled in."""
     weight = pl.max_horizontal(pl.col("sampling_rate").fill_null(1).cast(pl.UInt64), pl.lit(1, pl.UInt64))
     start = pl.col("start").cast(pl.Int64)
     return (rows.group_by(
         minute=(start // 60_000 * 60_000).cast(pl.Datetime("ms", "UTC")),
-        src_ip=pl.coalesce("src_addr", "src_ip"), tenant=pl.col("tenant").fill_null(""), dst_ip="dst_ip",
+        src_ip=pl.coalesce("src_addr", "src_ip"), dst_ip="dst_ip",
+        # the record's own tenant, as ``flows`` holds it (not one the inventory filled in)
+        tenant=pl.when(pl.col("tenant_filled")).then(pl.lit("")).otherwise(pl.col("tenant").fill_null("")),
         kafka_offset="window_start")
         .agg(connections=weight.sum(), rejected=weight.filter(pl.col("action") == "reject").sum(),
              bytes=pl.col("bytes").cast(pl.UInt64).sum(), packets=pl.col("packets").cast(pl.UInt64).sum())

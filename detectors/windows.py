@@ -62,6 +62,8 @@ class WindowEngine:
         df = records if "src_addr" in records.columns else records.with_columns(src_addr=pl.lit(None, pl.String))
         if "conn_weight" not in df.columns:
             df = df.with_columns(conn_weight=pl.lit(None, pl.UInt32))
+        if "tenant_filled" not in df.columns:
+            df = df.with_columns(tenant_filled=pl.lit(False))
         if df.height == 0:
             return 0
         start = pl.col("start").cast(pl.Int64)

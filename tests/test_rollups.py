@@ -104,13 +104,13 @@ def test_an_older_store_is_carried_forward_and_the_rollups_match_raw_flows(tmp_p
         assert s.query("SELECT count() FROM smtpguard.source_minutes FINAL")[0][0] < s.count("flows")
 
 
-def detect_and_write(store: Store, batches: list[pa.Table]) -> None:
+def detect_and_write(store: Store, batches: list[pa.Table], inventory=None) -> None:
     """What the detector consumer writes for ``batches`` (each one Kafka message on its partition): the
     flows as consumed, and at each window close the closing records for the rollups."""
     from smtpguard.core.config import Config
     from smtpguard.detectors.pipeline import Pipeline
 
-    pipe = Pipeline(Config(), rollups=True)
+    pipe = Pipeline(Config(), rollups=True, inventory=inventory)
     for b in batches:
         store.insert_flows(b)
         out = pipe.process(b.drop_columns(["kafka_partition", "kafka_offset", "kafka_row"]),
@@ -139,6 +139,20 @@ def test_a_large_close_reaches_the_rollup_views_as_one_block(tmp_path, monkeypat
         _check(s)
         raw = s.query("SELECT sum(greatest(sampling_rate, 1)) FROM smtpguard.flows FINAL")[0][0]
         assert s.query("SELECT sum(connections) FROM smtpguard.tenant_minutes FINAL")[0][0] == raw
+
+
+def test_the_rollups_keep_the_records_tenant_where_the_inventory_fills_one_in(tmp_path):
+    """Records without a tenant (NetFlow, captures) are judged under the inventory's tenant; the rollups, like
+    ``flows``, keep what the record said, so the notebooks read the same either way."""
+    from smtpguard.core.inventory import Inventory
+
+    batches = [b.set_column(b.schema.get_field_index("tenant"), "tenant", pa.array([""] * b.num_rows))
+               for b in _batches(tmp_path)]
+    inventory = Inventory.from_rows([("0.0.0.0/0", "999900000001", "", ""), ("::/0", "999900000001", "", "")])
+    with Store(f"chdb://{tmp_path / 'store'}") as s:
+        detect_and_write(s, batches, inventory)
+        _check(s)
+        assert s.query("SELECT groupUniqArray(tenant) FROM smtpguard.source_minutes")[0][0] == [""]
 
 
 def test_a_replayed_window_close_rewrites_the_rollups_instead_of_adding_to_them(tmp_path):

@@ -140,7 +140,8 @@ class SourceKeys:
     def apply(self, rows: pl.DataFrame) -> pl.DataFrame:
         """Rows with ``src_ip`` replaced by the key and ``src_addr`` the record's source address where it
         is not the key itself (null where it is: IPv4 addresses); empty ``tenant`` and ``instance_id``
-        filled from the inventory.
+        filled from the inventory, and ``tenant_filled`` true where the tenant was empty (only with an
+        inventory).
 
         Each distinct address is resolved once (and cached across batches); rows take their key by
         index. Without an inventory only IPv6 addresses are looked at: an IPv4 address is its own key."""
@@ -164,6 +165,7 @@ class SourceKeys:
         return rows.with_columns(
             src_ip=keys.gather(code),
             src_addr=pl.when(differs).then(addrs).otherwise(none),
+            tenant_filled=pl.col("tenant") == "",
             tenant=pl.when(pl.col("tenant") == "").then(tenants).otherwise(pl.col("tenant")),
             instance_id=pl.when(pl.col("instance_id") == "").then(insts).otherwise(pl.col("instance_id")),
         )
