@@ -119,6 +119,17 @@ class Rebuild:
                + ";\n-- ".join(s.replace("\n", " ") for s in self.steps))
 
 
+class WritersStopped(list):
+    """Schema statements that must not run beside writers of the release before, on a store where
+    ``needed_sql`` counts something for them to carry over (on a new store they run like any step). On a
+    server they run only from ``smtpguard store migrate`` with the detectors stopped; the embedded store is
+    one process's alone."""
+
+    def __init__(self, statements: list[str], needed_sql: str, why: str):
+        super().__init__(statements)
+        self.needed_sql, self.why = needed_sql, why
+
+
 def _typed_flows_step(db: str) -> Rebuild:
     cols = ", ".join(f"`{c}`" for c in _FLOW_COLUMNS_5)
     return Rebuild(
@@ -188,13 +199,16 @@ _ONE_BLOCK = 1 << 62
 _WINDOW_MS_FROM = 1_000_000_000_000
 
 
-def _rollup_at_close_steps(db: str) -> list[str]:
+def _rollup_at_close_steps(db: str) -> "WritersStopped":
     """Step core-7: the rollups are filled at window close (ROLLUPS) instead of by views on ``flows``. Rows
     the old views wrote (one per Kafka message) are folded into one per minute, key and partition, keyed
     as a one-minute window starting at that minute, so the windows a detector replays after the upgrade
     (default one-minute windows) replace them instead of adding to them. Safe to run again: the folded
     rows are rewritten with the same keys."""
     out = [f"CREATE TABLE IF NOT EXISTS {db}.rollup_input ({_columns(ROLLUP_INPUT_COLUMNS)}) ENGINE = Null"]
+    # a row the old views wrote: an offset, not a window start (a folded row of a minute before 2001 has an
+    # offset below the bound too, but it is exactly its minute's start)
+    old_row = f"`kafka_offset` < {_WINDOW_MS_FROM} AND `kafka_offset` != toInt64(toUnixTimestamp(`minute`)) * 1000"
     for name, r in ROLLUPS.items():
         merged = "uniqExactMergeState(`dst`) AS `dst`" if name == "source_minutes" else \
             "uniqExactMergeState(`sources`) AS `sources`, uniqExactMergeState(`dst`) AS `dst`"
@@ -203,15 +217,19 @@ def _rollup_at_close_steps(db: str) -> list[str]:
             f"INSERT INTO {db}.{name} SELECT `minute`, {r['keys']}, `kafka_partition`, "
             "toInt64(toUnixTimestamp(`minute`)) * 1000 AS `window_start_ms`, sum(`connections`) AS `connections`, "
             f"sum(`rejected`) AS `rejected`, sum(`bytes`) AS `bytes`, sum(`packets`) AS `packets`, {merged} "
-            f"FROM {db}.{name} FINAL WHERE `kafka_offset` < {_WINDOW_MS_FROM} "
+            f"FROM {db}.{name} FINAL WHERE {old_row} "
             f"GROUP BY `minute`, {r['keys']}, `kafka_partition` SETTINGS max_partitions_per_insert_block = 0",
-            f"ALTER TABLE {db}.{name} DELETE WHERE `kafka_offset` < {_WINDOW_MS_FROM} SETTINGS mutations_sync = 2",
+            f"ALTER TABLE {db}.{name} DELETE WHERE {old_row} SETTINGS mutations_sync = 2",
             f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name}_mv TO {db}.{name} AS "
             f"SELECT `minute`, {r['keys']}, `kafka_partition`, `kafka_offset`, sum(`connections`) AS `connections`, "
             f"sum(`rejected`) AS `rejected`, sum(`bytes`) AS `bytes`, sum(`packets`) AS `packets`, {r['select']} "
             f"FROM {db}.rollup_input GROUP BY `minute`, {r['keys']}, `kafka_partition`, `kafka_offset`",
         ]
-    return out
+    # a detector of the release before, still writing, would keep feeding views that are gone (a gap in the
+    # rollups), and a new one's rows would be lost until the new views exist
+    needed = " + ".join(f"(SELECT count() FROM {db}.{name} WHERE {old_row})" for name in ROLLUPS)
+    return WritersStopped(out, f"SELECT {needed}",
+                          "the per-minute rollups move from views on flows to the detectors' window closes")
 
 
 def _rollup_steps(db: str) -> list[str]:
@@ -351,7 +369,8 @@ class Store:
     # -- schema ---------------------------------------------------------------------------
     def migrate(self, *, rebuild: bool = False) -> int:
         """Apply the schema steps not run yet; returns how many. ``rebuild``: this is `store migrate`,
-        which may run a :class:`Rebuild` on a server (the embedded store always may)."""
+        which may run a :class:`Rebuild` or a :class:`WritersStopped` step on a server (the embedded store
+        always may)."""
         db = self.database
         with self._mutex:
             self.client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
@@ -367,6 +386,11 @@ class Store:
                 if isinstance(steps, Rebuild):
                     self._rebuild(version, steps, rebuild or self.embedded)
                 else:
+                    if isinstance(steps, WritersStopped) and not (rebuild or self.embedded) \
+                            and self.client.query(steps.needed_sql).result_rows[0][0]:
+                        raise StoreError(f"schema step {version} must run with the detectors stopped ({steps.why}): "
+                                         "stop them and run `smtpguard store migrate` once (docs/DEPLOYMENT.md, "
+                                         "upgrades)")
                     for sql in steps:
                         self.client.command(sql)
                 self.client.insert(f"{db}.schema_migrations", [[version, dt.datetime.now(dt.timezone.utc)]],
