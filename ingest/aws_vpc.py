@@ -278,6 +278,19 @@ def _row_problem(tokens: list[str], layout: Layout) -> str | None:
     return None
 
 
+def _has_x(data: bytes | memoryview, buf: np.ndarray) -> bool:
+    """Whether ``data`` (``buf`` is its bytes as an array) holds an ``x`` or ``X``. Searched with
+    ``bytes.find`` in the bytes the block is a view of (a C byte scan, about a tenth of the time of a
+    vector compare over the block)."""
+    base = data.obj if isinstance(data, memoryview) else data
+    if isinstance(base, bytes) and buf.size:
+        at = buf.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
+        end = at + buf.size
+        if 0 <= at and end <= len(base):  # ``buf`` lies in ``base``
+            return base.find(b"x", at, end) >= 0 or base.find(b"X", at, end) >= 0
+    return bool(np.count_nonzero((buf | np.uint8(0x20)) == ord("x")))
+
+
 def _digits_total(v: np.ndarray) -> int:
     """How many decimal digits the values of ``v`` (non-negative integers) have, all together."""
     if not v.size:
@@ -408,7 +421,7 @@ class AwsVpcParser(ColumnParser):
             return None
         # the reader takes "0x1F" for 31, which the line path refuses: a block with an x anywhere is judged
         # line by line (ids and addresses of flow logs have none)
-        if np.count_nonzero((buf | np.uint8(0x20)) == ord("x")):
+        if _has_x(data, buf):
             return None
         pre = None
         saved = self._state

@@ -590,6 +590,21 @@ def test_hexadecimal_counters_take_the_line_path_even_where_lengths_would_add_up
         assert 11 in [int(r.location) for r in parse(lines, smtp_ports=(25,)).rejects]
 
 
+def test_the_x_search_looks_inside_the_block_only() -> None:
+    import numpy as np
+
+    from smtpguard.ingest.aws_vpc import _has_x
+
+    whole = b"0x12 34\n56 78\n9 aX"
+    for a in range(len(whole)):
+        for b in range(a, len(whole) + 1):
+            view = memoryview(whole)[a:b]
+            want = b"x" in whole[a:b] or b"X" in whole[a:b]
+            assert _has_x(view, np.frombuffer(view, np.uint8)) == want, (a, b)
+            part = whole[a:b]
+            assert _has_x(part, np.frombuffer(part, np.uint8)) == want
+
+
 def test_a_twenty_digit_counter_takes_the_line_path() -> None:
     lines = clean_lines(50, 9)
     lines[10] = v2(bytes="10000000000000000000")
