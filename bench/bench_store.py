@@ -90,12 +90,12 @@ def rollups(store, table: pa.Table) -> None:
     pipe = Pipeline(Config(), rollups=True)
     records = table.drop_columns(["kafka_partition", "kafka_offset", "kafka_row"])
     t0, c0 = time.perf_counter(), cpu_seconds()
+    outs = [pipe.process(records.slice(i, 50_000)) for i in range(0, records.num_rows, 50_000)] + [pipe.flush()]
     written = 0
-    for i in range(0, records.num_rows, 50_000):
-        for out in (pipe.process(records.slice(i, 50_000)),) + ((pipe.flush(),) if i + 50_000 >= records.num_rows else ()):
-            if out.rollups is not None:
-                store.insert_rollups(out.rollups.to_arrow())
-                written += out.rollups.height
+    for out in outs:
+        if out.rollups is not None:
+            store.insert_rollups(out.rollups.to_arrow())
+            written += out.rollups.height
     print(f"rollups at window close: {written:,} rows into rollup_input, {time.perf_counter() - t0:.2f} s wall, "
           f"{cpu_seconds() - c0:.2f} CPU-s with the detection itself")
     flows = store.count("flows")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import sys
 from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
 import polars as pl
@@ -82,9 +81,6 @@ class KeyIndex:
         if got < 0:
             raise KeyError(key)
         return got
-
-    def __contains__(self, key: str) -> bool:
-        return bool(self.get([key])[0] >= 0)
 
     @property
     def nbytes(self) -> int:
@@ -168,7 +164,7 @@ class SourceHistory:
         return len(self.wide) - len(self.wide_free)
 
     def nbytes(self) -> int:
-        """Approximate memory held: arrays, plus the address index (dict, list, strings)."""
+        """Approximate memory held: the arrays, the key index and the free-slot list."""
         arrays = sum(getattr(self, n).nbytes for n in _SCALARS) + self.small.nbytes + self.nsmall.nbytes
         arrays += self.wide_of.nbytes + self.wide.nbytes + self.wide_owner.nbytes
         return arrays + self.index.nbytes + sys.getsizeof(self.free) + 8 * len(self.free)

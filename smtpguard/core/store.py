@@ -167,12 +167,14 @@ ROLLUPS: dict[str, dict[str, str]] = {
         "key_columns": "`src_ip` IPv6, `tenant` LowCardinality(String)",
         "columns": "`dst` AggregateFunction(uniqExact, IPv6)",
         "select": "uniqExactState(`dst_ip`) AS `dst`",
+        "states": "`dst`",
     },
     "tenant_minutes": {
         "keys": "`tenant`",
         "key_columns": "`tenant` LowCardinality(String)",
         "columns": "`sources` AggregateFunction(uniqExact, IPv6), `dst` AggregateFunction(uniqExact, IPv6)",
         "select": "uniqExactState(`src_ip`) AS `sources`, uniqExactState(`dst_ip`) AS `dst`",
+        "states": "`sources`, `dst`",
     },
 }
 
@@ -210,8 +212,7 @@ def _rollup_at_close_steps(db: str) -> "WritersStopped":
     # offset below the bound too, but it is exactly its minute's start)
     old_row = f"`kafka_offset` < {_WINDOW_MS_FROM} AND `kafka_offset` != toInt64(toUnixTimestamp(`minute`)) * 1000"
     for name, r in ROLLUPS.items():
-        merged = "uniqExactMergeState(`dst`) AS `dst`" if name == "source_minutes" else \
-            "uniqExactMergeState(`sources`) AS `sources`, uniqExactMergeState(`dst`) AS `dst`"
+        merged = ", ".join(f"uniqExactMergeState({c}) AS {c}" for c in r["states"].split(", "))
         out += [
             f"DROP VIEW IF EXISTS {db}.{name}_mv",
             f"INSERT INTO {db}.{name} SELECT `minute`, {r['keys']}, `kafka_partition`, "
@@ -485,6 +486,8 @@ class Store:
         The insert squashes everything it reads into one block (Arrow batches, and the server's
         ``max_insert_block_size`` splits, included)."""
         if rows.num_rows:
+            # every column named (a missing one fails here rather than taking the column default)
+            rows = rows.select([name for name, _ in ROLLUP_INPUT_COLUMNS])
             self.insert_arrow("rollup_input", rows, settings={
                 "max_partitions_per_insert_block": 0, "min_insert_block_size_rows": _ONE_BLOCK,
                 "min_insert_block_size_bytes": _ONE_BLOCK})
